@@ -1,0 +1,1 @@
+"""One module per ``adasr`` subcommand (argparse only at import time)."""

@@ -1,0 +1,53 @@
+"""``adasr calibrate``: AdaBM / DDTB / static PTQ calibration from unlabeled LR images."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from compiler.commands.progress import progress_bar
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", type=Path, required=True, help="checkpoint (.pt/.pth)")
+    p.add_argument("--calib", type=Path, required=True,
+                   help="folder of LR images (only these are read; no HR needed)")
+    p.add_argument("--scale", type=int, choices=(2, 3, 4),
+                   help="needed only for multi-scale checkpoints")
+    p.add_argument("--wbits", type=int, default=8, help="weight bits (default 8)")
+    p.add_argument("--abits", type=int, default=6, help="base activation bits (default 6)")
+    p.add_argument("--fq", action="store_true",
+                   help="fully quantized: head, upsampler and tail at fixed 8 bits")
+    p.add_argument("--method", default="adabm", help="adabm (default), ddtb, minmax, percentile")
+    p.add_argument("--per-channel", action="store_true", help="per-channel weight clips")
+    p.add_argument("--patches", type=int, default=100)
+    p.add_argument("--patch-size", type=int, default=48)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--schedule", default="cyclic",
+                   help="cyclic (one parameter group per epoch, as released) or joint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", type=Path, required=True, help="calibration record (.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from compiler.quant.calibrate import CalibrationConfig, calibrate
+    from compiler.quant.qmodel import QuantSettings
+    from compiler.quant.record import save_record
+    from compiler.zoo import load_model
+
+    settings = QuantSettings(method=args.method, wbits=args.wbits, abits=args.abits, fq=args.fq,
+                             per_channel=args.per_channel)
+    config = CalibrationConfig(patches=args.patches, patch_size=args.patch_size, steps=args.steps,
+                               batch=args.batch, seed=args.seed, schedule=args.schedule)
+    loaded = load_model(args.weights, scale=args.scale)
+    print(f"calibrating {loaded.info.describe()} with {settings.method} "
+          f"W{settings.wbits}A{settings.abits}{' FQ' if settings.fq else ''} on {args.calib}")
+    result = calibrate(loaded, settings, config, args.calib, progress=progress_bar)
+    save_record(args.output, result.record)
+    info = result.record["calibration"]
+    print(f"done in {info['seconds']:.1f} s; FAB on calibration patches "
+          f"{info['calibration_fab']:.2f}; record: {args.output}")
+    for offset, bits in result.record["bit_vectors"].items():
+        print(f"  d_img={int(offset):+d}: {' '.join(f'{b:g}' for b in bits)}")
+    return 0

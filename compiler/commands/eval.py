@@ -1,0 +1,82 @@
+"""``adasr eval``: PSNR/SSIM of a checkpoint (full precision or calibrated) on a benchmark set."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", type=Path, required=True, help="checkpoint (.pt/.pth)")
+    p.add_argument("--dataset", type=Path, required=True,
+                   help="folder with HR/ and optionally LR_bicubic/X{scale}/")
+    p.add_argument("--scale", type=int, required=True, choices=(2, 3, 4))
+    p.add_argument("--calibration", type=Path, help="calibration record: evaluate the simulated "
+                   "quantized network (adds fab, bitops and d_img histograms)")
+    p.add_argument("--tile", type=int, help="evaluate patch-wise with LR tiles of this size "
+                   "(the papers use 96)")
+    p.add_argument("--overlap", type=int, default=6, help="tile overlap in LR pixels (default 6)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--quiet", action="store_true", help="no per-image table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from compiler.simulate import TorchUpscaler
+    from compiler.zoo import load_model
+    from runtime.benchmark import evaluate as score
+    from runtime.benchmark import load_benchmark
+    from runtime.fileio import atomic_write_json
+
+    loaded = load_model(args.weights, scale=args.scale)
+    net = loaded.model
+    if args.calibration is not None:
+        from compiler.quant.record import apply_record, read_record
+
+        net = apply_record(loaded, read_record(args.calibration))
+    images = load_benchmark(args.dataset, args.scale)
+    upscaler = TorchUpscaler(net, args.scale, tile=args.tile, overlap=args.overlap)
+    result = score(upscaler, images, args.scale, progress=_progress(args.quiet))
+    payload = result.to_json()
+    payload["model"] = loaded.info.describe()
+    payload["dataset"] = str(args.dataset)
+    payload["lr_source"] = sorted({image.lr_source for image in images})
+    if upscaler.bits:
+        for entry, bits in zip(payload["images"], upscaler.bits, strict=True):  # type: ignore
+            entry.update(fab=bits.fab, d_img=bits.d_img, bitops=bits.bitops)
+        payload["fab"] = sum(b.fab for b in upscaler.bits) / len(upscaler.bits)
+        payload["bitops"] = sum(b.bitops for b in upscaler.bits) / len(upscaler.bits)
+        payload["bitops_unit"] = "GBitOPs per image (MACs x w_bits/32 x a_bits/32)"
+    _print_table(payload, quiet=args.quiet)
+    if args.json is not None:
+        atomic_write_json(args.json, payload)
+    return 0
+
+
+def _progress(quiet: bool):  # type: ignore[no-untyped-def]
+    if quiet or not sys.stderr.isatty():
+        return None
+
+    def report(done: int, total: int, name: str) -> None:
+        print(f"\r[{done}/{total}] {name:<20}", end="" if done < total else "\n", file=sys.stderr)
+
+    return report
+
+
+def _print_table(payload: dict, quiet: bool) -> None:  # type: ignore[type-arg]
+    quantized = "fab" in payload
+    header = f"{'image':<16}{'PSNR':>9}{'SSIM':>9}" + (f"{'FAB':>7}  d_img(-1/0/+1)" if quantized
+                                                        else "")
+    print(f"{payload['model']} on {payload['dataset']}")
+    if not quiet:
+        print(header)
+        for entry in payload["images"]:
+            line = f"{entry['name']:<16}{entry['psnr']:>9.3f}{entry['ssim']:>9.4f}"
+            if quantized:
+                d = entry["d_img"]
+                line += f"{entry['fab']:>7.2f}  {d['-1']}/{d['0']}/{d['1']}"
+            print(line)
+    mean = f"{'mean':<16}{payload['psnr']:>9.3f}{payload['ssim']:>9.4f}"
+    if quantized:
+        mean += f"{payload['fab']:>7.2f}  BitOPs {payload['bitops']:.2f} G"
+    print(mean)

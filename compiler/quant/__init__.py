@@ -1,0 +1,1 @@
+"""Quantization: fake-quant quantizers, AdaBM bit mapping, DDTB gates, calibration, records."""

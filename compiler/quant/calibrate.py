@@ -1,0 +1,396 @@
+"""AdaBM / DDTB calibration and static PTQ baselines, from a few unlabeled LR patches.
+
+Stages (AdaBM, methods.md section 1):
+0. one FP pass over the patches collects the teacher outputs and block features (computed once
+   and reused by every step), per-layer activation ranges (EMA of batch min/max, beta 0.9),
+   per-layer input std, the patch complexities and the gate ranking (DDTB);
+1. init: weight clips by MSE search, image thresholds at the 10th/90th complexity percentiles,
+   layer offsets from the std percentiles (30th/70th), activation bounds from the ranges followed
+   by bit-aware clipping (BaC);
+2. ``steps`` Adam steps on the quantization parameters only (the conv weights never change) with
+   ``L1(SR_q, SR_fp) + 10 * L_skt + 50 * max(avg_bit - base, 0)``, StepLR(0.9) per epoch. The
+   ``cyclic`` schedule trains one parameter group per epoch (weight clips -> activation bounds ->
+   bit mapping, the released code's order); ``joint`` trains all at once. After every epoch the
+   loss on held-out patches decides whether the state is the best so far; the best state is kept
+   (the guard against the known clip divergence, with the clips bounded after each step).
+Static baselines (``minmax``, ``percentile``) stop after stage 1, at uniform bits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compiler.quant.bitmap import complexity
+from compiler.quant.ddtb import DynamicGate
+from compiler.quant.patches import list_images, sample_patches
+from compiler.quant.qmodel import FIXED_BITS, QConv2d, QuantizedSR, QuantSettings
+from compiler.quant.record import record_of
+from compiler.zoo.base import LoadedModel
+from runtime.errors import CalibrationError, ConfigError, unknown_name
+
+SCHEDULES = ("cyclic", "joint")
+GATED_FRACTION = {"edsr": 0.3, "rdn": 0.5, "srresnet": 0.1}
+STATIC_PERCENTILE = 0.001  # the 'percentile' baseline clips 0.1% of values at each end
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    patches: int = 100
+    patch_size: int = 48
+    steps: int = 500
+    batch: int = 2
+    epochs: int = 10
+    seed: int = 0
+    schedule: str = "cyclic"
+    lr_weight_clip: float = 0.01
+    lr_act: float = 0.01
+    lr_layer: float = 0.01
+    lr_image: float = 0.1
+    lr_gate: float = 0.01
+    skt_weight: float = 10.0
+    bit_weight: float = 50.0
+    gamma: float = 0.9
+    ema_beta: float = 0.9
+    bac: bool = True
+    validation: int = 10
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(unknown_name("schedule", self.schedule, SCHEDULES))
+        if self.patches < 2 or self.patch_size < 8 or self.batch < 1 or self.epochs < 1:
+            raise ConfigError(f"calibration needs >= 2 patches of >= 8 px, batch >= 1, epochs >= 1;"
+                              f" got patches={self.patches} patch_size={self.patch_size} "
+                              f"batch={self.batch} epochs={self.epochs}")
+
+
+@dataclass
+class LayerStats:
+    """What the FP pass measured at one quantized conv's input."""
+
+    ema_min: float | None = None
+    ema_max: float | None = None
+    global_min: float = math.inf
+    global_max: float = -math.inf
+    stds: list[Tensor] = field(default_factory=list)
+    sample_max: list[Tensor] = field(default_factory=list)
+    sample_min: list[Tensor] = field(default_factory=list)
+    first_batch: Tensor | None = None  # a subsample of values, for percentiles and BaC
+    pooled: list[Tensor] = field(default_factory=list)
+    gate_inputs: list[Tensor] = field(default_factory=list)  # pooled channel means per sample
+
+    def update(self, x: Tensor, beta: float, generator: torch.Generator) -> None:
+        lo, hi = float(x.min()), float(x.max())
+        self.ema_min = lo if self.ema_min is None else beta * self.ema_min + (1 - beta) * lo
+        self.ema_max = hi if self.ema_max is None else beta * self.ema_max + (1 - beta) * hi
+        self.global_min, self.global_max = min(self.global_min, lo), max(self.global_max, hi)
+        flat = x.flatten(1)
+        self.stds.append(flat.std(dim=1))
+        self.sample_max.append(flat.amax(dim=1))
+        self.sample_min.append(flat.amin(dim=1))
+        values = x.flatten()
+        pick = torch.randint(values.numel(), (min(values.numel(), 65536),), generator=generator)
+        subsample = values[pick]
+        if self.first_batch is None:
+            self.first_batch = subsample
+        self.pooled.append(subsample)
+
+    @property
+    def sensitivity(self) -> float:
+        return float(torch.cat(self.stds).mean())
+
+    @property
+    def dynamic_intensity(self) -> float:
+        return float(torch.cat(self.sample_max).var() + torch.cat(self.sample_min).var())
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """FP outputs and block features of every calibration patch (computed once)."""
+
+    outputs: Tensor
+    features: list[Tensor]
+    complexities: Tensor
+
+
+@dataclass
+class CalibrationResult:
+    qnet: QuantizedSR
+    record: dict[str, Any]
+
+
+ProgressFactory = Callable[[int, str], Any]
+
+
+class _BlockRecorder:
+    """Forward hooks that keep the outputs of the feature blocks during one forward pass."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.outputs: list[Tensor] = []
+        self._handles = [model.get_submodule(n).register_forward_hook(self._keep) for n in names]
+
+    def _keep(self, _module: nn.Module, _inputs: Any, output: Tensor) -> None:
+        self.outputs.append(output)
+
+    def take(self) -> list[Tensor]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _skt_loss(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+    """Mean L2 distance between Frobenius-normalized block outputs (per sample, per block)."""
+    total = torch.zeros(())
+    for s, t in zip(student, teacher, strict=True):
+        s_n = F.normalize(s.flatten(1), dim=1)
+        t_n = F.normalize(t.flatten(1), dim=1)
+        total = total + (s_n - t_n).norm(dim=1).mean()
+    return total / max(len(student), 1)
+
+
+class Calibrator:
+    def __init__(self, loaded: LoadedModel, settings: QuantSettings, config: CalibrationConfig,
+                 progress: ProgressFactory | None = None) -> None:
+        self.loaded = loaded
+        self.settings = settings
+        self.config = config
+        self.progress = progress
+        self.qnet = QuantizedSR(loaded.model, settings)
+        self.blocks = list(loaded.model.feature_blocks())
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    # -- stage 0 -----------------------------------------------------------------------------
+    def measure(self, patches: Tensor) -> tuple[Teacher, dict[str, LayerStats]]:
+        qnet, ctx = self.qnet, self.qnet.context
+        stats = {name: LayerStats() for name, _ in qnet.qconvs()}
+        handles = []
+        for name, conv in qnet.qconvs():
+            def hook(_m: nn.Module, inputs: tuple[Tensor, ...], name: str = name) -> None:
+                stats[name].update(inputs[0].detach(), self.config.ema_beta, self.generator)
+            handles.append(conv.register_forward_pre_hook(hook))
+        recorder = _BlockRecorder(qnet.model, self.blocks)
+        outputs, features = [], []
+        ctx.enabled = False
+        try:
+            with torch.no_grad():
+                for chunk in patches.split(max(self.config.batch, 8)):
+                    outputs.append(qnet(chunk))
+                    features.append(recorder.take())
+        finally:
+            ctx.enabled = True
+            recorder.close()
+            for handle in handles:
+                handle.remove()
+        per_block = [torch.cat([f[i] for f in features]) for i in range(len(self.blocks))]
+        teacher = Teacher(torch.cat(outputs), per_block, complexity(patches))
+        return teacher, stats
+
+    # -- stage 1 -----------------------------------------------------------------------------
+    def initialize(self, teacher: Teacher, stats: dict[str, LayerStats]) -> None:
+        qnet, method = self.qnet, self.settings.method
+        adaptive = [stats[name] for name in qnet.adaptive_names]
+        if self.settings.adaptive:
+            qnet.image_to_bit.init_from(teacher.complexities)
+            qnet.layer_to_bit.init_from(torch.tensor([s.sensitivity for s in adaptive]))
+        offsets = qnet.layer_to_bit.hard() if self.settings.adaptive else [0] * len(adaptive)
+        for name, conv in qnet.qconvs():
+            s = stats[name]
+            if method == "minmax":
+                lower, upper = s.global_min, s.global_max
+            elif method == "percentile":
+                pooled = torch.cat(s.pooled).double()
+                lower = float(torch.quantile(pooled, STATIC_PERCENTILE))
+                upper = float(torch.quantile(pooled, 1 - STATIC_PERCENTILE))
+            elif method == "ddtb":
+                assert s.first_batch is not None
+                lower = float(torch.quantile(s.first_batch.double(), 0.01))
+                upper = float(torch.quantile(s.first_batch.double(), 0.99))
+            else:
+                assert s.ema_min is not None and s.ema_max is not None
+                lower, upper = s.ema_min, s.ema_max
+            conv.act_quant.set_bounds(lower, upper)
+            if method == "adabm" and self.config.bac:
+                bits = FIXED_BITS if conv.layer_index is None else (
+                    self.settings.abits + offsets[conv.layer_index])
+                self._bit_aware_clip(conv, s, bits)
+        if method == "ddtb":
+            self._attach_gates(stats)
+
+    @staticmethod
+    def _bit_aware_clip(conv: QConv2d, stats: LayerStats, bits: float) -> None:
+        """Scale both bounds by (1 - 0.01 i), keep the lowest MSE, move halfway to it."""
+        sample = torch.cat(stats.pooled)
+        errors = [conv.act_quant.quantization_error(sample, bits, 1 - 0.01 * i) for i in range(100)]
+        best = 1 - 0.01 * min(range(100), key=errors.__getitem__)
+        lower, upper = conv.act_quant.lower.item(), conv.act_quant.upper.item()
+        conv.act_quant.set_bounds((lower + lower * best) / 2, (upper + upper * best) / 2)
+
+    def _attach_gates(self, stats: dict[str, LayerStats]) -> None:
+        names = self.qnet.adaptive_names
+        fraction = GATED_FRACTION.get(self.loaded.info.arch.lower(), 0.3)
+        count = max(1, round(fraction * len(names)))
+        ranked = sorted(names, key=lambda n: stats[n].dynamic_intensity, reverse=True)[:count]
+        for name in ranked:
+            conv = self.qnet.model.get_submodule(name)
+            assert isinstance(conv, QConv2d)
+            gate = DynamicGate(conv.conv.in_channels)
+            conv.gate = gate
+        self._gated = ranked
+
+    # -- stage 2 -----------------------------------------------------------------------------
+    def _param_groups(self) -> dict[str, list[nn.Parameter]]:
+        qnet = self.qnet
+        groups: dict[str, list[nn.Parameter]] = {"weight": [], "act": [], "mapping": [], "gate": []}
+        for _, conv in qnet.qconvs():
+            groups["weight"].append(conv.weight_quant.clip)
+            groups["act"] += [conv.act_quant.lower, conv.act_quant.upper]
+            if conv.gate is not None:
+                groups["gate"] += [p for n, p in conv.gate.named_parameters()]
+        if self.settings.adaptive:
+            groups["mapping"] = [qnet.layer_to_bit.offsets, qnet.image_to_bit.lower,
+                                 qnet.image_to_bit.upper]
+        return groups
+
+    def _loss(self, x: Tensor, index: Tensor, teacher: Teacher, recorder: _BlockRecorder,
+              with_bits: bool) -> tuple[Tensor, float]:
+        out = self.qnet(x)
+        loss = F.l1_loss(out, teacher.outputs[index])
+        feats = recorder.take()
+        if self.config.skt_weight and feats:
+            loss = loss + self.config.skt_weight * _skt_loss(
+                feats, [f[index] for f in teacher.features])
+        avg_bits = self.qnet.sample_bits().mean()
+        if with_bits and self.settings.adaptive:
+            loss = loss + self.config.bit_weight * F.relu(avg_bits - self.settings.abits)
+        return loss, avg_bits.item()
+
+    def _validate(self, patches: Tensor, teacher: Teacher, recorder: _BlockRecorder) -> float:
+        index = torch.arange(min(self.config.validation, patches.shape[0]))
+        with torch.no_grad():
+            loss, _ = self._loss(patches[index], index, teacher, recorder, with_bits=True)
+        return float(loss)
+
+    def _project(self) -> None:
+        """Keep every learned quantity in its valid range after an optimizer step."""
+        with torch.no_grad():
+            for _, conv in self.qnet.qconvs():
+                conv.weight_quant.bound_()
+                aq = conv.act_quant
+                aq.upper.copy_(torch.maximum(aq.upper, aq.lower + 1e-3))
+            itb = self.qnet.image_to_bit
+            itb.upper.copy_(torch.maximum(itb.upper, itb.lower + 1e-3))
+
+    def _quant_state(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.qnet.state_dict().items()
+                if not k.startswith("model.") or "_quant" in k or ".gate." in k}
+
+    def train(self, patches: Tensor, teacher: Teacher) -> dict[str, Any]:
+        cfg, qnet = self.config, self.qnet
+        groups = self._param_groups()
+        lrs = {"weight": cfg.lr_weight_clip, "act": cfg.lr_act, "mapping": cfg.lr_layer,
+               "gate": cfg.lr_gate}
+        optimizers = {}
+        for key, params in groups.items():
+            if not params:
+                continue
+            if key == "mapping":
+                param_groups = [{"params": [params[0]], "lr": cfg.lr_layer},
+                                {"params": params[1:], "lr": cfg.lr_image}]
+                optimizers[key] = torch.optim.Adam(param_groups)
+            else:
+                optimizers[key] = torch.optim.Adam(params, lr=lrs[key])
+        schedulers = {k: torch.optim.lr_scheduler.StepLR(o, 1, cfg.gamma)
+                      for k, o in optimizers.items()}
+        recorder = _BlockRecorder(qnet.model, self.blocks)
+        qnet.train()
+        best_loss = self._validate(patches, teacher, recorder)
+        best_state, best_epoch = self._quant_state(), 0
+        history = [best_loss]
+        steps_per_epoch = max(1, cfg.steps // cfg.epochs)
+        bar = self.progress(cfg.epochs * steps_per_epoch, "calibrating") if self.progress else None
+        cyclic_order = [k for k in ("weight", "act", "mapping") if k in optimizers]
+        try:
+            for epoch in range(1, cfg.epochs + 1):
+                if cfg.schedule == "cyclic" and self.settings.adaptive:
+                    active = [cyclic_order[(epoch - 1) % len(cyclic_order)]]
+                else:
+                    active = list(optimizers)
+                with_bits = "mapping" in active
+                for key, params in groups.items():  # frozen groups skip their gradient work
+                    for param in params:
+                        param.requires_grad_(key in active)
+                order = torch.randperm(patches.shape[0], generator=self.generator)
+                for step in range(steps_per_epoch):
+                    start = (step * cfg.batch) % patches.shape[0]
+                    index = order[start:start + cfg.batch]
+                    for key in active:
+                        optimizers[key].zero_grad(set_to_none=True)
+                    loss, avg_bits = self._loss(patches[index], index, teacher, recorder,
+                                                with_bits)
+                    if not torch.isfinite(loss):
+                        break
+                    loss.backward()
+                    for key in active:
+                        optimizers[key].step()
+                    self._project()
+                    if bar is not None:
+                        bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}",
+                                        bits=f"{avg_bits:.2f}", refresh=False)
+                        bar.update(1)
+                for key in active:
+                    schedulers[key].step()
+                val = self._validate(patches, teacher, recorder)
+                history.append(val)
+                if math.isfinite(val) and val < best_loss:
+                    best_loss, best_state, best_epoch = val, self._quant_state(), epoch
+        finally:
+            recorder.close()
+            if bar is not None:
+                bar.close()
+        qnet.load_state_dict(best_state, strict=False)
+        qnet.eval()
+        return {"validation_loss": history, "best_epoch": best_epoch, "best_loss": best_loss}
+
+    # -- all stages ----------------------------------------------------------------------------
+    def run(self, calib_dir: Path) -> CalibrationResult:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        started = time.perf_counter()
+        patches = sample_patches(calib_dir, cfg.patches, cfg.patch_size, cfg.seed)
+        teacher, stats = self.measure(patches)
+        self.initialize(teacher, stats)
+        training: dict[str, Any] = {}
+        if self.settings.method in ("adabm", "ddtb") and cfg.steps > 0:
+            training = self.train(patches, teacher)
+        with torch.no_grad():
+            self.qnet(patches[: cfg.validation])
+            fab = float(self.qnet.sample_bits().mean())
+        if not all(torch.isfinite(p).all() for p in self.qnet.parameters()):
+            raise CalibrationError("calibration diverged (non-finite parameters); "
+                                   "try a lower learning rate or fewer --steps")
+        info = {
+            "config": asdict(cfg),
+            "images": [p.name for p in list_images(calib_dir)],
+            "seconds": round(time.perf_counter() - started, 2),
+            "calibration_fab": fab,
+            "gated_layers": getattr(self, "_gated", []),
+            **training,
+        }
+        return CalibrationResult(self.qnet, record_of(self.qnet, self.loaded, info))
+
+
+def calibrate(loaded: LoadedModel, settings: QuantSettings, config: CalibrationConfig,
+              calib_dir: Path, progress: ProgressFactory | None = None) -> CalibrationResult:
+    """Calibrate ``loaded`` (consumed: its convs are wrapped) and return the network + record."""
+    return Calibrator(loaded, settings, config, progress).run(calib_dir)

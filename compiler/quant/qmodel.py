@@ -1,0 +1,172 @@
+"""The quantized network: a zoo model whose selected convs quantize their input and weights.
+
+``QuantizedSR`` replaces the model's adaptive convs (and, in the fully quantized setting, its
+fixed convs at 8 bits) by ``QConv2d``. Per forward pass it computes each sample's image offset
+from the input's complexity; each adaptive conv then runs at ``base + d_img + d_layer``.
+Non-adaptive methods (DDTB, static PTQ) run every adaptive conv at ``base``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compiler.quant.bitmap import ImageToBit, LayerToBit, complexity
+from compiler.quant.ddtb import DynamicGate
+from compiler.quant.quantizers import ActQuantizer, WeightQuantizer
+from compiler.zoo.base import SRNet
+from runtime.errors import ConfigError, unknown_name
+
+METHODS = ("adabm", "ddtb", "minmax", "percentile")
+FIXED_BITS = 8  # head / upsampler / tail in the fully quantized setting
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """What to quantize and how; recorded verbatim in the calibration record."""
+
+    method: str = "adabm"
+    wbits: int = 8
+    abits: int = 6
+    fq: bool = False
+    per_channel: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(unknown_name("quantization method", self.method, METHODS))
+        for name, bits in (("wbits", self.wbits), ("abits", self.abits)):
+            if not 2 <= bits <= 8:
+                raise ConfigError(f"--{name} {bits} is out of range: allowed 2..8")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.method == "adabm"
+
+    @property
+    def symmetric(self) -> bool:
+        return False
+
+
+@dataclass
+class BitContext:
+    """Per-forward state shared by the QConvs of one network (not a module, holds no weights)."""
+
+    base: float = 6.0
+    enabled: bool = True
+    d_img: Tensor = field(default_factory=lambda: torch.zeros(1))
+    d_layer: Tensor = field(default_factory=lambda: torch.zeros(0))
+
+
+class QConv2d(nn.Module):
+    """A conv whose input activation and weights are fake-quantized."""
+
+    def __init__(self, conv: nn.Conv2d, context: BitContext, wbits: int, per_channel: bool,
+                 symmetric: bool, layer_index: int | None) -> None:
+        super().__init__()
+        self.conv = conv
+        self.weight_quant = WeightQuantizer(conv.weight.detach(), wbits, per_channel)
+        self.act_quant = ActQuantizer(symmetric)
+        self.gate: DynamicGate | None = None
+        self.layer_index = layer_index  # None: a fixed (8-bit) layer
+        self._context = [context]  # in a list so nn.Module does not register it
+
+    @property
+    def context(self) -> BitContext:
+        return self._context[0]
+
+    def bits(self, batch: int) -> Tensor:
+        ctx = self.context
+        if self.layer_index is None:
+            return torch.full((batch,), float(FIXED_BITS))
+        return ctx.base + ctx.d_img + ctx.d_layer[self.layer_index]
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv = self.conv
+        if not self.context.enabled:
+            return conv(x)
+        gate = self.gate(x) if self.gate is not None else None
+        xq = self.act_quant(x, self.bits(x.shape[0]), gate)
+        wq = self.weight_quant(conv.weight)
+        return F.conv2d(xq, wq, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+class QuantizedSR(nn.Module):
+    """A zoo network with AdaBM / DDTB / static quantization of its convs."""
+
+    def __init__(self, model: SRNet, settings: QuantSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.context = BitContext(base=float(settings.abits))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.adaptive_names = list(model.adaptive_convs())
+        self.fixed_names = list(model.fixed_convs()) if settings.fq else []
+        self.image_to_bit = ImageToBit()
+        self.layer_to_bit = LayerToBit(len(self.adaptive_names))
+        self.forced_d_img: int | None = None
+        for index, name in enumerate(self.adaptive_names):
+            conv = model.get_submodule(name)
+            if not isinstance(conv, nn.Conv2d):
+                kind = type(conv).__name__
+                raise ConfigError(f"adaptive layer {name!r} is a {kind}, not a Conv2d")
+            _replace(model, name, QConv2d(conv, self.context, settings.wbits,
+                                          settings.per_channel, settings.symmetric, index))
+        for name in self.fixed_names:
+            conv = model.get_submodule(name)
+            _replace(model, name, QConv2d(conv, self.context, FIXED_BITS, settings.per_channel,
+                                          settings.symmetric, None))
+
+    @property
+    def scale(self) -> int:
+        return int(self.model.scale)
+
+    def qconvs(self) -> list[tuple[str, QConv2d]]:
+        """Every quantized conv, adaptive ones first, in layer-index order."""
+        out = []
+        for name in self.adaptive_names + self.fixed_names:
+            module = self.model.get_submodule(name)
+            assert isinstance(module, QConv2d)
+            out.append((name, module))
+        return out
+
+    def image_offsets(self, x: Tensor) -> Tensor:
+        """``d_img`` per sample (differentiable surrogate) for an NCHW batch in [0, 1]."""
+        if not self.settings.adaptive:
+            return torch.zeros(x.shape[0], dtype=x.dtype)
+        if self.forced_d_img is not None:
+            return torch.full((x.shape[0],), float(self.forced_d_img), dtype=x.dtype)
+        return self.image_to_bit(complexity(x))
+
+    def layer_offsets(self) -> Tensor:
+        if not self.settings.adaptive:
+            return torch.zeros(len(self.adaptive_names))
+        return self.layer_to_bit()
+
+    def sample_bits(self) -> Tensor:
+        """Average activation bits over the adaptive layers, per sample of the last forward."""
+        ctx = self.context
+        return ctx.base + ctx.d_img + ctx.d_layer.mean()
+
+    def forward(self, x: Tensor) -> Tensor:
+        ctx = self.context
+        ctx.d_img = self.image_offsets(x)
+        ctx.d_layer = self.layer_offsets()
+        return self.model(x)
+
+    def bit_vectors(self) -> dict[int, list[float]]:
+        """Per-layer activation bits of the adaptive layers for each image offset (-1, 0, +1)."""
+        base = float(self.settings.abits)
+        offsets = self.layer_to_bit.hard() if self.settings.adaptive else [0] * len(
+            self.adaptive_names)
+        d_imgs = (-1, 0, 1) if self.settings.adaptive else (0,)
+        return {d: [base + d + o for o in offsets] for d in d_imgs}

@@ -1,0 +1,1 @@
+"""adasr profiles: latency per bit-width, quality per engine, reports and plots."""

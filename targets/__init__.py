@@ -1,0 +1,1 @@
+"""adasr targets: one data file per device and the small loader that validates them."""

@@ -1,0 +1,110 @@
+"""Calibration on a tiny EDSR and synthetic LR images: records, determinism, every method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compiler.quant.calibrate import CalibrationConfig, calibrate
+from compiler.quant.qmodel import QuantSettings
+from compiler.quant.record import apply_record, read_record, save_record
+from compiler.zoo import load_model
+from compiler.zoo.edsr import EDSR
+from runtime.errors import CalibrationError, ConfigError
+from runtime.imaging import save_rgb
+
+FAST = CalibrationConfig(patches=8, patch_size=16, steps=20, batch=2, epochs=4, validation=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    weights = root / "edsr_tiny.pt"
+    torch.save(EDSR(2, 8, 2, 1.0, 255.0).state_dict(), weights)
+    calib = root / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        smooth = np.kron(rng.random((4, 4, 3)), np.ones((10, 10, 1)))
+        noise = rng.random((40, 40, 3)) * (i / 2)
+        save_rgb(calib / f"img{i}.png", np.round(np.clip(smooth + noise, 0, 1) * 255).astype(
+            np.uint8))
+    return weights, calib
+
+
+def _run(tiny: tuple[Path, Path], **settings: object):  # type: ignore[no-untyped-def]
+    weights, calib = tiny
+    return calibrate(load_model(weights), QuantSettings(**settings), FAST, calib)  # type: ignore
+
+
+def test_record_rebuilds_the_same_network(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    result = _run(tiny, method="adabm", wbits=8, abits=4)
+    path = tmp_path / "record.json"
+    save_record(path, result.record)
+    rebuilt = apply_record(load_model(tiny[0]), read_record(path))
+    x = torch.rand(3, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(result.qnet(x), rebuilt(x))
+    vectors = result.record["bit_vectors"]
+    assert sorted(vectors) == ["-1", "0", "1"]
+    assert all(len(v) == 4 for v in vectors.values())  # 2 blocks x 2 convs
+    for d in (-1, 0, 1):
+        assert [b - d for b in vectors[str(d)]] == vectors["0"]
+
+
+def test_same_seed_same_record(tiny: tuple[Path, Path]) -> None:
+    def strip(record: dict) -> str:  # type: ignore[type-arg]
+        record = json.loads(json.dumps(record))
+        record["calibration"].pop("seconds")
+        return json.dumps(record, sort_keys=True)
+
+    first = _run(tiny, method="adabm", wbits=4, abits=4)
+    second = _run(tiny, method="adabm", wbits=4, abits=4)
+    assert strip(first.record) == strip(second.record)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "ddtb"])
+def test_uniform_methods_use_base_bits(tiny: tuple[Path, Path], method: str) -> None:
+    result = _run(tiny, method=method, wbits=4, abits=4, fq=True)
+    assert result.record["bit_vectors"] == {"0": [4.0] * 4}
+    kinds = [layer["kind"] for layer in result.record["layers"]]
+    assert kinds.count("adaptive") == 4 and kinds.count("fixed") == 4  # head, body.2, tail x2
+    gates = [layer["gate"] is not None for layer in result.record["layers"]]
+    assert any(gates) == (method == "ddtb")
+
+
+def test_quantized_output_is_close_to_full_precision_at_8_bits(tiny: tuple[Path, Path]) -> None:
+    result = _run(tiny, method="minmax", wbits=8, abits=8)
+    fp = load_model(tiny[0]).model
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        err = (result.qnet(x) - fp(x)).abs().max()
+    assert float(err) < 0.02
+
+
+def test_record_for_another_checkpoint_is_refused(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    result = _run(tiny, method="minmax", wbits=8, abits=8)
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    torch.save(EDSR(2, 8, 2, 1.0, 255.0).state_dict(), other)
+    with pytest.raises(CalibrationError, match="calibrate this checkpoint first"):
+        apply_record(load_model(other), result.record)
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'adabm'"):
+        QuantSettings(method="adbm")
+    with pytest.raises(ConfigError, match="allowed 2..8"):
+        QuantSettings(abits=12)
+
+
+def test_not_a_record(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    path.write_text("{\"schema\": \"other\"}")
+    with pytest.raises(CalibrationError, match="unsupported record schema"):
+        read_record(path)

@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "quickstart": "the embedded default job: calibrate the default model, compare, write images",
     "eval": "evaluate a checkpoint (optionally quantized) on a benchmark folder",
     "calibrate": "calibrate an adaptive quantized network (AdaBM, DDTB, static PTQ)",
+    "targets": "list the device targets (the machine's own is marked)",
 }
 
 

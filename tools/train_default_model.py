@@ -46,7 +46,7 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return image.astype(np.uint8)
 
 
-def load_pairs(scale: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def load_pairs(scale: int, patch: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(HR, LR) uint8 pairs: each image at full, 3/4 and 1/2 size (more texture scales)."""
     from skimage import data
 
@@ -57,7 +57,7 @@ def load_pairs(scale: int) -> list[tuple[np.ndarray, np.ndarray]]:
         for factor in (1.0, 0.75, 0.5):
             hr = base if factor == 1.0 else imresize_bicubic(base, factor)
             h, w = (hr.shape[0] // scale) * scale, (hr.shape[1] // scale) * scale
-            if min(h, w) < 96:
+            if min(h, w) < scale * patch:  # too small for one LR patch
                 continue
             hr = np.ascontiguousarray(hr[:h, :w])
             pairs.append((hr, imresize_bicubic(hr, 1 / scale)))
@@ -100,7 +100,7 @@ def main() -> int:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     output = args.output or REPO / "compiler" / "assets" / f"default_x{args.scale}.pt"
-    pairs = load_pairs(args.scale)
+    pairs = load_pairs(args.scale, args.patch)
     model = EDSR(N_RESBLOCKS, N_FEATS, args.scale, 1.0, 255.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     budget = args.minutes * 60

@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--schedule", default="cyclic",
                    help="cyclic (one parameter group per epoch, as released) or joint")
+    p.add_argument("--range-init", default="global",
+                   help="activation range init: global min/max (default) or ema (the paper's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", type=Path, required=True, help="calibration record (.json)")
 
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     settings = QuantSettings(method=args.method, wbits=args.wbits, abits=args.abits, fq=args.fq,
                              per_channel=args.per_channel)
     config = CalibrationConfig(patches=args.patches, patch_size=args.patch_size, steps=args.steps,
-                               batch=args.batch, seed=args.seed, schedule=args.schedule)
+                               batch=args.batch, seed=args.seed, schedule=args.schedule,
+                               range_init=args.range_init)
     loaded = load_model(args.weights, scale=args.scale)
     print(f"calibrating {loaded.info.describe()} with {settings.method} "
           f"W{settings.wbits}A{settings.abits}{' FQ' if settings.fq else ''} on {args.calib}")

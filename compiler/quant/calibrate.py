@@ -6,7 +6,10 @@ Stages (AdaBM, methods.md section 1):
    per-layer input std, the patch complexities and the gate ranking (DDTB);
 1. init: weight clips by MSE search, image thresholds at the 10th/90th complexity percentiles,
    layer offsets from the std percentiles (30th/70th), activation bounds from the ranges followed
-   by bit-aware clipping (BaC);
+   by bit-aware clipping (BaC). The ranges are the global min/max over all calibration patches
+   by default (``range_init="global"``); the paper's EMA of batch ranges (``"ema"``) under-covers
+   the sharper content of test images when the calibration set is a few smooth photos (EDSR x2
+   W8A6, Set5: 37.760 dB global vs 37.741 dB EMA, FP 37.801);
 2. ``steps`` Adam steps on the quantization parameters only (the conv weights never change) with
    ``L1(SR_q, SR_fp) + 10 * L_skt + 50 * max(avg_bit - base, 0)``, StepLR(0.9) per epoch. The
    ``cyclic`` schedule trains one parameter group per epoch (weight clips -> activation bounds ->
@@ -38,6 +41,7 @@ from compiler.zoo.base import LoadedModel
 from runtime.errors import CalibrationError, ConfigError, unknown_name
 
 SCHEDULES = ("cyclic", "joint")
+RANGE_INITS = ("global", "ema")
 GATED_FRACTION = {"edsr": 0.3, "rdn": 0.5, "srresnet": 0.1}
 STATIC_PERCENTILE = 0.001  # the 'percentile' baseline clips 0.1% of values at each end
 
@@ -61,11 +65,15 @@ class CalibrationConfig:
     gamma: float = 0.9
     ema_beta: float = 0.9
     bac: bool = True
+    range_init: str = "global"
+    downscale: int = 1
     validation: int = 10
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ConfigError(unknown_name("schedule", self.schedule, SCHEDULES))
+        if self.range_init not in RANGE_INITS:
+            raise ConfigError(unknown_name("range init", self.range_init, RANGE_INITS))
         if self.patches < 2 or self.patch_size < 8 or self.batch < 1 or self.epochs < 1:
             raise ConfigError(f"calibration needs >= 2 patches of >= 8 px, batch >= 1, epochs >= 1;"
                               f" got patches={self.patches} patch_size={self.patch_size} "
@@ -85,7 +93,8 @@ class LayerStats:
     sample_min: list[Tensor] = field(default_factory=list)
     first_batch: Tensor | None = None  # a subsample of values, for percentiles and BaC
     pooled: list[Tensor] = field(default_factory=list)
-    gate_inputs: list[Tensor] = field(default_factory=list)  # pooled channel means per sample
+    out_min: float = math.inf  # the conv's output range (for an engine's Q after the conv)
+    out_max: float = -math.inf
 
     def update(self, x: Tensor, beta: float, generator: torch.Generator) -> None:
         lo, hi = float(x.min()), float(x.max())
@@ -179,6 +188,12 @@ class Calibrator:
             def hook(_m: nn.Module, inputs: tuple[Tensor, ...], name: str = name) -> None:
                 stats[name].update(inputs[0].detach(), self.config.ema_beta, self.generator)
             handles.append(conv.register_forward_pre_hook(hook))
+
+            def out_hook(_m: nn.Module, _i: Any, out: Tensor, name: str = name) -> None:
+                s = stats[name]
+                s.out_min, s.out_max = min(s.out_min, float(out.min())), max(s.out_max,
+                                                                               float(out.max()))
+            handles.append(conv.register_forward_hook(out_hook))
         recorder = _BlockRecorder(qnet.model, self.blocks)
         outputs, features = [], []
         ctx.enabled = False
@@ -216,6 +231,8 @@ class Calibrator:
                 assert s.first_batch is not None
                 lower = float(torch.quantile(s.first_batch.double(), 0.01))
                 upper = float(torch.quantile(s.first_batch.double(), 0.99))
+            elif self.config.range_init == "global":
+                lower, upper = s.global_min, s.global_max
             else:
                 assert s.ema_min is not None and s.ema_max is not None
                 lower, upper = s.ema_min, s.ema_max
@@ -362,17 +379,36 @@ class Calibrator:
         qnet.eval()
         return {"validation_loss": history, "best_epoch": best_epoch, "best_loss": best_loss}
 
+    def _mean_gate(self, conv: QConv2d, patches: Tensor) -> list[float]:
+        """Mean (scale_l, scale_u) of a DDTB gate over the calibration patches."""
+        scales: list[Tensor] = []
+        assert conv.gate is not None
+        gate = conv.gate
+        handle = conv.register_forward_pre_hook(
+            lambda _m, inputs: scales.append(gate(inputs[0])))
+        try:
+            for chunk in patches.split(16):
+                self.qnet(chunk)
+        finally:
+            handle.remove()
+        return [float(v) for v in torch.cat(scales).mean(dim=0)]
+
     # -- all stages ----------------------------------------------------------------------------
     def run(self, calib_dir: Path) -> CalibrationResult:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         started = time.perf_counter()
-        patches = sample_patches(calib_dir, cfg.patches, cfg.patch_size, cfg.seed)
+        patches = sample_patches(calib_dir, cfg.patches, cfg.patch_size, cfg.seed, cfg.downscale)
         teacher, stats = self.measure(patches)
         self.initialize(teacher, stats)
         training: dict[str, Any] = {}
         if self.settings.method in ("adabm", "ddtb") and cfg.steps > 0:
             training = self.train(patches, teacher)
+        for name, conv in self.qnet.qconvs():
+            conv.output_range = (stats[name].out_min, stats[name].out_max)
+            if conv.gate is not None:
+                with torch.no_grad():
+                    conv.gate_mean = tuple(self._mean_gate(conv, patches))
         with torch.no_grad():
             self.qnet(patches[: cfg.validation])
             fab = float(self.qnet.sample_bits().mean())

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from runtime.errors import DatasetError
 from runtime.imaging import load_rgb
+from runtime.resize import imresize_bicubic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -23,14 +24,19 @@ def list_images(folder: Path) -> list[Path]:
     return files
 
 
-def sample_patches(folder: Path, count: int, size: int, seed: int) -> Tensor:
+def sample_patches(folder: Path, count: int, size: int, seed: int, downscale: int = 1) -> Tensor:
     """``count`` random ``size`` x ``size`` crops, spread evenly over the folder's images.
 
+    ``downscale`` > 1 first shrinks every image with the MATLAB-compatible bicubic, i.e. gives the
+    network the same degradation as its bicubic LR inputs: use it when the calibration images are
+    ordinary photos rather than LR frames of the deployment content.
     Returns NCHW float32 RGB in [0, 1]. Deterministic for a given seed and folder content.
     """
     files = list_images(folder)
     rng = np.random.default_rng(seed)
     images = [load_rgb(path) for path in files]
+    if downscale > 1:
+        images = [imresize_bicubic(image, 1 / downscale) for image in images]
     small = [p.name for p, im in zip(files, images, strict=True) if min(im.shape[:2]) < size]
     if small:
         raise DatasetError(f"calibration images smaller than the {size}px patch: {small[:3]}; "

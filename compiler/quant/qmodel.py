@@ -71,6 +71,8 @@ class QConv2d(nn.Module):
         self.act_quant = ActQuantizer(symmetric)
         self.gate: DynamicGate | None = None
         self.layer_index = layer_index  # None: a fixed (8-bit) layer
+        self.output_range: tuple[float, float] | None = None  # FP output min/max (calibration)
+        self.gate_mean: tuple[float, ...] | None = None  # DDTB: mean (scale_l, scale_u)
         self._context = [context]  # in a list so nn.Module does not register it
 
     @property

@@ -46,6 +46,7 @@ def record_of(qnet: QuantizedSR, loaded: LoadedModel,
             state = conv.gate.state_dict()
             gate = {key: _values(state[src]) for key, src in _GATE_TENSORS.items()}
             gate["channels"] = conv.conv.in_channels
+            gate["mean_scale"] = list(conv.gate_mean) if conv.gate_mean else None
         layers.append({
             "name": name,
             "kind": "fixed" if conv.layer_index is None else "adaptive",
@@ -53,6 +54,7 @@ def record_of(qnet: QuantizedSR, loaded: LoadedModel,
             "w_clip": _values(conv.weight_quant.clip),
             "a_bounds": [conv.act_quant.lower.item(), conv.act_quant.upper.item()],
             "layer_offset": 0 if conv.layer_index is None else offsets[conv.layer_index],
+            "output_range": list(conv.output_range) if conv.output_range else None,
             "gate": gate,
         })
     s = qnet.settings
@@ -115,10 +117,14 @@ def apply_record(loaded: LoadedModel, record: dict[str, Any]) -> QuantizedSR:
             conv.act_quant.upper.fill_(layer["a_bounds"][1])
             if conv.layer_index is not None:
                 qnet.layer_to_bit.offsets[conv.layer_index] = float(layer["layer_offset"])
+            if layer.get("output_range"):
+                conv.output_range = tuple(layer["output_range"])
             if layer["gate"] is not None:
                 gate = DynamicGate(int(layer["gate"]["channels"]))
                 gate.load_state_dict({src: torch.tensor(layer["gate"][key])
                                       for key, src in _GATE_TENSORS.items()}, strict=False)
                 conv.gate = gate
+                if layer["gate"].get("mean_scale"):
+                    conv.gate_mean = tuple(layer["gate"]["mean_scale"])
     qnet.eval()
     return qnet

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""The quantization table: AdaBM vs static PTQ baselines vs DDTB, simulated, on Set5 and Set14.
+
+For EDSR x2 (8 blocks) and IMDN x4, calibrated on ../shared/data/calibration with the default
+calibration settings (100 patches x 48x48, 500 steps, seed 0), evaluated on whole images with the
+provided Set5 LR and generated Set14 LR. Prints the table, writes it to
+benchmarks/results/quant_table.{md,json}, and ends with ``rows=<int>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+from common import REPO, shared, table
+
+from compiler.quant.calibrate import CalibrationConfig, calibrate
+from compiler.quant.qmodel import QuantSettings
+from compiler.simulate import TorchUpscaler
+from compiler.zoo import load_model
+from runtime.benchmark import evaluate, load_benchmark
+from runtime.fileio import atomic_write_bytes, atomic_write_json
+
+MODELS = {"edsr": ("edsr_r8f64_x2_krasserm.pt", 2), "imdn": ("imdn_x4.pth", 4)}
+ROWS = [  # method, wbits, abits, fq
+    ("adabm", 8, 6, False), ("minmax", 8, 6, False), ("percentile", 8, 6, False),
+    ("adabm", 4, 4, False), ("minmax", 4, 4, False), ("percentile", 4, 4, False),
+    ("ddtb", 4, 4, False),
+    ("adabm", 8, 6, True), ("minmax", 8, 6, True),
+    ("adabm", 4, 4, True), ("minmax", 4, 4, True), ("percentile", 4, 4, True),
+    ("ddtb", 4, 4, True),
+]
+SETS = ("Set5", "Set14")
+
+
+@dataclass
+class Row:
+    model: str
+    setting: str
+    fq: bool
+    seconds: float
+    psnr: dict[str, float]
+    drop: dict[str, float]
+    fab: dict[str, float]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="edsr,imdn")
+    parser.add_argument("--steps", type=int, default=500)
+    args = parser.parse_args()
+    rows: list[Row] = []
+    for key in args.models.split(","):
+        file, scale = MODELS[key]
+        weights = shared(f"weights/{file}")
+        sets = {s: load_benchmark(shared(f"benchmarks/{s}"), scale) for s in SETS}
+        fp = load_model(weights)
+        fp_psnr = {s: evaluate(TorchUpscaler(fp.model, scale), imgs, scale).psnr
+                   for s, imgs in sets.items()}
+        name = f"{fp.info.arch} x{scale}"
+        rows.append(Row(name, "FP32", False, 0.0, fp_psnr, dict.fromkeys(SETS, 0.0),
+                        dict.fromkeys(SETS, 32.0)))
+        print(f"{name} FP: " + ", ".join(f"{s} {v:.3f}" for s, v in fp_psnr.items()), flush=True)
+        for method, wbits, abits, fq in ROWS:
+            settings = QuantSettings(method=method, wbits=wbits, abits=abits, fq=fq)
+            start = time.perf_counter()
+            result = calibrate(load_model(weights), settings, CalibrationConfig(steps=args.steps),
+                               shared("calibration/sun_hays8"))
+            seconds = time.perf_counter() - start
+            psnr, fab = {}, {}
+            for s, imgs in sets.items():
+                up = TorchUpscaler(result.qnet, scale)
+                psnr[s] = evaluate(up, imgs, scale).psnr
+                fab[s] = sum(b.fab for b in up.bits) / len(up.bits)
+            row = Row(name, f"{method} W{wbits}A{abits}", fq, seconds, psnr,
+                      {s: psnr[s] - fp_psnr[s] for s in SETS}, fab)
+            rows.append(row)
+            print(f"  {row.setting:<18} fq={fq!s:<5} " + "  ".join(
+                f"{s} {psnr[s]:.3f} ({row.drop[s]:+.3f}, FAB {fab[s]:.2f})" for s in SETS)
+                + f"  {seconds:.0f}s", flush=True)
+    metrics = [f"{s} {k}" for s in SETS for k in ("PSNR", "drop", "FAB")]
+    header = ["model", "setting", "FQ", *metrics, "calib s"]
+    body = [[r.model, r.setting, "yes" if r.fq else "", *[
+        v for s in SETS for v in (f"{r.psnr[s]:.3f}", f"{r.drop[s]:+.3f}", f"{r.fab[s]:.2f}")],
+        f"{r.seconds:.0f}"] for r in rows]
+    text = table(body, header)
+    print("\n" + text)
+    results = REPO / "benchmarks" / "results"
+    note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads; whole-image "
+            "evaluation, Set5 with the provided MATLAB LR, Set14 with generated LR.\n\n")
+    atomic_write_bytes(results / "quant_table.md", (note + "```\n" + text + "\n```\n").encode())
+    atomic_write_json(results / "quant_table.json", [r.__dict__ for r in rows])
+    print(f"rows={len(rows)}")
+
+
+if __name__ == "__main__":
+    main()

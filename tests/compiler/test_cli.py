@@ -1,0 +1,79 @@
+"""The adasr command line: exit codes, JSON outputs, one-line errors, the default job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compiler.cli import main
+from compiler.zoo.edsr import EDSR
+from runtime.imaging import save_rgb
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    weights = root / "tiny.pt"
+    torch.save(EDSR(1, 8, 2, 1.0, 255.0).state_dict(), weights)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        image = np.kron(rng.random((6, 6, 3)), np.ones((8, 8, 1)))
+        save_rgb(root / "data" / "HR" / f"im{i}.png", np.round(image * 255).astype(np.uint8))
+    return {"weights": weights, "data": root / "data", "root": root}
+
+
+def test_eval_writes_json(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out = setup["root"] / "fp.json"
+    code = main(["eval", "--weights", str(setup["weights"]), "--dataset", str(setup["data"]),
+                 "--scale", "2", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert {"psnr", "ssim", "images"} <= set(result)
+    assert [im["name"] for im in result["images"]] == ["im0", "im1"]
+    assert result["lr_source"] == ["generated"]
+    assert "mean" in capsys.readouterr().out
+
+
+def test_calibrate_then_eval_quantized(setup: dict[str, Path]) -> None:
+    record = setup["root"] / "rec.json"
+    code = main(["calibrate", "--weights", str(setup["weights"]), "--calib",
+                 str(setup["data"] / "HR"), "--wbits", "8", "--abits", "6", "--patches", "4",
+                 "--patch-size", "16", "--steps", "4", "-o", str(record)])
+    assert code == 0
+    out = setup["root"] / "q.json"
+    code = main(["eval", "--weights", str(setup["weights"]), "--calibration", str(record),
+                 "--dataset", str(setup["data"]), "--scale", "2", "--tile", "16", "--json",
+                 str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert 5.0 <= result["fab"] <= 7.0 and result["bitops"] > 0
+    assert sum(result["images"][0]["d_img"].values()) == 4  # a 24x24 LR image in 16px tiles
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["eval", "--weights", "nope.pt", "--dataset", ".", "--scale", "2"], "nope.pt"),
+    (["calibrate", "--weights", "W", "--calib", "C", "--method", "adabn", "-o", "r.json"],
+     "did you mean 'adabm'"),
+])
+def test_errors_are_one_line_with_exit_2(setup: dict[str, Path], args: list[str], message: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    args = [str(setup["weights"]) if a == "W" else str(setup["data"]) if a == "C" else a
+            for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_quickstart_runs_the_default_job(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["quickstart", "--out", str(tmp_path), "--steps", "10"]) == 0
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+    assert (tmp_path / "chelsea_x2_adabm.png").exists()
+    assert json.loads((tmp_path / "default_x2_w8a6.json").read_text())["settings"]["abits"] == 6
+    out = capsys.readouterr().out
+    assert "full precision" in out and "AdaBM W8A6 adaptive" in out

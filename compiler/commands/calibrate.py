@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cyclic (one parameter group per epoch, as released) or joint")
     p.add_argument("--range-init", default="global",
                    help="activation range init: global min/max (default) or ema (the paper's)")
+    p.add_argument("--downscale", type=int, default=1,
+                   help="bicubic-downscale the calibration images by N first (use the model's "
+                   "scale when they are ordinary photos rather than LR frames); default 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", type=Path, required=True, help="calibration record (.json)")
 
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
                              per_channel=args.per_channel)
     config = CalibrationConfig(patches=args.patches, patch_size=args.patch_size, steps=args.steps,
                                batch=args.batch, seed=args.seed, schedule=args.schedule,
-                               range_init=args.range_init)
+                               range_init=args.range_init, downscale=args.downscale)
     loaded = load_model(args.weights, scale=args.scale)
     print(f"calibrating {loaded.info.describe()} with {settings.method} "
           f"W{settings.wbits}A{settings.abits}{' FQ' if settings.fq else ''} on {args.calib}")

@@ -74,6 +74,8 @@ class CalibrationConfig:
             raise ConfigError(unknown_name("schedule", self.schedule, SCHEDULES))
         if self.range_init not in RANGE_INITS:
             raise ConfigError(unknown_name("range init", self.range_init, RANGE_INITS))
+        if self.downscale < 1:
+            raise ConfigError(f"downscale must be >= 1, got {self.downscale}")
         if self.patches < 2 or self.patch_size < 8 or self.batch < 1 or self.epochs < 1:
             raise ConfigError(f"calibration needs >= 2 patches of >= 8 px, batch >= 1, epochs >= 1;"
                               f" got patches={self.patches} patch_size={self.patch_size} "

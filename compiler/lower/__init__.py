@@ -1,0 +1,1 @@
+"""Lowering: the FP network to ONNX once, then one Q/DQ engine graph per bit configuration."""

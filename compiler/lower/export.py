@@ -1,0 +1,125 @@
+"""Export a full-precision zoo network to ONNX once, and find its convs again by module name.
+
+``export_onnx`` runs torch's exporter (the dynamo exporter of torch >= 2.5) on the FP network:
+input ``lr`` and output ``sr``, NCHW float32 in [0, 1], opset 17 by default (TensorRT 8.5 parses
+<= 17; torch exports opset 18 and converts down). The shape is static for one tile size, or has
+dynamic height and width (``dynamic=True``). Weights are embedded (one file, no ``.onnx.data``)
+and ``ir_version`` is pinned to the lowest IR of the model's opsets: onnx 1.23 writes IR 14, which
+onnxruntime 1.31 refuses (it loads <= 13), and older parsers read the lowest IR best.
+
+Every quantized engine is lowered from this one FP graph (``compiler.lower.qdq``), which finds
+each conv of a module name through ``find_conv``: the exporter names weight initializers after the
+state-dict keys (``body.0.body.2.weight``); the lookup also accepts the ``p_body_0_body_2_weight``
+spelling of other exporter versions and says which names exist when one is missing.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import onnx
+import torch
+
+from compiler.zoo.base import SRNet
+from runtime.errors import ConfigError, EngineError, did_you_mean
+from runtime.fileio import atomic_write_bytes
+
+DEFAULT_OPSET = 17
+INPUT_NAME = "lr"
+OUTPUT_NAME = "sr"
+MIN_OPSET = 13  # per-axis Q/DQ (per-channel weights) needs opset 13
+
+
+def pin_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Set ``model.ir_version`` to the lowest IR that supports its opsets (in place)."""
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import))
+    return model
+
+
+def export_onnx(model: SRNet, tile: int | tuple[int, int], *, opset: int = DEFAULT_OPSET,
+                dynamic: bool = False, batch: int = 1) -> onnx.ModelProto:
+    """The FP network as an ONNX model for ``tile`` (LR height, width) inputs of ``batch`` images.
+
+    With ``dynamic=True`` height and width are symbolic (``tile`` is then only the example shape).
+    Raises :class:`EngineError` when the exporter fails or a quantizable conv cannot be found in
+    the exported graph.
+    """
+    height, width = (tile, tile) if isinstance(tile, int) else tile
+    if min(height, width, batch) < 1 or opset < MIN_OPSET:
+        raise ConfigError(f"cannot export tile {height}x{width}, batch {batch}, opset {opset}: "
+                          f"tile and batch must be >= 1 and opset >= {MIN_OPSET}")
+    example = torch.rand(batch, 3, height, width)
+    shapes = None
+    if dynamic:
+        dims = {2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+        shapes = (dims,)
+    was_training = model.training
+    model.eval()
+    try:
+        program = torch.onnx.export(
+            model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            opset_version=opset, external_data=False, dynamic_shapes=shapes, verbose=False)
+    except Exception as err:  # the exporter raises many unrelated types
+        raise EngineError(f"ONNX export of {type(model).__name__} failed at opset {opset}, "
+                          f"tile {height}x{width}: {err}") from err
+    finally:
+        model.train(was_training)
+    if program is None:
+        raise EngineError("torch.onnx.export returned no ONNX program")
+    proto = pin_ir_version(program.model_proto)
+    found = [op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")]
+    if found != [opset]:
+        raise EngineError(f"the exporter wrote opset {found}, not the requested {opset}")
+    conv_nodes(proto.graph, [*model.adaptive_convs(), *model.fixed_convs()])  # fail now
+    return proto
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``model`` as one self-contained file, atomically."""
+    atomic_write_bytes(path, model.SerializeToString())
+
+
+def _canonical(name: str) -> str:
+    """``body.0.body.2.weight`` and ``p_body_0_body_2_weight`` give ``body_0_body_2_weight``."""
+    flat = re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_")
+    return flat.removeprefix("p_")
+
+
+def _weight_source(producers: dict[str, onnx.NodeProto], tensor: str) -> str:
+    """The name a conv's weight comes from, through Identity and (lowered graphs) DQ nodes."""
+    node = producers.get(tensor)
+    while node is not None and node.op_type in ("Identity", "DequantizeLinear"):
+        tensor = node.input[0]
+        node = producers.get(tensor)
+    return tensor
+
+
+def conv_nodes(graph: onnx.GraphProto, modules: list[str]) -> dict[str, onnx.NodeProto]:
+    """The Conv node of each module name (its weight is ``{module}.weight``).
+
+    Raises :class:`EngineError` naming the closest conv when a module has none.
+    """
+    producers = {out: node for node in graph.node for out in node.output}
+    by_weight: dict[str, tuple[str, onnx.NodeProto]] = {}
+    for node in graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1:
+            weight = _weight_source(producers, node.input[1])
+            by_weight[_canonical(weight)] = (re.sub(r"[._]weight$", "", weight), node)
+    found = {}
+    for module in modules:
+        entry = by_weight.get(_canonical(f"{module}.weight"))
+        if entry is None:
+            known = sorted(display for display, _ in by_weight.values())
+            raise EngineError(
+                f"no Conv in the ONNX graph for layer {module!r}{did_you_mean(module, known)}: no "
+                f"conv weight is named '{module}.weight' (convs by weight: {', '.join(known)}). "
+                "Layer names are module names of the exported network; the exporter may also "
+                "have merged bit-identical weights into one initializer")
+        found[module] = entry[1]
+    return found
+
+
+def find_conv(graph: onnx.GraphProto, module: str) -> onnx.NodeProto:
+    """The Conv node of ``graph`` for one module name (see :func:`conv_nodes`)."""
+    return conv_nodes(graph, [module])[module]

@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fully quantized: head, upsampler and tail at fixed 8 bits")
     p.add_argument("--method", default="adabm", help="adabm (default), ddtb, minmax, percentile")
     p.add_argument("--per-channel", action="store_true", help="per-channel weight clips")
+    p.add_argument("--symmetric", action="store_true",
+                   help="symmetric activation grids [-a, a] (default: learned asymmetric [l, u])")
     p.add_argument("--patches", type=int, default=100)
     p.add_argument("--patch-size", type=int, default=48)
     p.add_argument("--steps", type=int, default=500)
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from compiler.zoo import load_model
 
     settings = QuantSettings(method=args.method, wbits=args.wbits, abits=args.abits, fq=args.fq,
-                             per_channel=args.per_channel)
+                             per_channel=args.per_channel, symmetric=args.symmetric)
     config = CalibrationConfig(patches=args.patches, patch_size=args.patch_size, steps=args.steps,
                                batch=args.batch, seed=args.seed, schedule=args.schedule,
                                range_init=args.range_init, downscale=args.downscale)

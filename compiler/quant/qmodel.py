@@ -33,6 +33,7 @@ class QuantSettings:
     abits: int = 6
     fq: bool = False
     per_channel: bool = False
+    symmetric: bool = False  # symmetric activation grids [-a, a] instead of learned [l, u]
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -45,9 +46,6 @@ class QuantSettings:
     def adaptive(self) -> bool:
         return self.method == "adabm"
 
-    @property
-    def symmetric(self) -> bool:
-        return False
 
 
 @dataclass

@@ -62,7 +62,7 @@ def record_of(qnet: QuantizedSR, loaded: LoadedModel,
     return {
         "schema": SCHEMA,
         "settings": {"method": s.method, "wbits": s.wbits, "abits": s.abits, "fq": s.fq,
-                     "per_channel": s.per_channel},
+                     "per_channel": s.per_channel, "symmetric": s.symmetric},
         "checkpoint": {"file": info.path.name, "sha256": info.sha256, "arch": info.arch,
                        "scale": info.scale, "config": dict(info.config)},
         "image_thresholds": [qnet.image_to_bit.lower.item(), qnet.image_to_bit.upper.item()],

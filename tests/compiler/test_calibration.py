@@ -108,3 +108,14 @@ def test_not_a_record(tmp_path: Path) -> None:
     path.write_text("{\"schema\": \"other\"}")
     with pytest.raises(CalibrationError, match="unsupported record schema"):
         read_record(path)
+
+
+def test_symmetric_activations_are_symmetric(tiny: tuple[Path, Path]) -> None:
+    result = _run(tiny, method="adabm", wbits=8, abits=6, symmetric=True)
+    for layer in result.record["layers"]:
+        lower, upper = layer["a_bounds"]
+        assert lower == pytest.approx(-upper)
+    rebuilt = apply_record(load_model(tiny[0]), result.record)
+    x = torch.rand(2, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(result.qnet(x), rebuilt(x))

@@ -101,22 +101,23 @@ def conv_nodes(graph: onnx.GraphProto, modules: list[str]) -> dict[str, onnx.Nod
     Raises :class:`EngineError` naming the closest conv when a module has none.
     """
     producers = {out: node for node in graph.node for out in node.output}
-    by_weight: dict[str, tuple[str, onnx.NodeProto]] = {}
+    by_weight: dict[str, list[tuple[str, onnx.NodeProto]]] = {}
     for node in graph.node:
         if node.op_type == "Conv" and len(node.input) > 1:
             weight = _weight_source(producers, node.input[1])
-            by_weight[_canonical(weight)] = (re.sub(r"[._]weight$", "", weight), node)
+            display = re.sub(r"[._]weight$", "", weight)
+            by_weight.setdefault(_canonical(weight), []).append((display, node))
     found = {}
     for module in modules:
-        entry = by_weight.get(_canonical(f"{module}.weight"))
-        if entry is None:
-            known = sorted(display for display, _ in by_weight.values())
-            raise EngineError(
-                f"no Conv in the ONNX graph for layer {module!r}{did_you_mean(module, known)}: no "
-                f"conv weight is named '{module}.weight' (convs by weight: {', '.join(known)}). "
-                "Layer names are module names of the exported network; the exporter may also "
-                "have merged bit-identical weights into one initializer")
-        found[module] = entry[1]
+        entries = by_weight.get(_canonical(f"{module}.weight"), [])
+        if len(entries) != 1:
+            known = sorted({display for group in by_weight.values() for display, _ in group})
+            problem = (f"{len(entries)} convs share the weight '{module}.weight' (the exporter "
+                       "merges bit-identical weights)" if entries else
+                       f"no conv weight is named '{module}.weight'{did_you_mean(module, known)}")
+            raise EngineError(f"cannot find the Conv of layer {module!r} in the ONNX graph: "
+                              f"{problem}. Convs by weight name: {', '.join(known)}")
+        found[module] = entries[0][1]
     return found
 
 

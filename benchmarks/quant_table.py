@@ -51,6 +51,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="edsr,imdn")
     parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--rows", help="comma-separated row numbers (0-based) to run; the output "
+                        "then goes to quant_table_rows.{md,json}")
     args = parser.parse_args()
     rows: list[Row] = []
     for key in args.models.split(","):
@@ -64,7 +66,8 @@ def main() -> None:
         rows.append(Row(name, "FP32", False, 0.0, fp_psnr, dict.fromkeys(SETS, 0.0),
                         dict.fromkeys(SETS, 32.0)))
         print(f"{name} FP: " + ", ".join(f"{s} {v:.3f}" for s, v in fp_psnr.items()), flush=True)
-        for method, wbits, abits, fq in ROWS:
+        chosen = [int(i) for i in args.rows.split(",")] if args.rows else range(len(ROWS))
+        for method, wbits, abits, fq in (ROWS[i] for i in chosen):
             settings = QuantSettings(method=method, wbits=wbits, abits=abits, fq=fq)
             start = time.perf_counter()
             config = CalibrationConfig(steps=args.steps, downscale=scale)
@@ -92,8 +95,9 @@ def main() -> None:
     results = REPO / "benchmarks" / "results"
     note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads; whole-image "
             "evaluation, Set5 with the provided MATLAB LR, Set14 with generated LR.\n\n")
-    atomic_write_bytes(results / "quant_table.md", (note + "```\n" + text + "\n```\n").encode())
-    atomic_write_json(results / "quant_table.json", [r.__dict__ for r in rows])
+    stem = "quant_table_rows" if args.rows else "quant_table"
+    atomic_write_bytes(results / f"{stem}.md", (note + "```\n" + text + "\n```\n").encode())
+    atomic_write_json(results / f"{stem}.json", [r.__dict__ for r in rows])
     print(f"rows={len(rows)}")
 
 

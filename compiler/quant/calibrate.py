@@ -230,7 +230,9 @@ class Calibrator:
                 pooled = torch.cat(s.pooled).double()
                 lower = float(torch.quantile(pooled, STATIC_PERCENTILE))
                 upper = float(torch.quantile(pooled, 1 - STATIC_PERCENTILE))
-            elif method == "ddtb":
+            elif method == "ddtb" and conv.layer_index is not None:
+                # DDTB's percentile init is for its low-bit body layers; the fixed 8-bit layers of
+                # the fully quantized setting keep the full range (head/tail see image values).
                 assert s.first_batch is not None
                 lower = float(torch.quantile(s.first_batch.double(), 0.01))
                 upper = float(torch.quantile(s.first_batch.double(), 0.99))

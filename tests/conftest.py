@@ -31,3 +31,26 @@ def require_shared(relative: str) -> Path:
 @pytest.fixture
 def shared_file() -> Callable[[str], Path]:
     return require_shared
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A random tiny EDSR x2 checkpoint (2 blocks, 8 features) and 3 synthetic LR images."""
+    import numpy as np
+    import torch
+
+    from compiler.zoo.edsr import EDSR
+    from runtime.imaging import save_rgb
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    weights = root / "edsr_tiny.pt"
+    torch.save(EDSR(2, 8, 2, 1.0, 255.0).state_dict(), weights)
+    calib = root / "calib"
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        smooth = np.kron(rng.random((4, 4, 3)), np.ones((10, 10, 1)))
+        noise = rng.random((40, 40, 3)) * (i / 2)
+        save_rgb(calib / f"img{i}.png", np.round(np.clip(smooth + noise, 0, 1) * 255).astype(
+            np.uint8))
+    return weights, calib

@@ -36,7 +36,6 @@ from compiler.quant.record import apply_record
 from compiler.zoo import load_model
 from compiler.zoo.edsr import EDSR
 from runtime.errors import ConfigError, EngineError
-from runtime.imaging import save_rgb
 
 FAST = CalibrationConfig(patches=8, patch_size=16, steps=20, batch=2, epochs=4, validation=4)
 TILE = 24
@@ -57,23 +56,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("tiny_lower")
-    torch.manual_seed(0)
-    weights = root / "edsr_tiny.pt"
-    torch.save(EDSR(2, 8, 2, 1.0, 255.0).state_dict(), weights)
-    calib = root / "calib"
-    calib.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        smooth = np.kron(rng.random((4, 4, 3)), np.ones((10, 10, 1)))
-        noise = rng.random((40, 40, 3)) * (i / 2)
-        save_rgb(calib / f"img{i}.png", np.round(np.clip(smooth + noise, 0, 1) * 255).astype(
-            np.uint8))
-    return weights, calib
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,8 +30,10 @@ def run(args: argparse.Namespace) -> int:
     from runtime.benchmark import load_benchmark
     from runtime.fileio import atomic_write_json
 
+    from torch import nn
+
     loaded = load_model(args.weights, scale=args.scale)
-    net = loaded.model
+    net: nn.Module = loaded.model
     if args.calibration is not None:
         from compiler.quant.record import apply_record, read_record
 
@@ -37,12 +41,12 @@ def run(args: argparse.Namespace) -> int:
     images = load_benchmark(args.dataset, args.scale)
     upscaler = TorchUpscaler(net, args.scale, tile=args.tile, overlap=args.overlap)
     result = score(upscaler, images, args.scale, progress=_progress(args.quiet))
-    payload = result.to_json()
+    payload: dict[str, Any] = result.to_json()
     payload["model"] = loaded.info.describe()
     payload["dataset"] = str(args.dataset)
     payload["lr_source"] = sorted({image.lr_source for image in images})
     if upscaler.bits:
-        for entry, bits in zip(payload["images"], upscaler.bits, strict=True):  # type: ignore
+        for entry, bits in zip(payload["images"], upscaler.bits, strict=True):
             entry.update(fab=bits.fab, d_img=bits.d_img, bitops=bits.bitops)
         payload["fab"] = sum(b.fab for b in upscaler.bits) / len(upscaler.bits)
         payload["bitops"] = sum(b.bitops for b in upscaler.bits) / len(upscaler.bits)
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(quiet: bool):  # type: ignore[no-untyped-def]
+def _progress(quiet: bool) -> Callable[[int, int, str], None] | None:
     if quiet or not sys.stderr.isatty():
         return None
 
@@ -63,7 +67,7 @@ def _progress(quiet: bool):  # type: ignore[no-untyped-def]
     return report
 
 
-def _print_table(payload: dict, quiet: bool) -> None:  # type: ignore[type-arg]
+def _print_table(payload: dict[str, Any], quiet: bool) -> None:
     quantized = "fab" in payload
     header = f"{'image':<16}{'PSNR':>9}{'SSIM':>9}" + (f"{'FAB':>7}  d_img(-1/0/+1)" if quantized
                                                         else "")

@@ -24,13 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from torch import nn
+
     from compiler.simulate import TorchUpscaler
     from compiler.zoo import load_model
     from runtime.benchmark import evaluate as score
     from runtime.benchmark import load_benchmark
     from runtime.fileio import atomic_write_json
-
-    from torch import nn
 
     loaded = load_model(args.weights, scale=args.scale)
     net: nn.Module = loaded.model

@@ -8,7 +8,7 @@ skipping.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,18 @@ def require_shared(relative: str) -> Path:
 @pytest.fixture
 def shared_file() -> Callable[[str], Path]:
     return require_shared
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread for a module: small ops, and OpenMP spinning on a busy 2-core
+    CPU is about 10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

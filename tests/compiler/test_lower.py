@@ -7,7 +7,6 @@ offset) runs in ONNX Runtime (CPU) and is compared with ``QuantizedSR`` forced t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +49,7 @@ RECORDS = {
 ENGINES = [(name, d) for name, s in RECORDS.items() for d in ((-1, 0, 1) if s.adaptive else (0,))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -97,13 +97,7 @@ def _random_tiles(seed: int) -> Iterator[Float]:
         yield tiles
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_torch_thread() -> Iterator[None]:
-    """One intra-op thread: small float64 ops, and OpenMP spinning on a busy CPU is 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

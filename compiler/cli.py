@@ -20,6 +20,10 @@ COMMANDS: dict[str, str] = {
     "eval": "evaluate a checkpoint (optionally quantized) on a benchmark folder",
     "calibrate": "calibrate an adaptive quantized network (AdaBM, DDTB, static PTQ)",
     "targets": "list the device targets (the machine's own is marked)",
+    "profile": "measure a bundle: latency per engine, quality, adaptive vs static, plots",
+    "run": "upscale an image, a folder of images or a video with a bundle",
+    "build": "calibrate, plan, lower and build the engines of a bundle for a target",
+    "inspect": "print a bundle's manifest readably and verify its checksums",
 }
 
 

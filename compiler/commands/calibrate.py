@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from compiler.commands.progress import progress_bar
 
@@ -14,10 +15,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of LR images (only these are read; no HR needed)")
     p.add_argument("--scale", type=int, choices=(2, 3, 4),
                    help="needed only for multi-scale checkpoints")
+    add_quant_arguments(p)
+    p.add_argument("-o", "--output", type=Path, required=True, help="calibration record (.json)")
+
+
+def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False) -> None:
+    """The quantization and calibration options (shared with ``adasr build``)."""
     p.add_argument("--wbits", type=int, default=8, help="weight bits (default 8)")
     p.add_argument("--abits", type=int, default=6, help="base activation bits (default 6)")
-    p.add_argument("--fq", action="store_true",
-                   help="fully quantized: head, upsampler and tail at fixed 8 bits")
+    p.add_argument("--fq", action=argparse.BooleanOptionalAction, default=fq_default,
+                   help="fully quantized: head, upsampler and tail at fixed 8 bits "
+                   f"(default {'on' if fq_default else 'off'}; --no-fq: body only)")
     p.add_argument("--method", default="adabm", help="adabm (default), ddtb, minmax, percentile")
     p.add_argument("--per-channel", action="store_true", help="per-channel weight clips")
     p.add_argument("--symmetric", action="store_true",
@@ -34,24 +42,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bicubic-downscale the calibration images by N first (use the model's "
                    "scale when they are ordinary photos rather than LR frames); default 1")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-o", "--output", type=Path, required=True, help="calibration record (.json)")
 
 
-def run(args: argparse.Namespace) -> int:
+def calibrate_from_args(args: argparse.Namespace, loaded: Any) -> Any:
+    """Run the calibration the quant options of ``args`` describe on ``loaded`` (with a bar)."""
     from compiler.quant.calibrate import CalibrationConfig, calibrate
     from compiler.quant.qmodel import QuantSettings
-    from compiler.quant.record import save_record
-    from compiler.zoo import load_model
 
     settings = QuantSettings(method=args.method, wbits=args.wbits, abits=args.abits, fq=args.fq,
                              per_channel=args.per_channel, symmetric=args.symmetric)
     config = CalibrationConfig(patches=args.patches, patch_size=args.patch_size, steps=args.steps,
                                batch=args.batch, seed=args.seed, schedule=args.schedule,
                                range_init=args.range_init, downscale=args.downscale)
-    loaded = load_model(args.weights, scale=args.scale)
     print(f"calibrating {loaded.info.describe()} with {settings.method} "
           f"W{settings.wbits}A{settings.abits}{' FQ' if settings.fq else ''} on {args.calib}")
-    result = calibrate(loaded, settings, config, args.calib, progress=progress_bar)
+    return calibrate(loaded, settings, config, args.calib, progress=progress_bar)
+
+
+def run(args: argparse.Namespace) -> int:
+    from compiler.quant.record import save_record
+    from compiler.zoo import load_model
+
+    loaded = load_model(args.weights, scale=args.scale)
+    result = calibrate_from_args(args, loaded)
     save_record(args.output, result.record)
     info = result.record["calibration"]
     print(f"done in {info['seconds']:.1f} s; FAB on calibration patches "

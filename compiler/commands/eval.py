@@ -1,4 +1,6 @@
-"""``adasr eval``: PSNR/SSIM of a checkpoint (full precision or calibrated) on a benchmark set."""
+"""``adasr eval``: PSNR/SSIM on a benchmark set of a checkpoint (full precision or simulated
+quantized) or of a bundle's engines (``--bundle``: the real engine outputs, through the runtime's
+dispatcher, tiled as the bundle says)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,12 @@ from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", type=Path, required=True, help="checkpoint (.pt/.pth)")
+    p.add_argument("--weights", type=Path, help="checkpoint (.pt/.pth)")
+    p.add_argument("--bundle", type=Path, help="evaluate a bundle's engines instead of a "
+                   "checkpoint (adaptive dispatch unless --engine)")
+    p.add_argument("--engine", help="with --bundle: run every tile on this engine")
+    p.add_argument("--mode", default="patch", choices=("patch", "image"),
+                   help="with --bundle: engine choice per tile (default) or per image")
     p.add_argument("--dataset", type=Path, required=True,
                    help="folder with HR/ and optionally LR_bicubic/X{scale}/")
     p.add_argument("--scale", type=int, required=True, choices=(2, 3, 4))
@@ -32,6 +39,12 @@ def run(args: argparse.Namespace) -> int:
     from runtime.benchmark import load_benchmark
     from runtime.fileio import atomic_write_json
 
+    if args.bundle is not None:
+        return _run_bundle(args)
+    if args.weights is None:
+        from runtime.errors import ConfigError
+
+        raise ConfigError("give --weights CHECKPOINT or --bundle DIR")
     loaded = load_model(args.weights, scale=args.scale)
     net: nn.Module = loaded.model
     if args.calibration is not None:
@@ -52,6 +65,52 @@ def run(args: argparse.Namespace) -> int:
         payload["bitops"] = sum(b.bitops for b in upscaler.bits) / len(upscaler.bits)
         payload["bitops_unit"] = "GBitOPs per image (MACs x w_bits/32 x a_bits/32)"
     _print_table(payload, quiet=args.quiet)
+    if args.json is not None:
+        atomic_write_json(args.json, payload)
+    return 0
+
+
+def _run_bundle(args: argparse.Namespace) -> int:
+    from runtime.benchmark import evaluate as score
+    from runtime.benchmark import load_benchmark
+    from runtime.bundle import open_bundle
+    from runtime.dispatch import Dispatcher
+    from runtime.errors import ConfigError
+    from runtime.fileio import atomic_write_json
+
+    bundle = open_bundle(args.bundle)
+    m = bundle.manifest
+    if args.scale != m.model.scale:
+        raise ConfigError(f"--scale {args.scale} but bundle {args.bundle} upscales "
+                          f"x{m.model.scale}")
+    policy = f"fixed:{m.engine(args.engine).name}" if args.engine else "threshold"
+    tile, overlap = (args.tile or m.tile), (args.overlap if args.tile else m.overlap)
+    if tile != m.tile or overlap != m.overlap:
+        from dataclasses import replace
+
+        m = replace(m, tile=tile, overlap=overlap)
+    images = load_benchmark(args.dataset, args.scale)
+    frames: list[Any] = []
+    with Dispatcher(m, bundle.engines(), mode=args.mode, policy=policy) as dispatcher:
+        def upscale(lr: Any) -> Any:
+            result = dispatcher.upscale(lr)
+            frames.append(result)
+            return result.sr.astype("float32") / 255
+
+        result = score(upscale, images, args.scale, progress=_progress(args.quiet))
+    payload: dict[str, Any] = result.to_json()
+    payload.update(model=f"{m.model.name} ({m.model.arch} x{m.model.scale}) bundle "
+                   f"{args.bundle}, {policy}, {args.mode} mode, tile {tile}/{overlap}",
+                   dataset=str(args.dataset), bundle=str(args.bundle), policy=policy,
+                   lr_source=sorted({image.lr_source for image in images}))
+    for entry, frame in zip(payload["images"], frames, strict=True):
+        entry.update(fab=frame.fab(m), engines=frame.histogram,
+                     d_img={str(d): frame.offsets.count(d) for d in (-1, 0, 1)})
+    payload["fab"] = sum(e["fab"] for e in payload["images"]) / len(frames)
+    payload["engines"] = {name: sum(e["engines"].get(name, 0) for e in payload["images"])
+                          for name in m.names}
+    _print_table(payload, quiet=args.quiet)
+    print("tiles per engine: " + ", ".join(f"{k} {v}" for k, v in payload["engines"].items()))
     if args.json is not None:
         atomic_write_json(args.json, payload)
     return 0
@@ -82,5 +141,7 @@ def _print_table(payload: dict[str, Any], quiet: bool) -> None:
             print(line)
     mean = f"{'mean':<16}{payload['psnr']:>9.3f}{payload['ssim']:>9.4f}"
     if quantized:
-        mean += f"{payload['fab']:>7.2f}  BitOPs {payload['bitops']:.2f} G"
+        mean += f"{payload['fab']:>7.2f}"
+        if "bitops" in payload:
+            mean += f"  BitOPs {payload['bitops']:.2f} G"
     print(mean)

@@ -1,8 +1,9 @@
-"""``adasr quickstart``: the embedded default job, end to end on the CPU.
+"""``adasr quickstart`` (what ``python build.py`` runs with no arguments): the default job.
 
-Calibrates the default x2 model (AdaBM W8A6) on the shipped calibration crops, evaluates the full
-precision and the adaptive quantized network on the shipped sample image, and writes the
-upscaled sample plus a side-by-side picture (bicubic | full precision | adaptive) to ``--out``.
+Builds the bundle of the default x2 model for this machine's target (``adasr build``: AdaBM W8A6
+calibration on the shipped images, engine plan, lowering, engines, manifest), then runs the
+runtime's adaptive dispatcher on the shipped sample image and writes the upscaled image plus a
+side-by-side picture (bicubic | reference engine | adaptive) to ``--out``.
 """
 
 from __future__ import annotations
@@ -10,64 +11,67 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from compiler.commands.progress import progress_bar
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("out/quickstart"),
-                   help="output folder (default out/quickstart)")
+                   help="output folder for the images (default out/quickstart)")
+    p.add_argument("--bundle", type=Path, help="bundle folder (default build/default_x2-<target>)")
     p.add_argument("--steps", type=int, default=500, help="calibration steps (default 500)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from compiler.commands import build
+    from targets.loader import detect_target
+
+    target = detect_target()
+    bundle = args.bundle or Path("build") / f"default_x2-{target.name}"
+    parser = argparse.ArgumentParser()
+    build.add_arguments(parser)
+    code = build.run(parser.parse_args(["--steps", str(args.steps), "-o", str(bundle)]))
+    if code:
+        return code
+    return _run_sample(bundle, args.out)
+
+
+def _run_sample(bundle_path: Path, out: Path) -> int:
     import numpy as np
 
-    from compiler.defaults import CALIBRATION_IMAGES, DEFAULT_SCALE, SAMPLE_DATASET, default_weights
-    from compiler.quant.calibrate import CalibrationConfig, calibrate
-    from compiler.quant.qmodel import QuantSettings
-    from compiler.quant.record import save_record
-    from compiler.simulate import TorchUpscaler
-    from compiler.zoo import load_model
-    from runtime.benchmark import evaluate, load_benchmark
-    from runtime.imaging import save_rgb, to_uint8
+    from compiler.defaults import SAMPLE_DATASET
+    from runtime.benchmark import load_benchmark
+    from runtime.bundle import open_bundle
+    from runtime.dispatch import Dispatcher
+    from runtime.imaging import save_rgb
+    from runtime.metrics import psnr_y
     from runtime.resize import imresize_bicubic
 
-    scale, weights = DEFAULT_SCALE, default_weights()
-    fp = load_model(weights)
-    print(f"[1/3] default model: {fp.info.describe()} ({weights.name})")
-    settings = QuantSettings(method="adabm", wbits=8, abits=6)
-    config = CalibrationConfig(steps=args.steps)
-    print(f"[2/3] AdaBM W8A6 calibration on {len(list(CALIBRATION_IMAGES.glob('*.png')))} "
-          f"shipped images ({config.patches} patches of {config.patch_size}px, {config.steps} "
-          "steps)")
-    result = calibrate(load_model(weights), settings, config, CALIBRATION_IMAGES,
-                       progress=progress_bar)
-    record_path = args.out / "default_x2_w8a6.json"
-    save_record(record_path, result.record)
-    print(f"      done in {result.record['calibration']['seconds']:.1f} s -> {record_path}")
-
-    print(f"[3/3] sample image, x{scale} (LR made by MATLAB-compatible bicubic)")
-    images = load_benchmark(SAMPLE_DATASET, scale)
-    fp_up = TorchUpscaler(fp.model, scale)
-    q_up = TorchUpscaler(result.qnet, scale)
-    fp_score = evaluate(fp_up, images, scale)
-    q_score = evaluate(q_up, images, scale)
-    bicubic = evaluate(lambda lr: imresize_bicubic(lr, scale).astype(np.float32) / 255,
-                       images, scale)
-    print(f"      {'':<22}{'PSNR':>8}{'SSIM':>8}{'FAB':>6}")
-    for label, score, fab in (("bicubic", bicubic, "-"), ("full precision", fp_score, "32"),
-                              ("AdaBM W8A6 adaptive", q_score, f"{q_up.bits[0].fab:.2f}")):
-        print(f"      {label:<22}{score.psnr:>8.2f}{score.ssim:>8.4f}{fab:>6}")
-
-    image = images[0]
-    sr = to_uint8(q_up(image.lr))
-    save_rgb(args.out / f"{image.name}_x{scale}_adabm.png", sr)
-    crops = [imresize_bicubic(image.lr, scale), to_uint8(fp_up(image.lr)), sr]
-    h, w = sr.shape[:2]
+    bundle = open_bundle(bundle_path)
+    if bundle.manifest.pending:
+        print("the TensorRT plans are built on the device: nothing to run here")
+        return 0
+    m = bundle.manifest
+    scale = m.model.scale
+    image = load_benchmark(SAMPLE_DATASET, scale)[0]
+    print(f"\nsample image {image.name}: {image.lr.shape[1]}x{image.lr.shape[0]} LR -> x{scale}, "
+          f"tiles {m.tile} px (overlap {m.overlap})")
+    engines = bundle.engines()
+    with Dispatcher(m, engines, policy="threshold") as adaptive:
+        result = adaptive.upscale(image.lr)
+    with Dispatcher(m, engines, policy=f"fixed:{m.reference.name}") as reference:
+        ref = reference.upscale(image.lr)
+    bicubic = imresize_bicubic(image.lr, scale)
+    print(f"  {'':<26}{'PSNR (Y)':>9}{'FAB':>7}")
+    print(f"  {'bicubic':<26}{psnr_y(bicubic, image.hr, scale):>9.2f}{'-':>7}")
+    print(f"  {'reference engine ' + m.reference.name:<26}"
+          f"{psnr_y(ref.sr, image.hr, scale):>9.2f}{m.reference.fab:>7.2f}")
+    print(f"  {'adaptive dispatch':<26}{psnr_y(result.sr, image.hr, scale):>9.2f}"
+          f"{result.fab(m):>7.2f}   tiles per engine: "
+          + ", ".join(f"{k} {v}" for k, v in result.histogram.items()))
+    save_rgb(out / f"{image.name}_x{scale}_adaptive.png", result.sr)
+    h, w = result.sr.shape[:2]
     y, x, size = h // 4, w // 4, min(h, w) // 2
-    picture = np.concatenate([c[y:y + size, x:x + size] for c in crops], axis=1)
-    save_rgb(args.out / "compare.png", picture)
-    print(f"\nwrote {args.out}/{image.name}_x{scale}_adabm.png and {args.out}/compare.png "
-          "(bicubic | full precision | adaptive)")
-    print("next: adasr calibrate --help, adasr eval --help (your own checkpoints and data)")
+    crops = [c[y:y + size, x:x + size] for c in (bicubic, ref.sr, result.sr)]
+    save_rgb(out / "compare.png", np.concatenate(crops, axis=1))
+    print(f"\nwrote {out}/{image.name}_x{scale}_adaptive.png and {out}/compare.png "
+          f"(bicubic | {m.reference.name} engine | adaptive)")
+    print(f"next: adasr run VIDEO.mp4 -o OUT.mp4 --bundle {bundle_path} --save-map MAP.mp4")
     return 0

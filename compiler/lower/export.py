@@ -15,8 +15,14 @@ spelling of other exporter versions and says which names exist when one is missi
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -38,10 +44,13 @@ def pin_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def export_onnx(model: SRNet, tile: int | tuple[int, int], *, opset: int = DEFAULT_OPSET,
-                dynamic: bool = False, batch: int = 1) -> onnx.ModelProto:
+                dynamic: bool = False, batch: int = 1,
+                dynamic_batch: bool = False) -> onnx.ModelProto:
     """The FP network as an ONNX model for ``tile`` (LR height, width) inputs of ``batch`` images.
 
-    With ``dynamic=True`` height and width are symbolic (``tile`` is then only the example shape).
+    With ``dynamic=True`` height and width are symbolic (``tile`` is then only the example shape);
+    ``dynamic_batch=True`` makes the batch symbolic too (the example then has 2 images: the
+    exporter specializes size-1 dimensions).
     Raises :class:`EngineError` when the exporter fails or a quantizable conv cannot be found in
     the exported graph.
     """
@@ -49,17 +58,21 @@ def export_onnx(model: SRNet, tile: int | tuple[int, int], *, opset: int = DEFAU
     if min(height, width, batch) < 1 or opset < MIN_OPSET:
         raise ConfigError(f"cannot export tile {height}x{width}, batch {batch}, opset {opset}: "
                           f"tile and batch must be >= 1 and opset >= {MIN_OPSET}")
-    example = torch.rand(batch, 3, height, width)
-    shapes = None
+    example = torch.rand(max(batch, 2) if dynamic_batch else batch, 3, height, width)
+    dims: dict[int, Any] = {}
     if dynamic:
-        dims = {2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
-        shapes = (dims,)
+        dims.update({2: torch.export.Dim("height"), 3: torch.export.Dim("width")})
+    if dynamic_batch:
+        dims[0] = torch.export.Dim("batch")
+    shapes = (dims,) if dims else None
     was_training = model.training
     model.eval()
     try:
-        program = torch.onnx.export(
-            model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            opset_version=opset, external_data=False, dynamic_shapes=shapes, verbose=False)
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                opset_version=opset, external_data=False, dynamic_shapes=shapes,
+                verbose=False)
     except Exception as err:  # the exporter raises many unrelated types
         raise EngineError(f"ONNX export of {type(model).__name__} failed at opset {opset}, "
                           f"tile {height}x{width}: {err}") from err
@@ -73,6 +86,23 @@ def export_onnx(model: SRNet, tile: int | tuple[int, int], *, opset: int = DEFAU
         raise EngineError(f"the exporter wrote opset {found}, not the requested {opset}")
     conv_nodes(proto.graph, [*model.adaptive_convs(), *model.fixed_convs()])  # fail now
     return proto
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's expected chatter (opset 18 -> 17 conversion, torchvision notes);
+    a failure still raises with its full message."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:

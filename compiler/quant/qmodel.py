@@ -16,12 +16,18 @@ from torch import Tensor, nn
 
 from compiler.quant.bitmap import ImageToBit, LayerToBit, complexity
 from compiler.quant.ddtb import DynamicGate
-from compiler.quant.quantizers import ActQuantizer, WeightQuantizer
+from compiler.quant.quantizers import (
+    MAX_INT_BITS,
+    ActQuantizer,
+    WeightQuantizer,
+    quantize_asymmetric,
+)
 from compiler.zoo.base import SRNet
 from runtime.errors import ConfigError, unknown_name
 
 METHODS = ("adabm", "ddtb", "minmax", "percentile")
 FIXED_BITS = 8  # head / upsampler / tail in the fully quantized setting
+OUTPUT_BITS = 8  # an engine's requantized conv outputs (simulated only for engine parity)
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,9 @@ class QConv2d(nn.Module):
         self.layer_index = layer_index  # None: a fixed (8-bit) layer
         self.output_range: tuple[float, float] | None = None  # FP output min/max (calibration)
         self.gate_mean: tuple[float, ...] | None = None  # DDTB: mean (scale_l, scale_u)
+        self.forced_bits: float | None = None  # simulate one engine's per-layer bits (> 8: float)
+        self.output_bounds: tuple[float, float] | None = None  # an engine's 8-bit output requant
+        self.integer_bias = False  # an engine's int32 bias on the s_x * s_w lattice (parity)
         self._context = [context]  # in a list so nn.Module does not register it
 
     @property
@@ -79,6 +88,8 @@ class QConv2d(nn.Module):
 
     def bits(self, batch: int) -> Tensor:
         ctx = self.context
+        if self.forced_bits is not None:
+            return torch.full((batch,), float(self.forced_bits))
         if self.layer_index is None:
             return torch.full((batch,), float(FIXED_BITS))
         return ctx.base + ctx.d_img + ctx.d_layer[self.layer_index]
@@ -90,7 +101,33 @@ class QConv2d(nn.Module):
         gate = self.gate(x) if self.gate is not None else None
         xq = self.act_quant(x, self.bits(x.shape[0]), gate)
         wq = self.weight_quant(conv.weight)
-        return F.conv2d(xq, wq, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        bias = conv.bias
+        if self.integer_bias and bias is not None and gate is None:
+            bias = self._lattice_bias(bias, x.shape[0])
+        y = F.conv2d(xq, wq, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if self.output_bounds is not None:
+            lower, upper = self.output_bounds
+            y = quantize_asymmetric(y, torch.tensor(lower), torch.tensor(upper),
+                                    torch.tensor(float(OUTPUT_BITS)))
+        return y
+
+
+    def _lattice_bias(self, bias: Tensor, batch: int) -> Tensor:
+        """The bias as QLinearConv adds it: int32 multiples of ``s_x * s_w`` (half to even).
+
+        Only for a quantized input at one bit-width per batch (engine parity simulations)."""
+        bits = self.bits(batch)
+        if bool((bits > MAX_INT_BITS).any()) or bool((bits != bits[0]).any()):
+            return bias
+        b = float(bits[0])
+        lower, upper = self.act_quant.lower, self.act_quant.upper
+        if self.act_quant.symmetric:
+            step = torch.maximum(lower.abs(), upper.abs()).clamp_min(1e-6) / (2 ** (b - 1) - 1)
+        else:
+            step = (upper - lower).clamp_min(1e-6) / (2 ** b - 1)
+        wq = self.weight_quant
+        scale = step * wq.clip.reshape(-1) / (2 ** (wq.bits - 1) - 1)
+        return torch.round(bias / scale) * scale
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -71,9 +71,15 @@ def test_errors_are_one_line_with_exit_2(setup: dict[str, Path], args: list[str]
 
 def test_quickstart_runs_the_default_job(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["quickstart", "--out", str(tmp_path), "--steps", "10"]) == 0
+    bundle = tmp_path / "bundle"
+    assert main(["quickstart", "--out", str(tmp_path), "--bundle", str(bundle),
+                 "--steps", "10"]) == 0
     assert (tmp_path / "compare.png").stat().st_size > 10_000
-    assert (tmp_path / "chelsea_x2_adabm.png").exists()
-    assert json.loads((tmp_path / "default_x2_w8a6.json").read_text())["settings"]["abits"] == 6
+    assert (tmp_path / "chelsea_x2_adaptive.png").exists()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["calibration"]["abits"] == 6 and manifest["model"]["scale"] == 2
     out = capsys.readouterr().out
-    assert "full precision" in out and "AdaBM W8A6 adaptive" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.strip().startswith(("bicubic ", "adaptive dispatch"))}
+    psnr = {"bicubic": float(rows["bicubic"][1]), "adaptive": float(rows["adaptive"][2])}
+    assert psnr["adaptive"] > psnr["bicubic"] + 0.5, out

@@ -1,0 +1,150 @@
+"""``adasr build``: calibration record -> engine plan -> lowered engines -> a verified bundle.
+
+With no options it builds the default model for the machine's own target, calibrating on the
+shipped images first. ``--dry-run`` prints the plan (engines, per-layer precision, FAB, files)
+and builds nothing. ``--finish BUNDLE`` runs on the device and builds a TensorRT bundle's
+pending plans in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from compiler.commands.calibrate import add_quant_arguments, calibrate_from_args
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", type=Path, help="checkpoint (.pt/.pth); default: the shipped "
+                   "default model")
+    p.add_argument("--scale", type=int, choices=(2, 3, 4),
+                   help="needed only for multi-scale checkpoints")
+    p.add_argument("--target", help="device target name or .toml file (default: this machine's; "
+                   "see `adasr targets`)")
+    p.add_argument("--calibration", type=Path, help="calibration record from `adasr calibrate` "
+                   "(default: calibrate now)")
+    p.add_argument("--calib", type=Path, help="LR images to calibrate on (default with the "
+                   "default model: the shipped calibration images); also used to measure widening")
+    p.add_argument("--ladder", default="hardware", choices=("hardware", "emulate"),
+                   help="hardware: cheapest real kernel per layer (default); emulate: the "
+                   "simulated k-bit grids exactly inside INT8")
+    p.add_argument("--tile", type=int, help="LR tile size (default: the target's)")
+    p.add_argument("--overlap", type=int, help="tile overlap (default: the target's)")
+    p.add_argument("--engine-batch", type=int, default=8,
+                   help="TensorRT static batch of the tile engines (default 8)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU engine threads recorded in the bundle (default: the target's)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, build nothing")
+    p.add_argument("--finish", type=Path, metavar="BUNDLE",
+                   help="on the device: build the pending TensorRT plans of BUNDLE")
+    p.add_argument("-o", "--output", type=Path,
+                   help="bundle folder (default build/<model>-<target>)")
+    add_quant_arguments(p, fq_default=True)
+
+
+def _step(index: int, total: int, text: str) -> None:
+    print(f"[{index}/{total}] {text}", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.finish is not None:
+        return _finish(args.finish)
+    from compiler.defaults import CALIBRATION_IMAGES, default_weights
+    from compiler.plan import describe_plan, plan_engines
+    from compiler.zoo import load_model
+    from runtime.errors import ConfigError
+    from targets.loader import detect_target, load_target
+
+    started = time.perf_counter()
+    target = load_target(args.target) if args.target else detect_target()
+    weights = args.weights or default_weights(args.scale or 2)
+    if args.calib is None and args.weights is None:
+        args.calib = CALIBRATION_IMAGES
+    if args.calib is None and args.calibration is None:
+        raise ConfigError("give --calib DIR (LR images to calibrate on) or --calibration RECORD")
+    total = 3 if args.dry_run else 4
+    loaded = load_model(weights, scale=args.scale)
+    _step(1, total, f"model {loaded.info.describe()} ({weights.name}); target {target.name}"
+          + ("" if args.target else " (detected)"))
+    record = _record(args, loaded)
+    _step(2, total, "engine plan")
+    plan = plan_engines(record, target, args.ladder, tile=args.tile, overlap=args.overlap)
+    destination = args.output or Path("build") / f"{loaded.info.path.stem}-{target.name}"
+    files = {e.name: [f"engines/{e.name}.onnx"]
+             + ([f"engines/{e.name}.<key>.plan"] if target.backend == "tensorrt" else [])
+             for e in plan.engines}
+    print(describe_plan(plan, files))
+    if args.dry_run:
+        _step(3, total, f"dry run: would write {destination}/ (manifest.json, calibration.json, "
+              f"{sum(len(f) for f in files.values())} engine files); nothing built")
+        return 0
+    _step(3, total, f"lowering and building {len(plan.engines)} engines -> {destination}")
+    manifest = _write(args, loaded, record, plan, destination)
+    _step(4, total, f"bundle written in {time.perf_counter() - started:.0f} s: {destination}")
+    _next_steps(destination, manifest)
+    return 0
+
+
+def _record(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
+    from compiler.quant.record import read_record
+    from runtime.errors import CalibrationError
+
+    if args.calibration is not None:
+        record: dict[str, Any] = read_record(args.calibration)
+        digest = record.get("checkpoint", {}).get("sha256")
+        if digest != loaded.info.sha256:
+            raise CalibrationError(f"record {args.calibration} was calibrated for checkpoint "
+                                   f"{str(digest)[:12]}, not {loaded.info.path.name} "
+                                   f"({loaded.info.sha256[:12]}): calibrate this checkpoint")
+        print(f"      record {args.calibration}")
+        return record
+    from compiler.zoo import load_model
+
+    # calibration quantizes the network it is given in place: give it its own copy
+    result = calibrate_from_args(args, load_model(loaded.info.path, scale=loaded.info.scale))
+    calibrated: dict[str, Any] = result.record
+    return calibrated
+
+
+def _write(args: argparse.Namespace, loaded: Any, record: dict[str, Any], plan: Any,
+           destination: Path) -> Any:
+    from compiler.bundle import BuildOptions, write_bundle
+    from compiler.defaults import CALIBRATION_IMAGES
+    from compiler.quant.patches import sample_patches
+
+    folder = args.calib or CALIBRATION_IMAGES
+    patches = sample_patches(folder, 8, args.patch_size, seed=args.seed,
+                             downscale=args.downscale).numpy()
+    options = BuildOptions(batch=args.engine_batch, threads=args.threads)
+    return write_bundle(loaded, record, plan, destination, patches=patches, options=options,
+                        progress=lambda text: print(f"      {text}", flush=True))
+
+
+def _next_steps(destination: Path, manifest: Any) -> None:
+    for spec in manifest.engines:
+        if spec.note:
+            print(f"      {spec.name}: {spec.note}")
+    if manifest.build.finish_command:
+        print(f"\nportable half written (ONNX graphs, plan, manifest): TensorRT is not here. "
+              f"On the {manifest.target}, run:\n  {manifest.build.finish_command}")
+        return
+    print("\nnext:\n"
+          f"  adasr inspect {destination}\n"
+          f"  adasr eval --bundle {destination} --dataset DIR --scale {manifest.model.scale}\n"
+          f"  adasr run INPUT -o OUTPUT --bundle {destination}\n"
+          f"  adasr profile {destination}")
+
+
+def _finish(bundle: Path) -> int:
+    from compiler.bundle import finish_bundle
+    from runtime.manifest import read_manifest
+    from targets.loader import load_target
+
+    manifest = read_manifest(bundle)
+    finished = finish_bundle(bundle, load_target(manifest.target),
+                             progress=lambda text: print(f"      {text}", flush=True))
+    print(f"built {len(finished.engines)} TensorRT plans into {bundle} "
+          f"(TensorRT {finished.build.tensorrt}, {finished.build.device})")
+    return 0

@@ -1,0 +1,192 @@
+"""``adasr run``: upscale an image, a folder of images or a video with a bundle.
+
+Images -> PNG (a folder -> a folder of PNGs with the same names); videos -> H.264 with the input's
+frame rate and audio. Decoding, dispatch and encoding overlap (:mod:`runtime.pipeline`). A video
+output appears under its name only when complete; on an error or Ctrl-C the frames done are kept,
+playable, in ``NAME.partial.EXT`` (:mod:`runtime.video`). Imports only the runtime (inside
+``run``): it works on a device without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from runtime.pipeline import FrameRecord, RunStats
+
+_BITRATE_UNITS = {"": 1, "k": 1_000, "m": 1_000_000}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", type=Path, metavar="INPUT", help="image file, folder of images or "
+                   "video file")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT",
+                   help="image file, folder (for a folder input) or video file (.mp4/.mkv/.mov)")
+    p.add_argument("--bundle", type=Path, required=True, metavar="DIR", help="bundle folder")
+    p.add_argument("--mode", default="patch", metavar="patch|image",
+                   help="one engine per tile (patch, default) or per frame (image)")
+    p.add_argument("--policy", default="threshold", metavar="POLICY",
+                   help="threshold (calibrated bit mapping, default), fixed:NAME (one engine) or "
+                   "budget:MS (per-frame latency budget; needs `adasr profile`)")
+    p.add_argument("--stats", type=Path, metavar="STATS.json",
+                   help="write per-frame engine histograms, FAB and stage times here")
+    p.add_argument("--save-map", type=Path, metavar="MAP",
+                   help="write the engine chosen per tile as an overlay: a video for a video "
+                   "input, a PNG (a folder of PNGs for a folder) for images")
+    p.add_argument("--batch", type=int, default=8, help="tiles per engine call (default 8)")
+    p.add_argument("--threads", type=int,
+                   help="intra-op threads of CPU engines (default: the bundle's)")
+    p.add_argument("--hysteresis", type=float,
+                   help="relative threshold margin before a tile changes engine between frames "
+                   "(default 0.1 for video, 0 for images)")
+    p.add_argument("--frames", type=int, metavar="N", help="upscale the first N frames only")
+    p.add_argument("--stitch", default="crop", metavar="crop|feather",
+                   help="tile seams: cut at the overlap centre (crop, default) or blend (feather)")
+    p.add_argument("--crf", type=int, default=18,
+                   help="H.264 constant quality, 0 (lossless) .. 51 (default 18)")
+    p.add_argument("--bitrate", metavar="RATE",
+                   help="H.264 bitrate instead of --crf, e.g. 8M or 800k")
+    p.add_argument("--preset", default="fast", help="x264 speed preset (default fast)")
+    p.add_argument("--codec", help="video encoder (default libx264, else mpeg4); e.g. "
+                   "h264_nvenc on NVIDIA desktop GPUs (--crf/--preset apply to libx264 only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
+
+
+def run(args: argparse.Namespace) -> int:
+    from runtime.bundle import open_bundle
+    from runtime.dispatch import Dispatcher
+    from runtime.fileio import atomic_write_json
+    from runtime.pipeline import upscale_images, upscale_video
+    from runtime.policies import BudgetPolicy, load_latencies, parse_policy
+    from runtime.video import EncoderSettings, video_encoder
+
+    source: Path = args.input
+    inputs = _inputs(args)
+    settings = EncoderSettings(crf=args.crf, bitrate=_bitrate(args.bitrate), preset=args.preset,
+                               codec=args.codec)
+    if inputs.video and args.codec is None and video_encoder() != "libx264" and not args.quiet:
+        print("adasr run: note: this PyAV build has no libx264; writing MPEG-4 Part 2",
+              file=sys.stderr)
+
+    bundle = open_bundle(args.bundle)
+    manifest = bundle.manifest
+    policy = parse_policy(args.policy)
+    latencies = load_latencies(bundle.root, manifest) if isinstance(policy, BudgetPolicy) \
+        else None
+    video = inputs.video
+    hysteresis = args.hysteresis if args.hysteresis is not None else 0.1 if video else 0.0
+    dispatcher = Dispatcher(manifest, bundle.engines(threads=args.threads), mode=args.mode,
+                            policy=policy, batch=args.batch, stitch=args.stitch,
+                            hysteresis=hysteresis, latencies=latencies)
+    bar = _Progress(inputs.total, quiet=args.quiet)
+    try:
+        with dispatcher:
+            if video:
+                stats = upscale_video(source, args.output, dispatcher, manifest,
+                                      map_path=args.save_map, settings=settings,
+                                      limit=args.frames, keep_records=args.stats is not None,
+                                      on_frame=bar.update)
+            else:
+                stats = upscale_images(inputs.jobs, dispatcher, manifest, map_paths=inputs.maps,
+                                       keep_records=args.stats is not None,
+                                       on_frame=bar.update)
+    except KeyboardInterrupt as interrupt:
+        bar.close()
+        if interrupt.args:
+            print(f"adasr run: {interrupt}", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    if args.stats is not None:
+        payload: dict[str, Any] = {
+            "input": str(source), "output": str(args.output), "bundle": str(args.bundle),
+            "mode": args.mode, "policy": str(policy), "hysteresis": hysteresis,
+            "batch": args.batch, "stitch": args.stitch, **stats.to_json()}
+        atomic_write_json(args.stats, payload)
+    if not args.quiet:
+        print(_summary(stats, args.output))
+    return 0
+
+
+class _Inputs(NamedTuple):
+    video: bool
+    jobs: list[tuple[Path, Path]]  # images: (input, output)
+    maps: list[Path] | None  # images: engine map per job
+    total: int  # frames to do (0: unknown)
+
+
+def _inputs(args: argparse.Namespace) -> _Inputs:
+    """Check the input and the frame options; plan the image jobs or probe the video."""
+    from runtime.errors import ConfigError
+    from runtime.pipeline import image_jobs, is_image
+    from runtime.video import probe
+
+    source: Path = args.input
+    if not source.exists():
+        raise ConfigError(f"input {source} does not exist")
+    if args.frames is not None and args.frames < 1:
+        raise ConfigError(f"--frames must be >= 1, got {args.frames}")
+    if args.threads is not None and args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0: the backend's default), got {args.threads}")
+    if source.is_dir() or is_image(source):
+        jobs = image_jobs(source, args.output)[: args.frames]
+        maps = None if args.save_map is None else \
+            [out for _, out in image_jobs(source, args.save_map)][: len(jobs)]
+        return _Inputs(False, jobs, maps, len(jobs))
+    info = probe(source)
+    known = [count for count in (info.frames, args.frames) if count]
+    return _Inputs(True, [], None, min(known) if known else 0)
+
+
+def _bitrate(text: str | None) -> int | None:
+    """Bits per second from ``8M``, ``800k`` or ``1500000``."""
+    if text is None:
+        return None
+    from runtime.errors import ConfigError
+
+    number, unit = text.strip()[:-1], text.strip()[-1:].lower()
+    if unit.isdigit():
+        number, unit = text.strip(), ""
+    try:
+        value = float(number) * _BITRATE_UNITS[unit]
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"--bitrate {text!r} is not a bitrate; use bits/s like 8M, 800k or "
+                          "1500000") from err
+    if value < 1:
+        raise ConfigError(f"--bitrate must be positive, got {text!r}")
+    return int(value)
+
+
+def _summary(stats: RunStats, output: Path) -> str:
+    engines = ", ".join(f"{name} {count}" for name, count in sorted(stats.histogram.items()))
+    return (f"wrote {output}: {stats.frames} frame{'s' * (stats.frames != 1)} at "
+            f"{stats.fps:.1f} fps, FAB {stats.mean_fab:.2f}, tiles per engine: {engines}")
+
+
+class _Progress:
+    """A tqdm bar (terminal only) showing frames, frames/s and the running mean FAB."""
+
+    def __init__(self, total: int, *, quiet: bool) -> None:
+        self._bar: Any = None
+        if not quiet:
+            from compiler.commands.progress import progress_bar
+
+            self._bar = progress_bar(total or None, "upscaling")
+            self._bar.unit = "frame"  # the rate then reads frame/s: the fps
+        self._frames = 0
+        self._fab = 0.0
+
+    def update(self, record: FrameRecord) -> None:
+        self._frames += 1
+        self._fab += record.fab
+        if self._bar is not None:
+            self._bar.set_postfix(fab=f"{self._fab / self._frames:.2f}", refresh=False)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

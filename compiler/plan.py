@@ -1,0 +1,186 @@
+"""The engine plan: which engines a calibration record becomes on a target, before building any.
+
+After AdaBM calibration there are exactly three per-layer bit vectors, one per image offset
+``d_img`` in {-1, 0, +1}. Each becomes an engine; the mapping of a layer's simulated bits onto the
+target's real kernel precisions is the *ladder*, chosen explicitly and recorded in the bundle:
+
+- ``hardware`` (default): a layer runs on the cheapest precision of the target's ladder that holds
+  its grid exactly (``int8`` holds integer grids up to 8 bits, ``fp8`` e4m3 up to 4 bits, ``fp4``
+  e2m1 up to 2 bits); above 8 bits it runs at the target's top precision (FP16 on GPUs, FP32 on
+  CPUs). A k-bit grid on an INT8 kernel is a *candidate for widening* to the full 8-bit grid on
+  the same learned bounds and clips: it costs no speed (same kernel) and the build keeps it only
+  when measured not to lose accuracy (``compiler.bundle``), so on a CPU the three offsets usually
+  collapse into one ``int8`` engine.
+- ``emulate``: each engine reproduces the simulated k-bit grids exactly inside INT8 (Clip +
+  scale), for verifying the papers' accuracy on real integer kernels.
+
+Whatever the mapping yields, the plan also carries the target's top-precision engine (the FP
+graph: quality reference and upgrade rung), and identical engines are planned once, serving every
+offset that maps to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from compiler.lower.qdq import EngineLayer, engine_layers
+from runtime.errors import ConfigError, unknown_name
+from runtime.manifest import LADDERS, OFFSETS, LayerPlan
+from targets.loader import Target
+
+# The largest integer grid (bits) each reduced precision holds exactly: every integer level of a
+# zero-anchored grid is representable (e4m3: all integers up to 16; e2m1: 0, 1, 2, 3, 4, 6).
+EXACT_GRID_BITS = {"fp4": 2, "fp8": 4, "int8": 8}
+FLOAT_BITS = {"fp16": 16, "fp32": 32}
+OFFSET_WORDS = {-1: "low", 0: "mid", 1: "high"}
+
+
+@dataclass(frozen=True)
+class PlannedEngine:
+    """One engine to build: its per-layer lowering specs and what the manifest will say of it.
+
+    ``specs`` is empty for the reference engine (the FP graph). ``exact`` holds the un-widened
+    specs when ``specs`` widen some grid (hardware ladder), for the build's accuracy check.
+    """
+
+    name: str
+    precision: str
+    offsets: tuple[int, ...]
+    reference: bool
+    layers: tuple[LayerPlan, ...]
+    specs: tuple[EngineLayer, ...]
+    fab: float
+    exact: tuple[EngineLayer, ...] | None = None
+
+    @property
+    def widened(self) -> bool:
+        return self.exact is not None
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    target: Target
+    ladder: str
+    tile: int
+    overlap: int
+    engines: tuple[PlannedEngine, ...]
+    record_summary: str
+    widen: bool = True
+
+    def engine(self, name: str) -> PlannedEngine:
+        for planned in self.engines:
+            if planned.name == name:
+                return planned
+        raise ConfigError(unknown_name("engine", name, [e.name for e in self.engines]))
+
+
+def kernel_precision(bits: float, ladder: Sequence[str], top: str) -> str:
+    """The cheapest precision of ``ladder`` holding a ``bits``-bit integer grid exactly."""
+    for precision in ladder:
+        if bits <= EXACT_GRID_BITS.get(precision, 0):
+            return precision
+    return top
+
+
+def layer_plan(spec: EngineLayer, precision: str) -> LayerPlan:
+    if precision in FLOAT_BITS:
+        return LayerPlan(spec.name, precision, None, spec.w_bits)
+    return LayerPlan(spec.name, precision, int(spec.act_bits), spec.w_bits)
+
+
+def fab_of(layers: Sequence[LayerPlan], adaptive: set[str]) -> float:
+    """Mean activation bits over the adaptive (body) layers; a float layer counts its width."""
+    bits = [layer.act_bits if layer.act_bits is not None else FLOAT_BITS[layer.precision]
+            for layer in layers if layer.name in adaptive]
+    return float(sum(bits) / len(bits)) if bits else 0.0
+
+
+def _offset_engine(record: Mapping[str, Any], offset: int, target: Target, ladder: str,
+                   widen: bool) -> tuple[tuple[EngineLayer, ...], tuple[EngineLayer, ...] | None,
+                              tuple[LayerPlan, ...]]:
+    exact = engine_layers(record, offset)
+    kernels = tuple(
+        kernel_precision(max(s.act_bits, s.w_bits), target.precision_ladder,
+                         target.top_precision)
+        if ladder == "hardware" else
+        ("int8" if s.quantizes_input else target.top_precision)
+        for s in exact)
+    specs = exact
+    if ladder == "hardware" and widen:
+        specs = tuple(replace(s, act_bits=8.0, w_bits=8) if k == "int8" else s
+                      for s, k in zip(exact, kernels, strict=True))
+    layers = tuple(layer_plan(s, k) for s, k in zip(specs, kernels, strict=True))
+    return specs, (exact if specs != exact else None), layers
+
+
+def _summary_precision(layers: Sequence[LayerPlan]) -> str:
+    kinds = {layer.precision for layer in layers}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def plan_engines(record: Mapping[str, Any], target: Target, ladder: str = "hardware", *,
+                 tile: int | None = None, overlap: int | None = None,
+                 widen: bool = True) -> EnginePlan:
+    """The engines of ``record`` on ``target`` (see the module docstring).
+
+    ``widen=False`` keeps the exact simulated grids on the hardware ladder's INT8 layers (what
+    the build falls back to when widening measures worse)."""
+    if ladder not in LADDERS:
+        raise ConfigError(unknown_name("ladder", ladder, LADDERS))
+    tile = target.default_tile if tile is None else tile
+    overlap = target.default_overlap if overlap is None else overlap
+    if not (tile >= 8 and 0 <= overlap < tile // 2):
+        raise ConfigError(f"tile {tile} / overlap {overlap}: the tile must be >= 8 LR pixels "
+                          "and the overlap in [0, tile/2)")
+    adaptive = {layer["name"] for layer in record["layers"] if layer["kind"] == "adaptive"}
+    groups: dict[tuple[EngineLayer, ...], list[int]] = {}
+    built: dict[tuple[EngineLayer, ...], tuple[tuple[EngineLayer, ...] | None,
+                                              tuple[LayerPlan, ...]]] = {}
+    for offset in OFFSETS:
+        specs, exact, layers = _offset_engine(record, offset, target, ladder, widen)
+        groups.setdefault(specs, []).append(offset)
+        built[specs] = (exact, layers)
+    tags = [_summary_precision(built[specs][1]) for specs in groups]
+    engines = []
+    for (specs, offsets), tag in zip(groups.items(), tags, strict=True):
+        exact, layers = built[specs]
+        name = tag if tags.count(tag) == 1 else f"{tag}-{OFFSET_WORDS[offsets[0]]}"
+        engines.append(PlannedEngine(name=name, precision=tag, offsets=tuple(offsets),
+                                     reference=False, layers=layers, specs=specs,
+                                     fab=fab_of(layers, adaptive), exact=exact))
+    top = target.top_precision
+    reference_name = top if top not in {e.name for e in engines} else f"{top}-reference"
+    ref_layers = tuple(LayerPlan(layer["name"], top, None, None) for layer in record["layers"])
+    engines.append(PlannedEngine(name=reference_name, precision=top, offsets=(), reference=True,
+                                 layers=ref_layers, specs=(), fab=fab_of(ref_layers, adaptive)))
+    s = record["settings"]
+    summary = (f"{s['method']} W{s['wbits']}A{s['abits']}{' FQ' if s.get('fq') else ''}, "
+               f"thresholds {tuple(round(t, 3) for t in record['image_thresholds'])}")
+    return EnginePlan(target, ladder, tile, overlap, tuple(engines), summary, widen)
+
+
+def describe_plan(plan: EnginePlan, files: Mapping[str, Sequence[str]] | None = None) -> str:
+    """A readable plan: one line per engine, then the per-layer precision table."""
+    t = plan.target
+    lines = [f"target {t.name} ({t.backend}; ladder {', '.join(t.precision_ladder)}), "
+             f"{plan.ladder} ladder, tile {plan.tile} overlap {plan.overlap}",
+             f"record: {plan.record_summary}", "",
+             f"{'engine':<14} {'precision':<9} {'offsets':<9} {'FAB':>6}  files"]
+    for e in plan.engines:
+        served = ("reference" if e.reference
+                  else ",".join(f"{d:+d}" for d in e.offsets))
+        listed = ", ".join(files.get(e.name, ())) if files else ""
+        lines.append(f"{e.name:<14} {e.precision:<9} {served:<9} {e.fab:>6.2f}  {listed}"
+                     + ("  (grids widened to 8 bits if measured no worse)" if e.widened else ""))
+    lines += ["", "per-layer kernel precision / activation bits / weight bits:",
+              f"{'layer':<24}" + "".join(f" {e.name:>14}" for e in plan.engines)]
+    for i, layer in enumerate(plan.engines[0].layers):
+        cells = []
+        for e in plan.engines:
+            lp = e.layers[i]
+            cells.append(lp.precision if lp.act_bits is None
+                         else f"{lp.precision} a{lp.act_bits}w{lp.w_bits}")
+        lines.append(f"{layer.name:<24}" + "".join(f" {c:>14}" for c in cells))
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""Open a bundle on a device: read the manifest, verify the files, check the device, make engines.
+
+``open_bundle`` refuses (with :class:`BundleError`) a bundle whose files are missing or fail their
+sha256, a CPU bundle built for another machine architecture, and a TensorRT bundle whose plans are
+not built yet; the TensorRT engine module refuses plans built on another GPU or TensorRT version
+when they are activated. ``--allow-other-device`` style overrides exist for the CPU check only
+(ONNX graphs are portable; TensorRT plans are not).
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.engines.base import Engine
+from runtime.errors import BundleError
+from runtime.fileio import sha256_file
+from runtime.manifest import EngineSpec, FileRef, Manifest, read_manifest
+
+__all__ = ["Bundle", "open_bundle", "verify_file"]
+
+
+def verify_file(root: Path, ref: FileRef, what: str) -> Path:
+    """The path of ``ref`` under ``root`` after checking it exists and matches its sha256."""
+    path = root / ref.path
+    if not path.is_file():
+        raise BundleError(f"{what}: {ref.path} is missing from bundle {root}; rebuild the bundle")
+    digest = sha256_file(path)
+    if digest != ref.sha256:
+        raise BundleError(f"{what}: {ref.path} fails its checksum (manifest {ref.sha256[:12]}, "
+                          f"file {digest[:12]}): it was modified or corrupted; rebuild the bundle")
+    return path
+
+
+def _check_machine(manifest: Manifest, machine: str) -> None:
+    allowed = manifest.device_match.machine
+    if allowed and machine.lower() not in {m.lower() for m in allowed}:
+        raise BundleError(f"bundle was built for target {manifest.target!r} (machine "
+                          f"{'/'.join(allowed)}) but this machine is {machine}: build one for "
+                          "this machine with `adasr build` (its target is detected by default)")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    manifest: Manifest
+
+    @property
+    def scale(self) -> int:
+        return self.manifest.model.scale
+
+    def engine(self, name: str, *, threads: int | None = None, static: bool = True,
+               scratch: Any = None) -> Engine:
+        """The engine ``name``, not yet active. ``static``: refuse other than tile-size inputs
+        when the engine was built for a static shape. ``scratch``: a TensorRT SharedScratch."""
+        spec = self.manifest.engine(name)
+        return self._make(spec, self.manifest.threads if threads is None else threads, static,
+                          scratch)
+
+    def engines(self, *, threads: int | None = None) -> dict[str, Engine]:
+        """Every engine; TensorRT engines share one scratch buffer (used one at a time)."""
+        scratch = None
+        if self.manifest.backend == "tensorrt":
+            from runtime.engines.tensorrt import SharedScratch
+
+            scratch = SharedScratch()
+        return {name: self.engine(name, threads=threads, scratch=scratch)
+                for name in self.manifest.names}
+
+    def _make(self, spec: EngineSpec, threads: int, static: bool, scratch: Any) -> Engine:
+        tile = spec.input_shape[2] if static and spec.input_shape[2] > 0 else None
+        if spec.backend == "onnxruntime":
+            from runtime.engines.onnxruntime import OnnxRuntimeEngine
+
+            return OnnxRuntimeEngine(spec.name, self.root / spec.onnx.path, self.scale, tile,
+                                     threads=threads)
+        from runtime.engines.tensorrt import TensorRTEngine
+
+        if spec.plan is None:
+            raise BundleError(f"engine {spec.name!r} has no TensorRT plan yet")
+        return TensorRTEngine(spec.name, self.root / spec.plan.path, self.scale, tile,
+                              expect_device=self.manifest.build.device,
+                              expect_tensorrt=self.manifest.build.tensorrt, scratch=scratch,
+                              bundle=self.root)
+
+
+def open_bundle(root: Path, *, verify: bool = True, any_machine: bool = False,
+                machine: str | None = None) -> Bundle:
+    """Read and check the bundle folder ``root`` (see the module docstring)."""
+    manifest = read_manifest(root)
+    if manifest.backend == "tensorrt" and manifest.pending:
+        names = ", ".join(e.name for e in manifest.pending)
+        finish = manifest.build.finish_command or "adasr build --finish " + str(root)
+        raise BundleError(f"bundle {root} holds the portable half only: the TensorRT plans of "
+                          f"{names} are not built yet; on the {manifest.target} run: {finish}")
+    if manifest.backend == "onnxruntime" and not any_machine:
+        _check_machine(manifest, machine or platform.machine())
+    if verify:
+        verify_file(root, manifest.calibration.file, "calibration record")
+        for spec in manifest.engines:
+            ref = spec.runnable_file
+            if ref is not None:
+                verify_file(root, ref, f"engine {spec.name!r}")
+    return Bundle(root, manifest)

@@ -1,0 +1,299 @@
+"""The dispatcher: upscale a frame with a bundle's engines, one engine per tile or per frame.
+
+One :meth:`Dispatcher.upscale` call runs the data flow of the runtime on one frame:
+
+1. **tile** -- :func:`~runtime.tiling.plan_tiles` (cached while the frame size stays the same)
+   and one :func:`~runtime.tiling.extract_tiles`: N x T x T x 3 uint8.
+2. **statistic** -- ``mode="patch"``: :func:`~runtime.statistic.complexity_batch` of all tiles at
+   once (on the frame pixels only, where a frame smaller than a tile was edge-padded);
+   ``mode="image"``: :func:`~runtime.statistic.complexity` of the whole frame, one engine for all
+   tiles. The policy (:mod:`runtime.policies`) turns ``g`` into an engine per tile, with temporal
+   hysteresis for video (see :class:`Dispatcher`).
+3. **group** -- tiles grouped per engine, each group run in batches of at most ``batch`` tiles;
+   uint8 NHWC -> float32 NCHW / 255 once per batch, outputs written back NHWC.
+4. **infer** -- the engines' ``infer`` calls only.
+5. **stitch** -- :func:`~runtime.tiling.stitch` in float32, then x 255, clip and round once
+   (half up, as :func:`runtime.imaging.round_to_uint8`).
+
+Every stage is timed with ``time.perf_counter`` into :attr:`FrameResult.seconds`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import get_args
+
+import numpy as np
+import numpy.typing as npt
+
+from runtime.engines.base import Engine
+from runtime.errors import BundleError, ConfigError, EngineError, MediaError, unknown_name
+from runtime.manifest import OFFSETS, Manifest
+from runtime.policies import (
+    BudgetPolicy,
+    FixedPolicy,
+    LatencyTable,
+    Policy,
+    ThresholdPolicy,
+    budget_keys,
+    budget_rungs,
+    hysteresis_offsets,
+    parse_policy,
+    policy_engines,
+)
+from runtime.statistic import complexity, complexity_batch
+from runtime.tiling import StitchMode, TilePlan, extract_tiles, plan_tiles, stitch
+
+__all__ = ["MODES", "STAGES", "Dispatcher", "FrameResult"]
+
+MODES = ("patch", "image")
+STAGES = ("tile", "statistic", "group", "infer", "stitch")
+_STITCH_MODES: tuple[str, ...] = get_args(StitchMode)
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """One upscaled frame and how it was made (per tile: row-major, as ``plan.tiles``)."""
+
+    sr: npt.NDArray[np.uint8]  # (H*s, W*s, 3), rounded and clipped
+    plan: TilePlan
+    engines: tuple[str, ...]  # engine name per tile
+    offsets: tuple[int, ...]  # image offset per tile (-1/0/1) from the statistic, after hysteresis
+    statistic: tuple[float, ...]  # complexity g per tile (image mode: the frame's g repeated)
+    seconds: Mapping[str, float]  # stage (STAGES) -> seconds
+    predicted_ms: float | None = None  # budget policy: predicted frame time of the choice
+    budget_ms: float | None = None  # budget policy: the budget it had to meet
+
+    @property
+    def histogram(self) -> dict[str, int]:
+        """Engine name -> number of tiles it ran (engines that ran no tile are left out)."""
+        return dict(Counter(self.engines))
+
+    @property
+    def over_budget(self) -> bool:
+        """True when even the cheapest engine on every tile is predicted to miss the budget."""
+        return (self.predicted_ms is not None and self.budget_ms is not None
+                and self.predicted_ms > self.budget_ms)
+
+    def fab(self, manifest: Manifest) -> float:
+        """Mean FAB of the chosen engines weighted by the frame area each tile owns (its core)."""
+        fabs = {spec.name: spec.fab for spec in manifest.engines}
+        total = sum(tile.core.h * tile.core.w * fabs[name]
+                    for tile, name in zip(self.plan.tiles, self.engines, strict=True))
+        return total / (self.plan.height * self.plan.width)
+
+
+class Dispatcher:
+    """Upscale frames with the engines a policy chooses, per tile (``"patch"``) or per frame.
+
+    ``engines`` must hold every engine the policy can choose (threshold: the engines of the three
+    image offsets; ``fixed:NAME``: that one; budget: all, with ``latencies``); only those are
+    activated, by ``with Dispatcher(...)`` (engines already active are left to their owner).
+
+    Hysteresis (video): the dispatcher remembers the previous offset of each tile position (the
+    frame in image mode); a tile leaves it only when ``g`` is beyond the threshold it crosses by
+    ``hysteresis`` times the threshold value (:func:`runtime.policies.hysteresis_offsets`). The
+    budget policy ranks tiles by ``g * (1 + hysteresis) ** previous_rung`` so an upgraded tile
+    keeps its upgrade unless another is clearly more complex. The state is forgotten when the
+    frame size changes and on :meth:`reset` (new clip, scene cut).
+    """
+
+    def __init__(self, manifest: Manifest, engines: Mapping[str, Engine], *, mode: str = "patch",
+                 policy: Policy | str = "threshold", batch: int = 8, stitch: StitchMode = "crop",
+                 hysteresis: float = 0.0, latencies: LatencyTable | None = None) -> None:
+        if mode not in MODES:
+            raise ConfigError(unknown_name("dispatch mode", mode, MODES))
+        if stitch not in _STITCH_MODES:
+            raise ConfigError(unknown_name("stitch mode", str(stitch), _STITCH_MODES))
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ConfigError(f"batch must be an integer >= 1, got {batch!r}")
+        if (isinstance(hysteresis, bool) or not isinstance(hysteresis, int | float)
+                or not (math.isfinite(hysteresis) and 0 <= hysteresis < 1)):
+            raise ConfigError(f"hysteresis must be a relative margin in [0, 1), got {hysteresis!r}")
+        self.manifest = manifest
+        self.mode = mode
+        self.policy = parse_policy(policy) if isinstance(policy, str) else policy
+        self.batch = batch
+        self.stitch: StitchMode = stitch
+        self.hysteresis = float(hysteresis)
+        self.names = policy_engines(self.policy, manifest)  # cheapest first; codes index it
+        self._engines = _select(engines, self.names, self.policy, manifest)
+        self._costs: tuple[float, ...] = ()
+        if isinstance(self.policy, BudgetPolicy):
+            if latencies is None:
+                raise ConfigError(f"policy {self.policy} needs latencies: pass latencies="
+                                  "load_latencies(bundle_root, manifest)")
+            latencies.require(self.names)
+            self._costs = tuple(latencies.per_tile_ms[name] for name in self.names)
+        # engine code of each image offset (threshold policy), indexed by offset + 1
+        self._offset_codes = np.zeros(len(OFFSETS), dtype=np.intp)
+        if isinstance(self.policy, ThresholdPolicy):
+            self._offset_codes[:] = [self.names.index(manifest.engine_for_offset(offset).name)
+                                     for offset in OFFSETS]
+        self._activated: list[Engine] = []
+        self._plan: TilePlan | None = None
+        self._outputs: npt.NDArray[np.float32] | None = None
+        self._previous_offsets: npt.NDArray[np.int8] | None = None
+        self._previous_rungs: npt.NDArray[np.intp] | None = None
+
+    def __enter__(self) -> Dispatcher:
+        try:
+            for engine in self._engines:
+                if not engine.is_active:
+                    engine.activate()
+                    self._activated.append(engine)
+        except BaseException:
+            self._deactivate()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self._deactivate()
+
+    def _deactivate(self) -> None:
+        while self._activated:
+            engine = self._activated.pop()
+            if engine.is_active:
+                engine.deactivate()
+
+    def reset(self) -> None:
+        """Forget the hysteresis state (new clip or scene cut)."""
+        self._previous_offsets = None
+        self._previous_rungs = None
+
+    def upscale(self, frame: npt.NDArray[np.uint8]) -> FrameResult:
+        """Upscale one H x W x 3 uint8 RGB frame (any H, W >= 1)."""
+        if (not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3
+                or frame.shape[2] != 3 or frame.shape[0] < 1 or frame.shape[1] < 1):
+            shape = getattr(frame, "shape", None)
+            raise MediaError(f"frames must be H x W x 3 uint8 RGB with H, W >= 1, got {shape} "
+                             f"{getattr(frame, 'dtype', type(frame).__name__)}")
+        idle = [engine.name for engine in self._engines if not engine.is_active]
+        if idle:
+            raise EngineError(f"engines {', '.join(idle)} are not active: use the dispatcher "
+                              "as a context manager (`with Dispatcher(...) as d:`)")
+        clock = time.perf_counter
+        start = clock()
+        plan = self._plan_for(frame.shape[0], frame.shape[1])
+        tiles = extract_tiles(frame, plan)
+        tiled = clock()
+        g, offsets, codes, predicted = self._choose(frame, tiles, plan)
+        chosen = clock()
+        outputs, infer = self._run(tiles, codes)
+        ran = clock()
+        sr = _to_uint8(stitch(outputs, plan, self.stitch))
+        done = clock()
+        seconds = {"tile": tiled - start, "statistic": chosen - tiled,
+                   "group": ran - chosen - infer, "infer": infer, "stitch": done - ran}
+        names = self.names
+        return FrameResult(
+            sr=sr, plan=plan, engines=tuple(names[code] for code in codes.tolist()),
+            offsets=tuple(offsets.tolist()), statistic=tuple(g.tolist()), seconds=seconds,
+            predicted_ms=predicted,
+            budget_ms=self.policy.budget_ms if isinstance(self.policy, BudgetPolicy) else None)
+
+    def _plan_for(self, height: int, width: int) -> TilePlan:
+        plan = self._plan
+        if plan is None or (plan.height, plan.width) != (height, width):
+            manifest = self.manifest
+            plan = plan_tiles(height, width, manifest.tile, manifest.overlap, manifest.model.scale)
+            self._plan, self._outputs = plan, None
+            self.reset()
+        return plan
+
+    def _choose(self, frame: npt.NDArray[np.uint8], tiles: npt.NDArray[np.uint8], plan: TilePlan,
+                ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int8], npt.NDArray[np.intp],
+                           float | None]:
+        """Statistic, offsets and engine codes per tile, plus the predicted ms (budget)."""
+        if self.mode == "patch":
+            first = plan.tiles[0].source  # every source has this size; the rest is padding
+            g = complexity_batch(tiles[:, : first.h, : first.w])
+        else:
+            g = np.array([complexity(frame)])
+        offsets = hysteresis_offsets(g, self.manifest.thresholds, self._previous_offsets,
+                                     self.hysteresis)
+        self._previous_offsets = offsets
+        predicted = None
+        policy = self.policy
+        if isinstance(policy, BudgetPolicy):
+            copies = len(plan) if self.mode == "image" else 1  # image mode: one choice, N tiles
+            costs = [cost * copies for cost in self._costs]
+            keys = budget_keys(g, self._previous_rungs, self.hysteresis)
+            codes = budget_rungs(keys, costs, policy.budget_ms)
+            self._previous_rungs = codes
+            predicted = float(np.take(costs, codes).sum())
+        elif isinstance(policy, FixedPolicy):
+            codes = np.zeros(g.shape, dtype=np.intp)
+        else:
+            codes = self._offset_codes[offsets + 1]
+        if self.mode == "image":
+            count = len(plan)
+            g, offsets = np.repeat(g, count), np.repeat(offsets, count)
+            codes = np.repeat(codes, count)
+        return g, offsets, codes, predicted
+
+    def _run(self, tiles: npt.NDArray[np.uint8], codes: npt.NDArray[np.intp],
+             ) -> tuple[npt.NDArray[np.float32], float]:
+        """Run each engine's tiles in batches: N x Ts x Ts x 3 outputs and the seconds in infer.
+
+        The outputs live in an N x 3 x Ts x Ts buffer (reused while the frame size stays) that
+        each batch fills with one block copy; the NHWC view of it goes to ``stitch``, so the only
+        channel interleaving is ``stitch``'s copy of the tile cores.
+        """
+        count, size = tiles.shape[0], tiles.shape[1]
+        out_size = size * self.manifest.model.scale
+        buffer = self._outputs
+        if buffer is None or buffer.shape[0] != count:
+            buffer = np.empty((count, 3, out_size, out_size), dtype=np.float32)
+            self._outputs = buffer
+        order = np.argsort(codes, kind="stable")
+        bounds = np.cumsum(np.bincount(codes, minlength=len(self.names))).tolist()
+        infer = 0.0
+        first = 0
+        for engine, last in zip(self._engines, bounds, strict=True):
+            for begin in range(first, last, self.batch):
+                chunk = order[begin : min(begin + self.batch, last)]
+                batch = np.empty((chunk.size, 3, size, size), dtype=np.float32)
+                np.divide(tiles[chunk].transpose(0, 3, 1, 2), np.float32(255), out=batch)
+                tick = time.perf_counter()
+                result = engine.infer(batch)
+                infer += time.perf_counter() - tick
+                buffer[chunk] = result
+            first = last
+        return buffer.transpose(0, 2, 3, 1), infer
+
+
+def _to_uint8(high: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+    """``round_to_uint8(high * 255)`` (clip to 0..255, round half up), in place on ``high``.
+
+    ``trunc(clip(x + 0.5, 0, 255))`` equals ``floor(clip(x, 0, 255) + 0.5)`` for every x, in half
+    the memory passes of :func:`runtime.imaging.round_to_uint8`.
+    """
+    np.multiply(high, np.float32(255), out=high)
+    np.add(high, np.float32(0.5), out=high)
+    np.clip(high, 0, 255, out=high)
+    return high.astype(np.uint8)
+
+
+def _select(engines: Mapping[str, Engine], names: tuple[str, ...], policy: Policy,
+            manifest: Manifest) -> list[Engine]:
+    """The engines ``names`` from ``engines``, checked against the bundle's scale and tile."""
+    missing = [name for name in names if name not in engines]
+    if missing:
+        raise BundleError(f"policy {policy} needs engines {', '.join(names)}; missing: "
+                          f"{', '.join(missing)} (given: {', '.join(engines) or 'none'})")
+    chosen = [engines[name] for name in names]
+    for engine in chosen:
+        if engine.scale != manifest.model.scale:
+            raise ConfigError(f"engine {engine.name!r} upscales x{engine.scale} but the bundle "
+                              f"is x{manifest.model.scale}")
+        if engine.tile not in (None, manifest.tile):
+            raise ConfigError(f"engine {engine.name!r} takes {engine.tile} x {engine.tile} "
+                              f"tiles but the bundle tiles are {manifest.tile} x {manifest.tile}")
+    return chosen

@@ -1,0 +1,281 @@
+"""Dispatch policies: which engine runs each tile (or frame).
+
+Three policies, each a small frozen dataclass; :func:`parse_policy` reads the CLI spelling:
+
+* ``threshold`` -- the calibrated bit mapping: the tile's image offset
+  ``image_offsets(g, *manifest.thresholds)`` selects ``manifest.engine_for_offset(offset)``.
+* ``fixed:NAME`` -- every tile on engine ``NAME``.
+* ``budget:MS`` -- meet a per-frame latency budget predicted from the bundle's profile
+  (:class:`LatencyTable`): every tile starts on the cheapest engine of :func:`engine_order`, then
+  tiles are upgraded one rung at a time, most complex first (:func:`budget_assignment`).
+
+Temporal hysteresis (video) lives here too, so that it is testable without engines:
+:func:`hysteresis_offsets` keeps a tile's previous offset unless its ``g`` crosses the threshold
+it must cross by a relative margin, and :func:`budget_keys` biases the budget ranking the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from runtime.errors import BundleError, ConfigError, unknown_name
+from runtime.manifest import OFFSETS, Manifest
+from runtime.statistic import image_offsets
+
+__all__ = [
+    "PROFILE_SCHEMA",
+    "BudgetPolicy",
+    "FixedPolicy",
+    "LatencyTable",
+    "Policy",
+    "ThresholdPolicy",
+    "budget_assignment",
+    "budget_keys",
+    "budget_rungs",
+    "engine_order",
+    "hysteresis_offsets",
+    "load_latencies",
+    "parse_policy",
+    "policy_engines",
+]
+
+PROFILE_SCHEMA = "adasr.profile/1"
+POLICY_FORMS = "threshold, fixed:NAME (an engine of the bundle), budget:MS (ms per frame, > 0)"
+
+
+@dataclass(frozen=True)
+class ThresholdPolicy:
+    """The calibrated thresholds: offset = image_offsets(g, *thresholds) -> engine_for_offset."""
+
+    def __str__(self) -> str:
+        return "threshold"
+
+
+@dataclass(frozen=True)
+class FixedPolicy:
+    """Every tile / frame on one engine (checked against the manifest by the dispatcher)."""
+
+    engine: str
+
+    def __post_init__(self) -> None:
+        if not self.engine:
+            raise ConfigError(f"policy fixed needs an engine name, got {self.engine!r}; "
+                              f"allowed forms: {POLICY_FORMS}")
+
+    def __str__(self) -> str:
+        return f"fixed:{self.engine}"
+
+
+@dataclass(frozen=True)
+class BudgetPolicy:
+    """Meet a predicted latency of ``budget_ms`` per frame (see :func:`budget_assignment`)."""
+
+    budget_ms: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.budget_ms) and self.budget_ms > 0):
+            raise ConfigError(f"budget must be a finite number of ms > 0, got {self.budget_ms!r}")
+
+    def __str__(self) -> str:
+        return f"budget:{self.budget_ms:g}"
+
+
+Policy = ThresholdPolicy | FixedPolicy | BudgetPolicy
+
+
+def parse_policy(text: str) -> Policy:
+    """Read ``"threshold"``, ``"fixed:NAME"`` or ``"budget:MS"`` (ConfigError otherwise)."""
+    kind, sep, value = text.strip().partition(":")
+    if kind == "threshold" and not sep:
+        return ThresholdPolicy()
+    if kind == "fixed" and sep:
+        return FixedPolicy(value.strip())
+    if kind == "budget" and sep:
+        try:
+            budget = float(value)
+        except ValueError as err:
+            raise ConfigError(f"policy {text!r}: budget {value!r} is not a number of ms; "
+                              f"allowed forms: {POLICY_FORMS}") from err
+        return BudgetPolicy(budget)
+    raise ConfigError(f"unknown policy {text!r}; allowed forms: {POLICY_FORMS}")
+
+
+def engine_order(manifest: Manifest) -> tuple[str, ...]:
+    """Engine names from cheapest to best quality: by FAB ascending (stable), reference last."""
+    others = sorted((e for e in manifest.engines if not e.reference), key=lambda e: e.fab)
+    return (*(e.name for e in others), manifest.reference.name)
+
+
+def policy_engines(policy: Policy, manifest: Manifest) -> tuple[str, ...]:
+    """The engines ``policy`` can choose, cheapest first (ConfigError for an unknown fixed one)."""
+    order = engine_order(manifest)
+    if isinstance(policy, FixedPolicy):
+        if policy.engine not in order:
+            raise ConfigError(f"policy {policy}: " + unknown_name("engine", policy.engine, order))
+        return (policy.engine,)
+    if isinstance(policy, BudgetPolicy):
+        return order
+    chosen = {manifest.engine_for_offset(offset).name for offset in OFFSETS}
+    return tuple(name for name in order if name in chosen)
+
+
+def hysteresis_offsets(g: npt.NDArray[np.float64], thresholds: tuple[float, float],
+                       previous: npt.NDArray[np.int8] | None,
+                       margin: float) -> npt.NDArray[np.int8]:
+    """Image offsets of ``g`` (-1 / 0 / +1) that stick to ``previous`` within a relative margin.
+
+    A tile moves out of its previous offset only when ``g`` is beyond the threshold it must cross
+    by ``margin * |threshold|``: from -1 up it needs ``g >= lower + m`` (0) or ``g > upper + m``
+    (+1); from +1 down ``g <= upper - m`` (0) or ``g < lower - m`` (-1); from 0 it needs
+    ``g < lower - m`` or ``g > upper + m``. Without ``previous`` (first frame) or with
+    ``margin == 0`` this is exactly :func:`runtime.statistic.image_offsets`.
+    """
+    lower, upper = thresholds
+    if previous is None or margin == 0:
+        return image_offsets(g, lower, upper)
+    low_margin, high_margin = abs(lower) * margin, abs(upper) * margin
+    low = np.where(previous < 0, lower + low_margin, lower - low_margin)
+    high = np.where(previous > 0, upper - high_margin, upper + high_margin)
+    offsets: npt.NDArray[np.int8] = (g > high).astype(np.int8) - (g < low).astype(np.int8)
+    return offsets
+
+
+def budget_keys(g: npt.NDArray[np.float64], previous_rungs: npt.NDArray[np.intp] | None,
+                margin: float) -> npt.NDArray[np.float64]:
+    """Ranking keys for :func:`budget_assignment` with hysteresis: ``g * (1 + margin) ** rung``.
+
+    ``rung`` is the tile's rung in the previous frame (0 = cheapest), so a tile that was upgraded
+    keeps its place unless another tile is more complex by more than the margin per rung.
+    """
+    if previous_rungs is None or margin == 0:
+        return g
+    keys: npt.NDArray[np.float64] = g * np.power(1.0 + margin, previous_rungs)
+    return keys
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Predicted ms per tile of each engine at the bundle's tile size."""
+
+    per_tile_ms: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.per_tile_ms.items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            raise ConfigError(f"latencies must be finite ms >= 0, got {bad}")
+        object.__setattr__(self, "per_tile_ms", MappingProxyType(dict(self.per_tile_ms)))
+
+    def require(self, names: Sequence[str]) -> None:
+        """BundleError naming the engines of ``names`` that have no latency."""
+        missing = [name for name in names if name not in self.per_tile_ms]
+        if missing:
+            raise BundleError(f"the profile has no latency for engines {', '.join(missing)} "
+                              f"(it has {', '.join(self.per_tile_ms) or 'none'}): run "
+                              "`adasr profile BUNDLE` again")
+
+    def frame_ms(self, engines: Sequence[str]) -> float:
+        """Predicted time of a frame whose tiles run on ``engines`` (one name per tile)."""
+        return float(sum(self.per_tile_ms[name] for name in engines))
+
+    @classmethod
+    def from_profile(cls, data: Mapping[str, Any], tile: int, *,
+                     threads: int | None = None) -> LatencyTable:
+        """Per-tile ms = ``latency_ms.median / batch`` of each engine's entry for ``tile``.
+
+        Among an engine's entries with that tile, those measured with ``threads`` are preferred
+        when there are any, then the largest batch, then the fastest median.
+        """
+        if not isinstance(data, Mapping) or data.get("schema") != PROFILE_SCHEMA:
+            schema = data.get("schema") if isinstance(data, Mapping) else type(data).__name__
+            raise BundleError(f"profile schema {schema!r} is not supported; this adasr reads "
+                              f"{PROFILE_SCHEMA!r}: run `adasr profile BUNDLE` again")
+        try:
+            entries = [_entry(e) for e in data["engines"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise BundleError(f"profile is malformed: {type(err).__name__}: {err}") from err
+        matching = [e for e in entries if e[1] == tile]
+        if not matching:
+            tiles = sorted({e[1] for e in entries})
+            raise BundleError(f"the profile has no latency for tile {tile} (it measured tiles "
+                              f"{tiles or 'none'}): run `adasr profile BUNDLE --tiles {tile}`")
+        best: dict[str, tuple[bool, int, float]] = {}
+        for name, _, batch, entry_threads, median in matching:
+            rank = (threads is None or entry_threads == threads, batch, -median / batch)
+            if name not in best or rank > best[name]:
+                best[name] = rank
+        return cls({name: -rank[2] for name, rank in best.items()})
+
+
+def _entry(data: Mapping[str, Any]) -> tuple[str, int, int, int | None, float]:
+    """(name, tile, batch, threads, median ms) of one profile entry; ValueError when invalid."""
+    name, tile, batch = str(data["name"]), int(data["tile"]), int(data["batch"])
+    median = float(data["latency_ms"]["median"])
+    threads = data.get("threads")
+    if batch < 1 or not (math.isfinite(median) and median >= 0):
+        raise ValueError(f"entry {name!r} has batch {batch} and median {median} ms; need "
+                         "batch >= 1 and a finite median >= 0")
+    return name, tile, batch, None if threads is None else int(threads), median
+
+
+def load_latencies(bundle_root: Path, manifest: Manifest) -> LatencyTable:
+    """The latency table of the bundle's profile (``manifest.profile``) at the bundle's tile."""
+    if manifest.profile is None:
+        raise BundleError("budget policy needs a profile: run `adasr profile BUNDLE` first")
+    path = bundle_root / manifest.profile
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise BundleError(f"the profile {path} named by the manifest is missing: run "
+                          "`adasr profile BUNDLE` again") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"cannot read the profile {path}: {err}") from err
+    table = LatencyTable.from_profile(data, manifest.tile, threads=manifest.threads or None)
+    table.require(manifest.names)
+    return table
+
+
+def budget_assignment(g: npt.ArrayLike, latencies: LatencyTable, order: Sequence[str],
+                      budget_ms: float) -> list[str]:
+    """Engine per tile meeting ``budget_ms`` (predicted sum of per-tile ms), quality first.
+
+    Every tile starts on ``order[0]`` (the cheapest). Then rung by rung (``order[k-1]`` ->
+    ``order[k]``), tiles are upgraded in decreasing ``g`` (ties: row-major order) while the
+    predicted frame time stays within the budget; a rung that does not fit stops the upgrades.
+    If even all-cheapest exceeds the budget the tiles all stay cheapest: compare
+    ``latencies.frame_ms(result)`` with the budget to tell.
+    """
+    if not order:
+        raise ConfigError("budget policy needs at least one engine in the order")
+    latencies.require(order)
+    costs = [latencies.per_tile_ms[name] for name in order]
+    return [order[rung] for rung in budget_rungs(g, costs, budget_ms).tolist()]
+
+
+def budget_rungs(keys: npt.ArrayLike, costs: Sequence[float],
+                 budget_ms: float) -> npt.NDArray[np.intp]:
+    """:func:`budget_assignment` on rung indices: ``costs[k]`` is the ms per tile of rung k."""
+    rank = np.argsort(-np.asarray(keys, dtype=np.float64).ravel(), kind="stable")
+    count = rank.size
+    total = count * costs[0]
+    upgraded = count  # tiles on the previous rung: always a prefix of ``rank``
+    rungs = np.zeros(count, dtype=np.intp)
+    for level in range(1, len(costs)):
+        delta = costs[level] - costs[level - 1]
+        fits = upgraded if delta <= 0 else min(upgraded, max(0, int((budget_ms - total) // delta)))
+        while fits and total + fits * delta > budget_ms:  # float rounding may overshoot by one
+            fits -= 1
+        if fits == 0:
+            break
+        rungs[rank[:fits]] = level
+        total += fits * delta
+        upgraded = fits
+    return rungs

@@ -1,0 +1,227 @@
+"""Engine plan, bundle writer, ``adasr build`` / ``inspect`` / ``eval --bundle``: numbers checked.
+
+Every engine of a built bundle is run through ONNX Runtime and compared with the simulated
+network of the same per-layer bits (``compiler.parity.simulate_engine``): >= 50 dB. The real
+EDSR x2 / IMDN x4 figures are ``benchmarks/bundle_parity.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from compiler.bundle import write_bundle
+from compiler.cli import main
+from compiler.lower.qdq import lowering_summary
+from compiler.parity import simulate_engine
+from compiler.plan import describe_plan, kernel_precision, plan_engines
+from compiler.quant.calibrate import CalibrationConfig, calibrate
+from compiler.quant.patches import sample_patches
+from compiler.quant.qmodel import QuantSettings
+from compiler.quant.record import save_record
+from compiler.simulate import TorchUpscaler
+from compiler.zoo import load_model
+from runtime.bundle import open_bundle
+from runtime.errors import BundleError, ConfigError
+from runtime.imaging import save_rgb
+from runtime.manifest import read_manifest
+from targets.loader import load_target
+
+FAST = CalibrationConfig(patches=8, patch_size=16, steps=20, batch=2, epochs=4, validation=4)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def records(tiny: tuple[Path, Path]) -> dict[str, dict[str, Any]]:
+    weights, calib = tiny
+    settings = {"w8a6_fq": QuantSettings(method="adabm", wbits=8, abits=6, fq=True),
+                "w8a8": QuantSettings(method="adabm", wbits=8, abits=8)}
+    return {name: calibrate(load_model(weights), s, FAST, calib).record
+            for name, s in settings.items()}
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny: tuple[Path, Path], records: dict[str, dict[str, Any]],
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    weights, calib = tiny
+    patches = sample_patches(calib, 4, 16, seed=0).numpy()
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for record_name, record in records.items():
+        for ladder in ("hardware", "emulate"):
+            plan = plan_engines(record, load_target("cpu-x86"), ladder, tile=16, overlap=4)
+            path = root / f"{record_name}-{ladder}"
+            write_bundle(load_model(weights), record, plan, path, patches=patches)
+            out[f"{record_name}-{ladder}"] = path
+    return out
+
+
+def test_kernel_precision_ladder() -> None:
+    assert kernel_precision(4, ("int8", "fp32"), "fp32") == "int8"
+    assert kernel_precision(9, ("int8", "fp32"), "fp32") == "fp32"
+    assert kernel_precision(4, ("fp8", "int8", "fp16"), "fp16") == "fp8"
+    assert kernel_precision(6, ("fp8", "int8", "fp16"), "fp16") == "int8"
+    assert kernel_precision(2, ("fp4", "fp8", "int8", "fp16"), "fp16") == "fp4"
+
+
+def test_emulate_plan_has_one_engine_per_offset_plus_reference(
+        records: dict[str, dict[str, Any]]) -> None:
+    record = records["w8a6_fq"]
+    plan = plan_engines(record, load_target("cpu-x86"), "emulate")
+    assert [e.name for e in plan.engines] == ["int8-low", "int8-mid", "int8-high", "fp32"]
+    for engine in plan.engines[:3]:
+        (offset,) = engine.offsets
+        adaptive = [lp.act_bits for lp, layer in zip(engine.layers, record["layers"],
+                                                      strict=True) if layer["kind"] == "adaptive"]
+        assert adaptive == [int(b) for b in record["bit_vectors"][str(offset)]]
+        assert engine.fab == pytest.approx(np.mean(record["bit_vectors"][str(offset)]))
+    assert plan.engines[-1].reference and plan.engines[-1].fab == 32
+
+
+def test_hardware_plan_merges_identical_engines(records: dict[str, dict[str, Any]]) -> None:
+    plan = plan_engines(records["w8a6_fq"], load_target("cpu-x86"), "hardware")
+    assert [(e.name, e.offsets) for e in plan.engines] == [("int8", (-1, 0, 1)), ("fp32", ())]
+    assert all(lp.act_bits == 8 and lp.w_bits == 8 for lp in plan.engines[0].layers)
+
+
+def test_hardware_plan_runs_bits_above_8_in_float(records: dict[str, dict[str, Any]]) -> None:
+    record = records["w8a8"]  # base 8: offset +1 gives 9 bits on some layers
+    plan = plan_engines(record, load_target("cpu-x86"), "hardware")
+    high = next(e for e in plan.engines if 1 in e.offsets)
+    nine = [lp for lp, b in zip(high.layers, record["bit_vectors"]["1"], strict=False) if b > 8]
+    assert nine and all(lp.precision == "fp32" and lp.act_bits is None for lp in nine)
+    assert high.precision == "mixed"
+    gpu = plan_engines(record, load_target("jetson-orin-nano"), "hardware")
+    assert {lp.precision for e in gpu.engines for lp in e.layers} <= {"int8", "fp16"}
+
+
+def test_plan_text_lists_engines_and_layers(records: dict[str, dict[str, Any]]) -> None:
+    plan = plan_engines(records["w8a6_fq"], load_target("jetson-orin-nano"), "hardware")
+    text = describe_plan(plan)
+    assert "jetson-orin-nano" in text and "fp16" in text and "int8 a8w8" in text
+    with pytest.raises(ConfigError, match="ladder"):
+        plan_engines(records["w8a6_fq"], load_target("cpu-x86"), "fastest")
+
+
+def test_bundle_manifest_and_checksums(bundles: dict[str, Path]) -> None:
+    root = bundles["w8a6_fq-emulate"]
+    manifest = read_manifest(root)
+    assert manifest.names == ("int8-low", "int8-mid", "int8-high", "fp32")
+    assert manifest.tile == 16 and manifest.overlap == 4 and manifest.ladder == "emulate"
+    assert {d for e in manifest.engines for d in e.offsets} == {-1, 0, 1}
+    bundle = open_bundle(root)
+    assert bundle.manifest == manifest
+    assert not list(root.parent.glob(f".{root.name}.*")), "staging folders left behind"
+
+
+def test_tampered_engine_is_refused(bundles: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(bundles["w8a6_fq-hardware"], root)
+    engine = root / "engines" / "int8.onnx"
+    data = bytearray(engine.read_bytes())
+    data[-1] ^= 1
+    engine.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="fails its checksum"):
+        open_bundle(root)
+    with pytest.raises(BundleError, match="machine"):
+        open_bundle(bundles["w8a6_fq-hardware"], machine="aarch64")
+
+
+@pytest.mark.parametrize("name", ["w8a6_fq-emulate", "w8a6_fq-hardware", "w8a8-hardware"])
+def test_every_engine_matches_its_simulation(tiny: tuple[Path, Path], bundles: dict[str, Path],
+                                             records: dict[str, dict[str, Any]],
+                                             name: str) -> None:
+    weights, calib = tiny
+    root = bundles[name]
+    bundle = open_bundle(root)
+    record = records[name.split("-")[0]]
+    patches = sample_patches(calib, 2, 24, seed=3).numpy().transpose(0, 2, 3, 1)
+    lr = (patches * 255).round().astype(np.uint8)  # N x H x W x 3
+    for spec in bundle.manifest.engines:
+        summary = None if spec.reference else lowering_summary(onnx.load(root / spec.onnx.path))
+        sim = TorchUpscaler(simulate_engine(weights, record, spec, summary=summary), 2)
+        with bundle.engine(spec.name, threads=1) as engine:
+            for image in lr:
+                x = image.transpose(2, 0, 1)[None].astype(np.float32) / 255
+                out = engine.infer(x)[0].transpose(1, 2, 0)
+                ref = sim(image)
+                mse = np.mean((np.clip(out, 0, 1) - np.clip(ref, 0, 1)) ** 2)
+                psnr = 10 * np.log10(1 / max(mse, 1e-12))
+                assert psnr >= 50, f"{name} {spec.name}: {psnr:.1f} dB vs simulation"
+
+
+def test_build_dry_run_writes_nothing(tiny: tuple[Path, Path], records: dict[str, dict[str, Any]],
+                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weights, calib = tiny
+    record = tmp_path / "record.json"
+    save_record(record, records["w8a6_fq"])
+    out = tmp_path / "bundle"
+    code = main(["build", "--weights", str(weights), "--calibration", str(record), "--target",
+                 "jetson-orin-nano", "--dry-run", "-o", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and not out.exists()
+    assert "engines/int8.onnx" in text and "fp16" in text and "dry run" in text
+
+
+def test_build_inspect_eval_cli(tiny: tuple[Path, Path], records: dict[str, dict[str, Any]],
+                                tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weights, calib = tiny
+    record = tmp_path / "record.json"
+    save_record(record, records["w8a6_fq"])
+    out = tmp_path / "bundle"
+    args = ["build", "--weights", str(weights), "--calibration", str(record), "--calib",
+            str(calib), "--patch-size", "16", "--target", "cpu-x86", "--tile", "16", "--overlap",
+            "4", "-o", str(out)]
+    assert main(args) == 0
+    assert main(["inspect", str(out), "--layers"]) == 0
+    text = capsys.readouterr().out
+    assert "sha256 ok" in text and "int8" in text
+    dataset = tmp_path / "set"
+    rng = np.random.default_rng(1)
+    save_rgb(dataset / "HR" / "a.png", (rng.random((40, 36, 3)) * 255).astype(np.uint8))
+    result = tmp_path / "eval.json"
+    assert main(["eval", "--bundle", str(out), "--dataset", str(dataset), "--scale", "2",
+                 "--json", str(result), "--quiet"]) == 0
+    adaptive = json.loads(result.read_text())
+    assert main(["eval", "--bundle", str(out), "--engine", "fp32", "--dataset", str(dataset),
+                 "--scale", "2", "--json", str(result), "--quiet"]) == 0
+    reference = json.loads(result.read_text())
+    assert adaptive["engines"]["int8"] > 0 and reference["engines"] == {"int8": 0, "fp32": 4}
+    assert reference["fab"] == 32 and adaptive["fab"] == 8
+    assert abs(adaptive["psnr"] - reference["psnr"]) < 1.0
+    # a record made for another checkpoint is refused before anything is written
+    other = json.loads(record.read_text())
+    other["checkpoint"]["sha256"] = "0" * 64
+    record.write_text(json.dumps(other))
+    assert main([*args[:-1], str(tmp_path / "other")]) == 2
+    assert "calibrated for checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+def test_failed_build_keeps_the_old_bundle(tiny: tuple[Path, Path],
+                                           records: dict[str, dict[str, Any]], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    weights, _ = tiny
+    record = records["w8a6_fq"]
+    plan = plan_engines(record, load_target("cpu-x86"), "emulate", tile=16, overlap=4)
+    out = tmp_path / "bundle"
+    write_bundle(load_model(weights), record, plan, out)
+    before = (out / "manifest.json").read_bytes()
+    import compiler.bundle as bundle_module
+
+    def broken(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bundle_module, "write_manifest", broken)
+    with pytest.raises(KeyboardInterrupt):
+        write_bundle(load_model(weights), record, plan, out)
+    assert (out / "manifest.json").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["bundle"]

@@ -101,9 +101,9 @@ def _lower(fp: onnx.ModelProto, planned: PlannedEngine, plan: EnginePlan) -> onn
     if target.backend == "onnxruntime":
         return fp if planned.reference else lower_engine(fp, planned.specs)
     float_type = "fp16" if target.strongly_typed and target.top_precision == "fp16" else "fp32"
-    model = lower_engine(fp, planned.specs, dialect="tensorrt",  # type: ignore[call-arg]
-                         float_type=float_type)
-    from compiler.lower.trt import check_tensorrt_graph  # type: ignore[import-not-found]
+    model = lower_engine(fp, planned.specs, dialect="tensorrt", float_type=float_type,
+                         max_opset=target.max_opset)
+    from compiler.lower.trt import check_tensorrt_graph
 
     check_tensorrt_graph(model, target.max_opset)
     return model
@@ -171,7 +171,9 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
             note = "8-bit grids kept unmeasured (no calibration patches given)"
         elif widened:
             progress(f"measuring widened grids of {widened[0].name}")
-            keep, note = _check_widening(fp, widened[0], patches[:options.widen_patches],
+            check_fp = fp if target.backend == "onnxruntime" else export_onnx(
+                loaded.model, plan.tile, opset=options.opset, dynamic=True, dynamic_batch=True)
+            keep, note = _check_widening(check_fp, widened[0], patches[:options.widen_patches],
                                          staging, loaded.info.scale)
             if not keep:
                 plan = plan_engines(record, target, plan.ladder, tile=plan.tile,

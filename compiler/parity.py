@@ -6,7 +6,8 @@ layer (``QConv2d.forced_bits``; a float layer is > 8 bits, i.e. not quantized) a
 widths, or the full-precision network for the reference engine. Where the ONNX Runtime lowering
 requantized a conv output to 8 bits for speed (placement ``8-bit output range`` in the engine's
 lowering summary), the simulation quantizes that output the same way (``QConv2d.output_bounds``:
-the calibrated range widened to contain 0, ``[0, hi]`` when a ReLU was folded): the engine's
+the calibrated range widened to contain 0, ``[0, hi]`` when a ReLU was folded; symmetric on
+``max(|lo|, |hi|)`` in the TensorRT dialect), and its bias on the int32 lattice: the engine's
 arithmetic, which the papers' simulation does not have. ``benchmarks/bundle_parity.py`` reports
 both. ``PSNR(engine, simulation)`` then
 measures only what the lowering and the integer kernels change.
@@ -30,7 +31,8 @@ FLOAT_BITS = 32.0
 
 def simulate_engine(weights: Path, record: Mapping[str, Any], spec: EngineSpec,
                     scale: int | None = None,
-                    summary: Sequence[Mapping[str, Any]] | None = None) -> nn.Module:
+                    summary: Sequence[Mapping[str, Any]] | None = None,
+                    dialect: str = "ort") -> nn.Module:
     """The simulated network that ``spec`` (an engine of a bundle built from ``record``) runs."""
     loaded = load_model(weights, scale=scale)
     if spec.reference and all(layer.act_bits is None for layer in spec.layers):
@@ -52,6 +54,9 @@ def simulate_engine(weights: Path, record: Mapping[str, Any], spec: EngineSpec,
         if placement.startswith("8-bit output range"):
             low, high = ranges[entry["name"]]
             relu = "ReLU folded" in placement
-            convs[entry["name"]].output_bounds = (0.0 if relu else min(low, 0.0), max(high, 0.0))
+            conv = convs[entry["name"]]
+            conv.output_bounds = (0.0 if relu else min(low, 0.0), max(high, 0.0))
+            if dialect == "tensorrt":  # symmetric int8 on max(|lo|, |hi|), ReLU cuts at 0
+                conv.output_bounds, conv.output_symmetric = (low, high), True
     qnet.forced_d_img = spec.offsets[0] if spec.offsets else 0
     return qnet.eval()

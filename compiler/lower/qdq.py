@@ -45,6 +45,10 @@ differs between torch and ORT. An 8-bit grid whose bounds exclude 0 (``l > 0``, 
 training) has no uint8 zero point: its top ``-zp`` levels are cut (``truncated_grid``). DDTB gates
 are frozen at their calibration mean (``frozen_gate``). Every layer's placement is stored in the
 model's metadata (``adasr.lowering``, read back by :func:`lowering_summary`).
+
+Dialects: the placement above is shared; *how* a grid is written is an :class:`Encoding` (this
+module's is ONNX Runtime's). ``dialect="tensorrt"`` writes symmetric int8 Q/DQ with a float Clip
+before each Q, optional FP16 (``compiler.lower.trt``).
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ from compiler.quant.qmodel import FIXED_BITS
 from compiler.quant.quantizers import MAX_INT_BITS
 from runtime.errors import ConfigError, EngineError, unknown_name
 
-DIALECTS = ("ort",)
+DIALECTS = ("ort", "tensorrt")
+FLOAT_TYPES = ("fp32", "fp16")
 UINT8_MAX = 255
 OUTPUT_BITS = 8  # the Q after a conv whose consumer is not a quantized conv
 GRID_PRESERVING = ("Relu", "DepthToSpace")  # ops that map a zero-anchored grid onto itself
@@ -221,7 +226,7 @@ def quantize_weight(weight: npt.NDArray[np.float32], layer: EngineLayer
 # -- graph editing ------------------------------------------------------------------------------
 
 
-class _Graph:
+class GraphEditor:
     """A small editor over a GraphProto: unique names, consumers, new nodes and initializers."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
@@ -237,6 +242,9 @@ class _Graph:
 
     def consumers(self, tensor: str) -> list[onnx.NodeProto]:
         return [n for n in self.graph.node if tensor in n.input and self._live(n)]
+
+    def producer(self, tensor: str) -> onnx.NodeProto | None:
+        return next((n for n in self.graph.node if tensor in n.output and self._live(n)), None)
 
     def drop(self, node: onnx.NodeProto) -> None:
         """Remove ``node`` when the graph is finished (its readers must be rewired)."""
@@ -327,7 +335,7 @@ class _Chain:
     target: str
 
 
-def _chain_of(g: _Graph, conv: onnx.NodeProto, targets: Mapping[str, onnx.NodeProto]
+def _chain_of(g: GraphEditor, conv: onnx.NodeProto, targets: Mapping[str, onnx.NodeProto]
               ) -> _Chain | None:
     by_output = {node.output[0]: name for name, node in targets.items()}
     tensor, path = conv.output[0], []
@@ -347,13 +355,13 @@ def _chain_of(g: _Graph, conv: onnx.NodeProto, targets: Mapping[str, onnx.NodePr
     return None
 
 
-def _is_thin(g: _Graph, conv: onnx.NodeProto) -> bool:
+def _is_thin(g: GraphEditor, conv: onnx.NodeProto) -> bool:
     """An RGB-output conv: its 8-bit requantization error would land on the image itself."""
     weight = g.inits.get(conv.input[1])
     return weight is not None and weight.dims[0] <= THIN_CHANNELS
 
 
-def _lower_weight(g: _Graph, conv: onnx.NodeProto, layer: EngineLayer) -> None:
+def _lower_weight(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer) -> None:
     """The conv's weight becomes int8 (under the float weight's name where not shared) + DQ."""
     name = conv.input[1]
     source = g.inits.get(name)
@@ -371,48 +379,132 @@ def _lower_weight(g: _Graph, conv: onnx.NodeProto, layer: EngineLayer) -> None:
                            f"{layer.name}.weight_dq", **attrs)
 
 
+class Encoding:
+    """How a dialect writes grids into the graph; :func:`lower_graph` decides where they go.
+
+    This one is ONNX Runtime's: uint8 with the grid's zero point, the Clip on the stored values,
+    and the ops on a chain's path (DepthToSpace) running on uint8 (``integer_path``).
+    ``compiler.lower.trt`` subclasses it for TensorRT.
+    """
+
+    dialect = "ort"
+    integer_path = True
+
+    def input_grid(self, layer: EngineLayer) -> Grid:
+        """The grid of a quantized conv's input (the simulated quantizer's)."""
+        return Grid.of_bounds(layer.bounds, layer.act_bits, layer.symmetric)
+
+    def output_grid(self, output_range: tuple[float, float], relu: bool) -> Grid:
+        """The 8-bit grid of a requantized conv output (after its ReLU when ``relu``)."""
+        lower = 0.0 if relu else min(output_range[0], 0.0)
+        return Grid.of_bounds((lower, max(output_range[1], 0.0)), OUTPUT_BITS)
+
+    def truncated(self, grid: Grid) -> bool:
+        """True when the stored type cannot hold every level of ``grid``."""
+        return grid.truncated
+
+    def quantize(self, g: GraphEditor, tensor: str, grid: Grid, base: str) -> str:
+        """The stored (integer) tensor of float ``tensor`` on ``grid``."""
+        return g.quantize(tensor, grid, base)
+
+    def dequantize(self, g: GraphEditor, stored: str, grid: Grid, base: str) -> str:
+        return g.dequantize(stored, grid, base)
+
+    def feed(self, g: GraphEditor, conv: onnx.NodeProto, tensor: str, grid: Grid,
+             layer: EngineLayer) -> None:
+        """Make the dequantized ``tensor`` (on ``grid``) the input of ``conv``."""
+        conv.input[0] = tensor
+
+    def notes(self, layer: EngineLayer) -> dict[str, Any]:
+        """Dialect-specific facts of one layer for the lowering metadata."""
+        return {}
+
+
 def lower_engine(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], dialect: str = "ort",
-                 *, requantize: bool = True) -> onnx.ModelProto:
+                 *, requantize: bool = True, float_type: str = "fp32",
+                 max_opset: int | None = None) -> onnx.ModelProto:
     """The FP graph with the Q/DQ of ``layers`` (placement: see the module docstring).
 
     ``requantize=False`` leaves float every output that does not feed a quantized conv: an
     exact engine in which those convs run in FP32 (slower than the FP32 graph on ORT).
+    ``dialect="tensorrt"`` dispatches to :func:`compiler.lower.trt.lower_tensorrt` (with
+    ``float_type`` ``"fp32"`` or ``"fp16"`` and the target's ``max_opset``); the ORT dialect is
+    FP32 at the FP graph's opset, which must not exceed ``max_opset`` when given.
     """
     if dialect not in DIALECTS:
         raise ConfigError(unknown_name("lowering dialect", dialect, DIALECTS))
+    if float_type not in FLOAT_TYPES:
+        raise ConfigError(unknown_name("float type", float_type, FLOAT_TYPES))
+    if dialect == "tensorrt":
+        from compiler.lower.trt import lower_tensorrt  # the dialect module builds on this one
+
+        return lower_tensorrt(fp_model, layers, requantize=requantize, float_type=float_type,
+                              max_opset=max_opset)
+    opset = model_opset(fp_model)
+    if float_type != "fp32" or (max_opset is not None and opset > max_opset):
+        raise ConfigError(f"the ort dialect keeps the FP graph's FP32 and opset {opset}: got "
+                          f"float_type {float_type!r}, max_opset {max_opset}; allowed: fp32, "
+                          f"max_opset >= {opset}")
+    model, summary = lower_graph(fp_model, layers, Encoding(), requantize=requantize)
+    return finish_engine(model, dialect, summary)
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain (``ai.onnx``) opset."""
+    versions = [op.version for op in model.opset_import if op.domain in ("", "ai.onnx")]
+    if len(versions) != 1:
+        raise EngineError(f"the model imports the default ONNX domain {len(versions)} times; "
+                          "expected once")
+    return int(versions[0])
+
+
+def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encoding: Encoding,
+                *, requantize: bool = True) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+    """A copy of ``fp_model`` with the Q/DQ of ``layers`` written by ``encoding``, and the
+    per-layer placement summary (not yet in the metadata: see :func:`finish_engine`)."""
     by_name = {layer.name: layer for layer in layers}
     if len(by_name) != len(layers):
         raise ConfigError("engine layers name the same conv twice")
     model = onnx.ModelProto()
     model.CopyFrom(fp_model)
-    g = _Graph(model.graph)
+    g = GraphEditor(model.graph)
     convs = conv_nodes(model.graph, list(by_name))
-    grids = {name: Grid.of_bounds(layer.bounds, layer.act_bits, layer.symmetric)
+    grids = {name: encoding.input_grid(layer)
              for name, layer in by_name.items() if layer.quantizes_input}
     targets = {name: convs[name] for name in grids}
     chains = {name: _chain_of(g, conv, targets) for name, conv in convs.items()}
     placement = {name: "float" for name in by_name}
     for name, chain in chains.items():
         if chain is not None:
-            _lower_chain(g, convs[name], chain, grids[chain.target], convs[chain.target])
+            _lower_chain(g, encoding, convs[name], chain, grids[chain.target],
+                         convs[chain.target], by_name[chain.target])
             placement[name] = f"on the input grid of {chain.target}"
     fed = {chain.target for chain in chains.values() if chain is not None}
     for name, conv in convs.items():
         layer = by_name[name]
         if name in grids and name not in fed:
-            stored = g.quantize(conv.input[0], grids[name], f"{name}.input")
-            conv.input[0] = g.dequantize(stored, grids[name], f"{name}.input")
+            base = f"{name}.input"
+            stored = encoding.quantize(g, conv.input[0], grids[name], base)
+            encoding.feed(g, conv, encoding.dequantize(g, stored, grids[name], base),
+                          grids[name], layer)
         if (requantize and chains[name] is None and layer.quantizes_input
                 and layer.output_range is not None and not _is_thin(g, conv)):
-            placement[name] = _lower_output(g, conv, layer)
+            placement[name] = _lower_output(g, encoding, conv, layer)
         _lower_weight(g, conv, layer)
     g.finish()
     summary = [{"name": layer.name, "act_bits": layer.act_bits, "frozen_gate": layer.frozen_gate,
                 "output": placement[layer.name],
-                "truncated_grid": layer.name in grids and grids[layer.name].truncated}
+                "truncated_grid": layer.name in grids and encoding.truncated(grids[layer.name]),
+                **encoding.notes(layer)}
                for layer in layers]
+    return model, summary
+
+
+def finish_engine(model: onnx.ModelProto, dialect: str, summary: list[dict[str, Any]],
+                  **facts: Any) -> onnx.ModelProto:
+    """Store the summary (and dialect ``facts``) in the metadata, pin the IR, check the model."""
     props = {p.key: p.value for p in model.metadata_props}
-    props[METADATA_KEY] = json.dumps({"dialect": dialect, "layers": summary})
+    props[METADATA_KEY] = json.dumps({"dialect": dialect, **facts, "layers": summary})
     helper.set_model_props(model, props)
     pin_ir_version(model)
     try:
@@ -422,22 +514,32 @@ def lower_engine(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], diale
     return model
 
 
-def _lower_chain(g: _Graph, conv: onnx.NodeProto, chain: _Chain, grid: Grid,
-                 target: onnx.NodeProto) -> None:
-    """Q right after ``conv`` on the target's grid; ReLUs become the Q's saturation."""
+def _lower_chain(g: GraphEditor, encoding: Encoding, conv: onnx.NodeProto, chain: _Chain,
+                 grid: Grid, target: onnx.NodeProto, target_layer: EngineLayer) -> None:
+    """Q right after ``conv`` on the target's grid; ReLUs become the Q's saturation.
+
+    The path's other ops (DepthToSpace) run on the stored integers or, when the encoding's
+    ``integer_path`` is false, on the dequantized values.
+    """
     if any(node.op_type == "Relu" for node in chain.path):
         grid = grid.after_relu()
-    tensor = g.quantize(conv.output[0], grid, f"{chain.target}.input")
+    base = f"{chain.target}.input"
+    tensor = encoding.quantize(g, conv.output[0], grid, base)
+    if not encoding.integer_path:
+        tensor = encoding.dequantize(g, tensor, grid, base)
     for node in chain.path:
         if node.op_type == "Relu":
             g.drop(node)
         else:
             node.input[0] = tensor
             node.output[0] = tensor = g.fresh(f"{node.output[0]}.quantized")
-    target.input[0] = g.dequantize(tensor, grid, f"{chain.target}.input")
+    if encoding.integer_path:
+        tensor = encoding.dequantize(g, tensor, grid, base)
+    encoding.feed(g, target, tensor, grid, target_layer)
 
 
-def _lower_output(g: _Graph, conv: onnx.NodeProto, layer: EngineLayer) -> str:
+def _lower_output(g: GraphEditor, encoding: Encoding, conv: onnx.NodeProto, layer: EngineLayer
+                  ) -> str:
     """An 8-bit Q/DQ after the conv (after its ReLU, folded) on the calibrated output range."""
     assert layer.output_range is not None
     tensor = conv.output[0]
@@ -446,13 +548,12 @@ def _lower_output(g: _Graph, conv: onnx.NodeProto, layer: EngineLayer) -> str:
     replaced = tensor if relu is None else relu.output[0]
     if replaced in g.outputs:
         return "float"
-    lower = 0.0 if relu is not None else min(layer.output_range[0], 0.0)
-    grid = Grid.of_bounds((lower, max(layer.output_range[1], 0.0)), OUTPUT_BITS)
+    grid = encoding.output_grid(layer.output_range, relu is not None)
     readers = g.consumers(replaced)
     if relu is not None:
         g.drop(relu)
-    out = g.dequantize(g.quantize(tensor, grid, f"{layer.name}.output"), grid,
-                       f"{layer.name}.output")
+    base = f"{layer.name}.output"
+    out = encoding.dequantize(g, encoding.quantize(g, tensor, grid, base), grid, base)
     for node in readers:
         node.input[:] = [out if name == replaced else name for name in node.input]
     return "8-bit output range" + (" (ReLU folded)" if relu is not None else "")
@@ -462,7 +563,8 @@ def _lower_output(g: _Graph, conv: onnx.NodeProto, layer: EngineLayer) -> str:
 
 
 def lowering_summary(engine: onnx.ModelProto) -> list[dict[str, Any]]:
-    """Per layer: bits, output placement, frozen gate, truncated grid (from the metadata)."""
+    """Per layer: bits, output placement, frozen gate, truncated grid and the dialect's notes
+    (TensorRT: ``input_shift``), from the metadata."""
     props = {p.key: p.value for p in engine.metadata_props}
     if METADATA_KEY not in props:
         raise EngineError(f"not a lowered engine: no {METADATA_KEY!r} metadata")

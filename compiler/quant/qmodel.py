@@ -21,6 +21,7 @@ from compiler.quant.quantizers import (
     ActQuantizer,
     WeightQuantizer,
     quantize_asymmetric,
+    quantize_symmetric,
 )
 from compiler.zoo.base import SRNet
 from runtime.errors import ConfigError, unknown_name
@@ -79,6 +80,7 @@ class QConv2d(nn.Module):
         self.gate_mean: tuple[float, ...] | None = None  # DDTB: mean (scale_l, scale_u)
         self.forced_bits: float | None = None  # simulate one engine's per-layer bits (> 8: float)
         self.output_bounds: tuple[float, float] | None = None  # an engine's 8-bit output requant
+        self.output_symmetric = False  # ... on [-a, a], a = max(|lo|, |hi|) (TensorRT dialect)
         self.integer_bias = False  # an engine's int32 bias on the s_x * s_w lattice (parity)
         self._context = [context]  # in a list so nn.Module does not register it
 
@@ -107,8 +109,11 @@ class QConv2d(nn.Module):
         y = F.conv2d(xq, wq, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         if self.output_bounds is not None:
             lower, upper = self.output_bounds
-            y = quantize_asymmetric(y, torch.tensor(lower), torch.tensor(upper),
-                                    torch.tensor(float(OUTPUT_BITS)))
+            bits = torch.tensor(float(OUTPUT_BITS))
+            if self.output_symmetric:
+                y = quantize_symmetric(y, torch.tensor(max(abs(lower), abs(upper))), bits)
+            else:
+                y = quantize_asymmetric(y, torch.tensor(lower), torch.tensor(upper), bits)
         return y
 
 

@@ -225,3 +225,25 @@ def test_failed_build_keeps_the_old_bundle(tiny: tuple[Path, Path],
         write_bundle(load_model(weights), record, plan, out)
     assert (out / "manifest.json").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["bundle"]
+
+
+def test_tensorrt_target_writes_the_portable_half(tiny: tuple[Path, Path],
+                                                  records: dict[str, dict[str, Any]],
+                                                  tmp_path: Path) -> None:
+    from compiler.lower.trt import check_tensorrt_graph
+
+    weights, _ = tiny
+    target = load_target("jetson-orin-nano")
+    plan = plan_engines(records["w8a6_fq"], target, "hardware", tile=16, overlap=4)
+    out = tmp_path / "orin"
+    manifest = write_bundle(load_model(weights), records["w8a6_fq"], plan, out,
+                            patches=sample_patches(tiny[1], 4, 16, seed=0).numpy())
+    assert manifest.backend == "tensorrt" and manifest.names == ("int8", "fp16")
+    assert [e.plan for e in manifest.engines] == [None, None]
+    assert manifest.build.finish_command == f"adasr build --finish {out}"
+    for spec in manifest.engines:
+        graph = onnx.load(out / spec.onnx.path)
+        check_tensorrt_graph(graph, target.max_opset)
+        assert spec.input_shape == (8, 3, 16, 16)
+    with pytest.raises(BundleError, match="adasr build --finish"):
+        open_bundle(out)

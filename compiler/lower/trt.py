@@ -1,0 +1,519 @@
+"""The TensorRT dialect of the Q/DQ lowering, and the checker every TensorRT graph must pass.
+
+TensorRT takes only symmetric Q/DQ: int8 with zero point 0, constant scales, activations per
+tensor, weights per output channel (``axis=0``) or per tensor, Q saturating at [-128, 127]
+(deployment.md). :class:`TensorRTEncoding` writes the placement of ``compiler.lower.qdq`` (chains,
+requantized outputs, inputs) under those rules, on the simulated grids:
+
+- **k-bit grid** ``j * step``, ``j`` in ``[low, high] = [-zp, 2^b - 1 - zp]``: scale ``step``,
+  zero point 0, and a float ``Clip((low + k) * step, (high + k) * step)`` before the Q whenever
+  the levels are narrower than int8 (TensorRT's Q clips only at the int8 range). A ReLU on a
+  chain becomes the Clip's lower bound.
+- **shift** ``k`` (:func:`int8_shift`): 0 when ``[low, high]`` fits in [-128, 127] (grids of
+  <= 7 bits whose bounds contain 0, symmetric grids); otherwise (8-bit grids with ``zp`` far
+  from 128, bounds that exclude 0) the integer closest to 0, even where there is a choice, that
+  moves the levels into int8. The quantized tensor is ``x + c``, ``c = k * step``: folded into
+  the producing conv's bias when only the quantizer reads that conv, else an explicit Add. The
+  fed conv then computes ``conv(pad_0(x_q) + c)``: its zero padding becomes a ``Pad`` with value
+  ``c`` after the DQ (conv pads 0) and its bias loses ``c * sum(dequantized weight)`` per output
+  channel, exact at the borders too. Widening to ``max(|l|, |u|)`` instead was measured (EDSR x2,
+  8 blocks, AdaBM W8A6 / W4A4 / W8A8 FQ, five 48x48 Set5 crops, ``requantize=False``): 42-53 dB
+  against the simulation where the shift gives 61-84 dB, and HR PSNR moves by +0.006..+0.07
+  dB: a different network, not the simulated one, so the lowering shifts.
+- **outputs** of convs that feed no quantized conv (``requantize=True``): int8 on the symmetric
+  range ``max(|lo|, |hi|)`` of the record's ``output_range`` (ReLU folded into the Clip): not in
+  the papers' simulation. Same network, same crops: 42-55 dB against it (W4A4 at offset -1, with
+  2-bit layers, the lowest; HR -0.04..+0.02 dB), 60-68 dB against the simulation with the same
+  output quantizers. ``requantize=False`` is exact (above).
+- DepthToSpace on a chain runs on the dequantized values (TensorRT 10 runs no op but Q/DQ on
+  int8 and moves a DQ across a shuffle itself); the weights are int8 initializers on the k-bit
+  grid (``qdq.quantize_weight``) behind a DQ. Not verified on a GPU here: whether TensorRT keeps
+  a shifted conv in INT8 across the ``DQ -> Pad -> Conv`` (the engine's layer report says).
+
+``float_type="fp16"`` makes every float initializer, Q/DQ scale and float op FP16, with a Cast
+after the FP32 input and before the FP32 output: the strongly typed recipe of TensorRT 10 / 11.
+FP16 Q/DQ scales need opset 19, so such graphs are converted to opset >= 19 (the target's
+``max_opset`` must allow it). ``"fp32"`` keeps FP32 at the FP graph's opset (or lower, down to
+``max_opset``): TensorRT 8.5 (opset <= 17) builds it with the legacy INT8 / FP16 flags. A weight
+scale below FP16's normal range makes that conv's weights an FP16 initializer instead
+(``fp16_weights`` in the summary). ONNX Runtime's CPU provider runs the FP16 graphs: 43-56 dB
+against the FP32 simulation on the crops above, HR within 0.06 dB (FP16 rounding of the 0-255
+input alone moves the head's 8-bit grid levels), so FP16 is no bit-exact proxy of the simulation.
+
+ONNX Runtime checks these graphs' numbers only with its graph optimizations off: its optimizer
+rewrites a ``DQ -> Conv`` float bias to int32 on the ``s_x * s_w`` lattice (its QLinearConv
+arithmetic), which moves 2-4-bit grids by whole steps (43-54 dB instead of 61-84 dB above).
+
+:func:`check_tensorrt_graph` validates any graph against these rules and names the offending node.
+Every Q's stored range is in the metadata (``quantizers``), so the checker knows which Q needs a
+Clip.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from compiler.lower.export import MIN_OPSET, conv_nodes, pin_ir_version
+from compiler.lower.qdq import (
+    FLOAT_TYPES,
+    METADATA_KEY,
+    OUTPUT_BITS,
+    Encoding,
+    EngineLayer,
+    GraphEditor,
+    Grid,
+    finish_engine,
+    lower_graph,
+    model_opset,
+    quantize_weight,
+)
+from runtime.errors import ConfigError, EngineError, unknown_name
+
+INT8_MIN, INT8_MAX = -128, 127
+FP16_MIN_OPSET = 19  # FP16 Q/DQ scales (QuantizeLinear-19 / DequantizeLinear-19)
+ZERO_POINT_TYPES = (TensorProto.INT8, TensorProto.FLOAT8E4M3FN)
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+F32 = np.float32
+
+
+def int8_shift(grid: Grid) -> int:
+    """The integer ``k`` closest to 0 with ``[low + k, high + k]`` inside [-128, 127], even
+    where the grid leaves a choice (< 256 levels): rounding half to even then commutes with the
+    shift, so even exact ties land where the simulation puts them."""
+    if grid.high - grid.low > INT8_MAX - INT8_MIN:
+        raise EngineError(f"a grid of {grid.high - grid.low + 1} levels does not fit in int8")
+    lowest, highest = INT8_MIN - grid.low, INT8_MAX - grid.high
+    k = min(max(0, lowest), highest)
+    if k % 2 and lowest < highest:
+        k += 1 if k == lowest else -1
+    return k
+
+
+def _stored(grid: Grid) -> tuple[int, int]:
+    k = int8_shift(grid)
+    return grid.low + k, grid.high + k
+
+
+def _set_ints(node: onnx.NodeProto, name: str, values: Sequence[int]) -> None:
+    for attr in node.attribute:
+        if attr.name == name:
+            del attr.ints[:]
+            attr.ints.extend(values)
+            return
+    node.attribute.append(helper.make_attribute(name, list(values)))
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+class TensorRTEncoding(Encoding):
+    """Symmetric int8 Q/DQ with a float Clip before each narrower Q (module docstring).
+
+    ``weights`` are the float weights of the engine's layers (by layer name), for the bias that
+    compensates a shifted input. ``quantizers`` collects each Q's stored range by node name.
+    """
+
+    dialect = "tensorrt"
+    integer_path = False
+
+    def __init__(self, weights: Mapping[str, npt.NDArray[np.float32]]) -> None:
+        self.weights = weights
+        self.quantizers: dict[str, tuple[int, int]] = {}
+        self.shifts: dict[str, int] = {}
+
+    def output_grid(self, output_range: tuple[float, float], relu: bool) -> Grid:
+        alpha = max(abs(output_range[0]), abs(output_range[1]))
+        grid = Grid.of_bounds((-alpha, alpha), OUTPUT_BITS, symmetric=True)
+        return grid.after_relu() if relu else grid
+
+    def truncated(self, grid: Grid) -> bool:
+        return grid.high - grid.low > INT8_MAX - INT8_MIN
+
+    def quantize(self, g: GraphEditor, tensor: str, grid: Grid, base: str) -> str:
+        k = int8_shift(grid)
+        if k:
+            tensor = _shifted(g, tensor, F32(k) * F32(grid.step), base)
+        low, high = _stored(grid)
+        if (low, high) != (INT8_MIN, INT8_MAX):
+            bounds = [g.constant(f"{base}.{side}", np.array(v * F32(grid.step), dtype=F32))
+                      for side, v in (("low", low), ("high", high))]
+            tensor = g.node("Clip", [tensor, *bounds], f"{base}.clip")
+        scale = g.constant(f"{base}.scale", np.array(grid.step, dtype=F32))
+        zero = g.constant(f"{base}.zero_point", np.array(0, dtype=np.int8))
+        stored = g.node("QuantizeLinear", [tensor, scale, zero], f"{base}.q")
+        self.quantizers[g.graph.node[-1].name] = (low, high)
+        return stored
+
+    def dequantize(self, g: GraphEditor, stored: str, grid: Grid, base: str) -> str:
+        scale = g.constant(f"{base}.scale", np.array(grid.step, dtype=F32))
+        zero = g.constant(f"{base}.zero_point", np.array(0, dtype=np.int8))
+        return g.node("DequantizeLinear", [stored, scale, zero], f"{base}.dq")
+
+    def feed(self, g: GraphEditor, conv: onnx.NodeProto, tensor: str, grid: Grid,
+             layer: EngineLayer) -> None:
+        """The conv reads ``x_q + c``: its padding becomes a Pad with value ``c``, its bias loses
+        ``c * sum(W)`` per output channel."""
+        k = int8_shift(grid)
+        self.shifts[layer.name] = k
+        if k:
+            shift = F32(k) * F32(grid.step)
+            tensor = _pad_outside(g, conv, tensor, shift, f"{layer.name}.input")
+            q, step = quantize_weight(self.weights[layer.name], layer)
+            per_channel = step.reshape(-1, *([1] * (q.ndim - 1))) if step.ndim else step
+            weight_sum = (q.astype(np.float64) * per_channel).reshape(q.shape[0], -1).sum(axis=1)
+            if not _add_to_bias(g, conv, -float(shift) * weight_sum, q.shape[0]):
+                raise EngineError(f"layer {layer.name!r}: its bias is not an initializer; "
+                                  "cannot compensate the int8 shift of its input")
+        conv.input[0] = tensor
+
+    def notes(self, layer: EngineLayer) -> dict[str, Any]:
+        return {"input_shift": self.shifts.get(layer.name, 0)}
+
+
+def _add_to_bias(g: GraphEditor, conv: onnx.NodeProto, delta: npt.NDArray[np.float64] | float,
+                 channels: int | None) -> bool:
+    """Add ``delta`` (per output channel or scalar) to the conv's bias; False if impossible."""
+    if len(conv.input) > 2 and conv.input[2]:
+        name = conv.input[2]
+        if name not in g.inits:
+            return False
+        bias = numpy_helper.to_array(g.inits[name]).astype(np.float64)
+        if len(g.consumers(name)) == 1:
+            g.release(name)
+    else:
+        weight = g.inits.get(conv.input[1])
+        channels = channels or (int(weight.dims[0]) if weight is not None else None)
+        if channels is None:
+            return False
+        name, bias = f"{conv.name}.bias", np.zeros(channels)
+        conv.input.extend([""] * (3 - len(conv.input)))
+    conv.input[2] = g.constant(name, (bias + delta).astype(F32))
+    return True
+
+
+def _shifted(g: GraphEditor, tensor: str, shift: np.float32, base: str) -> str:
+    """``tensor + shift``: in the producing conv's bias when only the quantizer reads it."""
+    producer = g.producer(tensor)
+    if (producer is not None and producer.op_type == "Conv" and len(g.consumers(tensor)) == 1
+            and _add_to_bias(g, producer, float(shift), None)):
+        return tensor
+    return g.node("Add", [tensor, g.constant(f"{base}.shift", np.array(shift, dtype=F32))],
+                  f"{base}.shift")
+
+
+def _pad_outside(g: GraphEditor, conv: onnx.NodeProto, tensor: str, value: np.float32,
+                 base: str) -> str:
+    """Move the conv's zero padding into a Pad of ``tensor`` with ``value`` (conv pads -> 0)."""
+    auto_pad = _attribute(conv, "auto_pad", b"NOTSET")
+    if auto_pad not in (b"NOTSET", b"VALID"):
+        raise EngineError(f"conv {conv.name!r}: auto_pad {auto_pad.decode()} cannot move into a "
+                          "Pad; export with explicit pads")
+    pads = [int(p) for p in _attribute(conv, "pads", [])]
+    if not any(pads):
+        return tensor
+    half = len(pads) // 2
+    onnx_pads = np.array([0, 0, *pads[:half], 0, 0, *pads[half:]], dtype=np.int64)
+    _set_ints(conv, "pads", [0] * len(pads))
+    return g.node("Pad", [tensor, g.constant(f"{base}.pads", onnx_pads),
+                          g.constant(f"{base}.pad_value", np.array(value, dtype=F32))],
+                  f"{base}.pad", mode="constant")
+
+
+# -- opset and float type -----------------------------------------------------------------------
+
+
+def target_opset(current: int, float_type: str, max_opset: int | None) -> int:
+    """The opset of a TensorRT graph: >= 19 for FP16, never above ``max_opset``."""
+    need = FP16_MIN_OPSET if float_type == "fp16" else MIN_OPSET
+    opset = max(current, need)
+    if max_opset is not None:
+        if max_opset < need:
+            raise ConfigError(f"float_type {float_type!r} needs opset >= {need} (FP16 Q/DQ "
+                              f"scales) but the target parses <= {max_opset}: use 'fp32' "
+                              "(legacy FP16 / INT8 builder flags)")
+        opset = min(opset, max_opset)
+    return opset
+
+
+def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    if model_opset(model) == opset:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, opset)
+    except (onnx.version_converter.ConvertError, RuntimeError) as err:  # C++ asserts: Runtime
+        raise EngineError(f"cannot convert the FP graph from opset {model_opset(model)} to "
+                          f"{opset}: {err}") from err
+    return pin_ir_version(converted)
+
+
+def _to_fp16(model: onnx.ModelProto) -> set[str]:
+    """Every float tensor of the graph in FP16; Casts keep the FP32 input and output (in place).
+
+    A weight whose int8 scale is below FP16's normal range (a checkpoint that folded an input
+    scale into its first conv: EDSR x2's ``head.0``, 1.2e-5) would lose up to 0.3% of every
+    weight in a subnormal FP16 scale: it becomes an FP16 initializer of its dequantized values
+    instead (that conv runs FP16, not INT8). Returns the names of those weights.
+    """
+    g = GraphEditor(model.graph)
+    tiny = float(np.finfo(np.float16).tiny)
+    dequantized = set()
+    for node in model.graph.node:
+        if (node.op_type == "DequantizeLinear" and node.input[0] in g.inits
+                and node.input[1] in g.inits):
+            scale = numpy_helper.to_array(g.inits[node.input[1]])
+            if np.abs(scale).min() >= tiny:
+                continue
+            q = numpy_helper.to_array(g.inits[node.input[0]]).astype(F32)
+            axis = int(_attribute(node, "axis", 1)) if scale.ndim else 0
+            shape = [-1 if i == axis else 1 for i in range(q.ndim)] if scale.ndim else []
+            name = node.input[0]
+            if len(g.consumers(name)) == 1:
+                g.release(name)  # the FP16 weight keeps the module's weight name
+            weight = g.constant(name, (q * scale.reshape(shape)).astype(F32))
+            for reader in g.consumers(node.output[0]):
+                reader.input[:] = [weight if i == node.output[0] else i for i in reader.input]
+            g.drop(node)
+            dequantized.add(name)
+    for tensor in model.graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT:
+            _tensor_to_fp16(tensor)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
+                    _tensor_to_fp16(attr.t)
+        elif node.op_type == "Cast" and _attribute(node, "to", 0) == TensorProto.FLOAT:
+            next(a for a in node.attribute if a.name == "to").i = TensorProto.FLOAT16
+    floats = [i.name for i in model.graph.input
+              if i.type.tensor_type.elem_type == TensorProto.FLOAT]
+    for name in floats:
+        half = g.fresh(f"{name}.fp16")
+        for node in model.graph.node:
+            node.input[:] = [half if i == name else i for i in node.input]
+        model.graph.node.append(helper.make_node("Cast", [name], [half], g.fresh(f"{name}.cast"),
+                                                 to=TensorProto.FLOAT16))
+    for output in model.graph.output:
+        if output.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        half = g.fresh(f"{output.name}.fp16")
+        for node in model.graph.node:
+            node.input[:] = [half if i == output.name else i for i in node.input]
+            node.output[:] = [half if o == output.name else o for o in node.output]
+        model.graph.node.append(helper.make_node("Cast", [half], [output.name],
+                                                 g.fresh(f"{output.name}.cast"),
+                                                 to=TensorProto.FLOAT))
+    g.finish()
+    return dequantized
+
+
+def _tensor_to_fp16(tensor: onnx.TensorProto) -> None:
+    values = numpy_helper.to_array(tensor)
+    half = values.astype(np.float16)
+    if not np.all(np.isfinite(half)) and np.all(np.isfinite(values)):
+        raise EngineError(f"tensor {tensor.name!r} overflows FP16 (max |value| "
+                          f"{float(np.abs(values).max()):.4g} > 65504)")
+    tensor.CopyFrom(numpy_helper.from_array(half, tensor.name))
+
+
+# -- lowering -----------------------------------------------------------------------------------
+
+
+def lower_tensorrt(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], *,
+                   requantize: bool = True, float_type: str = "fp32",
+                   max_opset: int | None = None) -> onnx.ModelProto:
+    """The TensorRT-dialect engine of ``layers`` (see the module docstring); it passes
+    :func:`check_tensorrt_graph` at its own opset, which is at most ``max_opset``."""
+    if float_type not in FLOAT_TYPES:
+        raise ConfigError(unknown_name("float type", float_type, FLOAT_TYPES))
+    opset = target_opset(model_opset(fp_model), float_type, max_opset)
+    fp = _convert_opset(fp_model, opset)
+    inits = {t.name: t for t in fp.graph.initializer}
+    weights = {}
+    for name, conv in conv_nodes(fp.graph, [layer.name for layer in layers]).items():
+        if conv.input[1] not in inits:
+            raise EngineError(f"layer {name!r}: conv weight {conv.input[1]!r} is not an "
+                              "initializer; export with constant weights")
+        weights[name] = numpy_helper.to_array(inits[conv.input[1]]).astype(F32)
+    encoding = TensorRTEncoding(weights)
+    model, summary = lower_graph(fp, layers, encoding, requantize=requantize)
+    if float_type == "fp16":
+        fp16_weights = _to_fp16(model)
+        for entry in summary:
+            entry["fp16_weights"] = f"{entry['name']}.weight" in fp16_weights
+    finish_engine(model, encoding.dialect, summary, float_type=float_type, opset=opset,
+                  quantizers={name: list(r) for name, r in encoding.quantizers.items()})
+    check_tensorrt_graph(model, opset)
+    return model
+
+
+# -- the checker --------------------------------------------------------------------------------
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, npt.NDArray[Any]]:
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            tensor = _attribute(node, "value", None)
+            if isinstance(tensor, onnx.TensorProto):
+                values[node.output[0]] = numpy_helper.to_array(tensor)
+    return values
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor ONNX shape inference can type (inputs, outputs, values)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, RuntimeError):  # broken: what is declared
+        inferred = model
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*graph.input, *graph.output, *graph.value_info]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
+
+
+def _lowering_facts(model: onnx.ModelProto) -> dict[str, Any]:
+    props = {p.key: p.value for p in model.metadata_props}
+    facts: dict[str, Any] = json.loads(props[METADATA_KEY]) if METADATA_KEY in props else {}
+    return facts
+
+
+class _Checker:
+    """What the rules need to know of a graph; each ``check_*`` raises on a broken rule."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.consts = _constants(graph)
+        self.producers = {out: node for node in graph.node for out in node.output}
+        self.types = _tensor_types(model)
+        facts = _lowering_facts(model)
+        self.quantizers: dict[str, list[int]] | None = facts.get("quantizers")
+        self.float_type = facts.get("float_type")
+
+    def constant(self, node: onnx.NodeProto, where: str, index: int, what: str
+                 ) -> npt.NDArray[Any]:
+        name = node.input[index]
+        if name not in self.consts:
+            source = self.producers.get(name)
+            made = f"computed by node {source.name!r} ({source.op_type})" if source else "an input"
+            raise EngineError(f"{where}: {what} {name!r} is {made}; TensorRT needs a constant "
+                              f"{what} (an initializer or a Constant node)")
+        return self.consts[name]
+
+    def check_qdq(self, node: onnx.NodeProto, where: str) -> None:
+        quantize = node.op_type == "QuantizeLinear"
+        scale = self.constant(node, where, 1, "scale")
+        if len(node.input) < 3 or not node.input[2]:
+            output_dtype = _attribute(node, "output_dtype", 0)
+            if quantize and output_dtype not in ZERO_POINT_TYPES:
+                raise EngineError(f"{where}: no zero point, so ONNX quantizes to uint8; TensorRT "
+                                  "needs an int8 zero point 0")
+        else:
+            zero = self.constant(node, where, 2, "zero point")
+            dtype = helper.np_dtype_to_tensor_dtype(zero.dtype)
+            if dtype not in ZERO_POINT_TYPES:
+                raise EngineError(f"{where}: zero point is {TensorProto.DataType.Name(dtype)}; "
+                                  "TensorRT needs int8 (or float8e4m3fn)")
+            if np.any(zero.astype(np.float32) != 0):
+                value = zero.ravel()[np.flatnonzero(zero.astype(np.float32))[0]]
+                raise EngineError(f"{where}: zero point {value} must be 0 for TensorRT")
+        weight = not quantize and node.input[0] in self.consts
+        if scale.size != 1:
+            axis = _attribute(node, "axis", 1)
+            channels = self.consts[node.input[0]].shape[0] if weight else None
+            if not weight:
+                raise EngineError(f"{where}: per-channel activation scale (shape "
+                                  f"{list(scale.shape)}); TensorRT quantizes activations per "
+                                  "tensor (a scalar scale)")
+            if axis != 0 or scale.ndim != 1 or scale.shape[0] != channels:
+                raise EngineError(f"{where}: weight scale of shape {list(scale.shape)} on axis "
+                                  f"{axis}; TensorRT needs per tensor or per output channel "
+                                  f"(axis 0, {channels} scales)")
+        if quantize:
+            self.check_clip(node, where, float(scale.ravel()[0]))
+
+    def check_clip(self, node: onnx.NodeProto, where: str, scale: float) -> None:
+        if self.quantizers is None:
+            return  # not a lowered graph: no grid to check against
+        if node.name not in self.quantizers:
+            raise EngineError(f"{where}: no grid recorded for this Q in the lowering metadata")
+        low, high = self.quantizers[node.name]
+        if (low, high) == (INT8_MIN, INT8_MAX):
+            return
+        clip = self.producers.get(node.input[0])
+        if clip is None or clip.op_type != "Clip":
+            source = f"node {clip.name!r} ({clip.op_type})" if clip else "a graph input"
+            raise EngineError(f"{where}: grid [{low}, {high}] is narrower than int8 but its "
+                              f"input comes from {source}, not a Clip; TensorRT's Q saturates "
+                              "only at [-128, 127]")
+        if len(clip.input) < 3 or not (clip.input[1] and clip.input[2]):
+            raise EngineError(f"{where}: Clip {clip.name!r} before this Q lacks a bound; the "
+                              f"grid [{low}, {high}] needs both")
+        bounds = [float(self.constant(clip, f"node {clip.name!r} (Clip)", i, "bound").ravel()[0])
+                  for i in (1, 2)]
+        found = [round(b / scale) for b in bounds]
+        if found != [low, high]:
+            raise EngineError(f"{where}: Clip {clip.name!r} keeps levels {found}, not the grid "
+                              f"[{low}, {high}]")
+
+    def check_pad(self, node: onnx.NodeProto, where: str) -> None:
+        mode = _attribute(node, "mode", b"constant")
+        if mode != b"constant":
+            raise EngineError(f"{where}: mode {mode.decode()}; a shift's Pad must be 'constant'")
+        for index, what in ((1, "pads"), (2, "pad value"), (3, "axes")):
+            if len(node.input) > index and node.input[index]:
+                self.constant(node, where, index, what)
+
+    def check_types(self, node: onnx.NodeProto, where: str) -> None:
+        for out in node.output:
+            if self.types.get(out) == TensorProto.UINT8:
+                raise EngineError(f"{where}: output {out!r} is uint8; TensorRT Q/DQ graphs use "
+                                  "int8 only")
+
+
+def check_tensorrt_graph(model: onnx.ModelProto, max_opset: int) -> None:
+    """Raise :class:`EngineError` naming the node (and the rule) of the first TensorRT violation.
+
+    Rules: default-domain opset <= ``max_opset``, no other domains; every Q/DQ zero point 0 and
+    int8 (float8e4m3fn allowed), a Q's zero point present (else uint8); scales and zero points
+    constant; activation scales per tensor, weight scales per tensor or per output channel on
+    axis 0; no uint8 tensor; in a lowered graph, every Q whose recorded grid is narrower than int8
+    reads a Clip with constant bounds on that grid; Pads constant-mode with constant inputs; an
+    FP16 graph holds no FP32 initializer.
+    """
+    for op in model.opset_import:
+        if op.domain not in DEFAULT_DOMAINS:
+            raise EngineError(f"model: operator domain {op.domain!r} is not parsed by TensorRT "
+                              "(no plugins here)")
+        if op.version > max_opset:
+            raise EngineError(f"model: opset {op.version} is above the target's max_opset "
+                              f"{max_opset}; lower with max_opset={max_opset}")
+    checker = _Checker(model)
+    for node in model.graph.node:
+        where = f"node {node.name!r} ({node.op_type})"
+        if node.domain not in DEFAULT_DOMAINS:
+            raise EngineError(f"{where}: domain {node.domain!r} is not parsed by TensorRT")
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            checker.check_qdq(node, where)
+        elif node.op_type == "Pad":
+            checker.check_pad(node, where)
+        checker.check_types(node, where)
+    for tensor in model.graph.initializer:
+        if tensor.data_type == TensorProto.UINT8:
+            raise EngineError(f"initializer {tensor.name!r} is uint8; TensorRT Q/DQ graphs use "
+                              "int8 only")
+        if checker.float_type == "fp16" and tensor.data_type == TensorProto.FLOAT:
+            raise EngineError(f"initializer {tensor.name!r} is FP32 in an FP16 graph; a strongly "
+                              "typed build would run its consumer in FP32")

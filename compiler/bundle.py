@@ -87,8 +87,10 @@ def _check_widening(fp: onnx.ModelProto, planned: PlannedEngine, patches: np.nda
     """Whether the widened engine is no worse than the exact one (vs FP), and the numbers."""
     assert planned.exact is not None
     reference = _run_graph(fp, scratch / "fp.onnx", patches, scale)
-    widened = _run_graph(lower_engine(fp, planned.specs), scratch / "widened.onnx", patches, scale)
-    exact = _run_graph(lower_engine(fp, planned.exact), scratch / "exact.onnx", patches, scale)
+    widened = _run_graph(lower_engine(fp, planned.specs, streams=False),
+                         scratch / "widened.onnx", patches, scale)
+    exact = _run_graph(lower_engine(fp, planned.exact, streams=False), scratch / "exact.onnx",
+                       patches, scale)
     p_wide, p_exact = _psnr(widened, reference), _psnr(exact, reference)
     keep = p_wide >= p_exact
     note = (f"8-bit grids {'kept' if keep else 'rejected'}: PSNR vs FP on {len(patches)} "
@@ -99,7 +101,10 @@ def _check_widening(fp: onnx.ModelProto, planned: PlannedEngine, patches: np.nda
 def _lower(fp: onnx.ModelProto, planned: PlannedEngine, plan: EnginePlan) -> onnx.ModelProto:
     target = plan.target
     if target.backend == "onnxruntime":
-        return fp if planned.reference else lower_engine(fp, planned.specs)
+        # emulate: exact placement (no requantized outputs), to verify the simulated accuracy
+        # on integer kernels; hardware: every conv INT8 end to end, for speed
+        return fp if planned.reference else lower_engine(
+            fp, planned.specs, requantize=plan.ladder == "hardware")
     float_type = "fp16" if target.strongly_typed and target.top_precision == "fp16" else "fp32"
     model = lower_engine(fp, planned.specs, dialect="tensorrt", float_type=float_type,
                          max_opset=target.max_opset)

@@ -109,10 +109,21 @@ def _offset_engine(record: Mapping[str, Any], offset: int, target: Target, ladde
         for s in exact)
     specs = exact
     if ladder == "hardware" and widen:
-        specs = tuple(replace(s, act_bits=8.0, w_bits=8) if k == "int8" else s
+        specs = tuple(_widened(s) if k == "int8" else s
                       for s, k in zip(exact, kernels, strict=True))
     layers = tuple(layer_plan(s, k) for s, k in zip(specs, kernels, strict=True))
     return specs, (exact if specs != exact else None), layers
+
+
+def _widened(spec: EngineLayer) -> EngineLayer:
+    """The 8-bit grid on the same bounds, stretched to contain 0.
+
+    A low-bit grid whose learned lower bound sits just above 0 (after a ReLU) still rounds 0 to
+    its lowest level (zero point 0); at 8 bits the same bounds give a zero point of -1 or -2,
+    so every ReLU zero would become a small positive value: the widened grid includes 0.
+    """
+    bounds = (min(spec.bounds[0], 0.0), max(spec.bounds[1], 0.0))
+    return replace(spec, act_bits=8.0, w_bits=8, bounds=bounds)
 
 
 def _summary_precision(layers: Sequence[LayerPlan]) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx.version_converter
 import torch
 
 from compiler.zoo.base import SRNet
@@ -80,12 +81,32 @@ def export_onnx(model: SRNet, tile: int | tuple[int, int], *, opset: int = DEFAU
         model.train(was_training)
     if program is None:
         raise EngineError("torch.onnx.export returned no ONNX program")
-    proto = pin_ir_version(program.model_proto)
+    proto = program.model_proto
     found = [op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")]
+    if found and found[0] > opset:  # torch's own down-conversion gave up (e.g. ReduceMean 18)
+        try:
+            proto = onnx.version_converter.convert_version(proto, opset)
+        except Exception as err:  # the converter raises plain RuntimeErrors
+            raise EngineError(f"cannot convert the exported opset {found[0]} graph to opset "
+                              f"{opset}: {err}") from err
+        found = [op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")]
+        _drop_new_reduce_attributes(proto)
+    proto = pin_ir_version(proto)
     if found != [opset]:
         raise EngineError(f"the exporter wrote opset {found}, not the requested {opset}")
     conv_nodes(proto.graph, [*model.adaptive_convs(), *model.fixed_convs()])  # fail now
     return proto
+
+
+def _drop_new_reduce_attributes(model: onnx.ModelProto) -> None:
+    """The converter leaves opset 18's ``noop_with_empty_axes`` on Reduce* nodes it moved below
+    18, where the attribute does not exist; its default (0) is the older opsets' behaviour."""
+    for node in model.graph.node:
+        if node.op_type.startswith("Reduce") and node.op_type != "ReduceSum":
+            kept = [a for a in node.attribute
+                    if not (a.name == "noop_with_empty_axes" and a.i == 0)]
+            del node.attribute[:]
+            node.attribute.extend(kept)
 
 
 @contextlib.contextmanager

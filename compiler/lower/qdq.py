@@ -89,7 +89,8 @@ class EngineLayer:
     ``act_bits`` above 8 means the conv's input stays float; ``bounds`` are the activation
     bounds (l, u) after freezing a DDTB gate (``frozen_gate``), read as ``[-a, a]`` with
     ``a = max(|l|, |u|)`` when ``symmetric``; ``w_clip`` is one clip or one per output channel;
-    ``output_range`` is the FP range of the conv's output (calibration).
+    ``output_range`` / ``input_range`` are the FP ranges of the conv's output and input
+    (calibration; ``input_range`` sets the grid of a shared residual stream, see ``lower_graph``).
     """
 
     name: str
@@ -98,6 +99,7 @@ class EngineLayer:
     w_bits: int
     w_clip: float | tuple[float, ...]
     output_range: tuple[float, float] | None = None
+    input_range: tuple[float, float] | None = None
     frozen_gate: bool = False
     symmetric: bool = False
 
@@ -147,13 +149,14 @@ def engine_layers(record: Mapping[str, Any], d_img: int) -> tuple[EngineLayer, .
     for layer in record["layers"]:
         bounds, frozen = _frozen_bounds(layer)
         clip = layer["w_clip"]
-        out_range = layer.get("output_range")
+        out_range, in_range = layer.get("output_range"), layer.get("input_range")
         out.append(EngineLayer(
             name=layer["name"],
             act_bits=float(next(bits)) if layer["kind"] == "adaptive" else float(FIXED_BITS),
             bounds=bounds, w_bits=int(layer["w_bits"]),
             w_clip=tuple(float(c) for c in clip) if isinstance(clip, list) else float(clip),
             output_range=(float(out_range[0]), float(out_range[1])) if out_range else None,
+            input_range=(float(in_range[0]), float(in_range[1])) if in_range else None,
             frozen_gate=frozen, symmetric=bool(record["settings"].get("symmetric", False))))
     return tuple(out)
 
@@ -355,6 +358,83 @@ def _chain_of(g: GraphEditor, conv: onnx.NodeProto, targets: Mapping[str, onnx.N
     return None
 
 
+def _streams(g: GraphEditor, convs: Mapping[str, onnx.NodeProto],
+             layers: Mapping[str, EngineLayer]) -> dict[str, tuple[float, float]]:
+    """Convs at 8 bits whose input is a residual stream: an Add output that other nodes read too.
+
+    Quantizing the stream once, on the conv's 8-bit grid widened to the stream's calibrated FP
+    range (``input_range``), lets every Add of the stream run on uint8 (QLinearAdd) and keeps
+    the skip path unclipped. Returns conv name -> the widened bounds.
+    """
+    found = {}
+    for name, conv in convs.items():
+        layer = layers[name]
+        producer = g.producer(conv.input[0])
+        if (layer.act_bits == MAX_INT_BITS and layer.input_range is not None
+                and not layer.frozen_gate and not layer.symmetric
+                and producer is not None and producer.op_type == "Add"
+                and len(g.consumers(conv.input[0])) > 1):
+            found[name] = (min(layer.bounds[0], layer.input_range[0]),
+                           max(layer.bounds[1], layer.input_range[1]))
+    return found
+
+
+def _image_grid_output(g: GraphEditor, conv: onnx.NodeProto) -> str | None:
+    """Quantize an RGB conv's output on the final image's own 8-bit grid: exact, and INT8.
+
+    When the graph output is ``y / c`` (or ``y * m``), possibly through DepthToSpace and an
+    identity-weight 1x1 conv that only adds a constant per channel (EDSR's ``add_mean``, folded
+    into this conv's bias), the output image is ``round(255 * y / c)``: a uint8 Q with scale
+    ``c / 255`` and zero point 0 after the conv rounds to the same values the runtime rounds
+    the output to, so it costs no accuracy (and the simulation needs no change), and the conv
+    runs as QLinearConv instead of FP32 on a dequantized input.
+    """
+    path, tensor, divisor, fold = [], conv.output[0], 1.0, None
+    while tensor not in g.outputs:
+        readers = g.consumers(tensor)
+        if len(readers) != 1:
+            return None
+        node = readers[0]
+        if node.op_type == "DepthToSpace":
+            pass
+        elif node.op_type in ("Div", "Mul") and node.input[0] == tensor:
+            value = g.inits.get(node.input[1])
+            if value is None or numpy_helper.to_array(value).size != 1:
+                return None
+            factor = float(numpy_helper.to_array(value).reshape(()))
+            divisor *= factor if node.op_type == "Div" else 1 / factor
+        elif node.op_type == "Conv" and fold is None and node is not conv and len(node.input) == 3:
+            weight, bias = (g.inits.get(node.input[i]) for i in (1, 2))
+            if weight is None or bias is None:
+                return None
+            w = numpy_helper.to_array(weight)
+            channels = w.shape[0]
+            if w.shape != (channels, channels, 1, 1) or not np.array_equal(
+                    w[:, :, 0, 0], np.eye(channels, dtype=w.dtype)):
+                return None
+            fold = node
+        else:
+            return None
+        path.append(node)
+        tensor = node.output[0]
+    if not 0 < divisor < math.inf or len(conv.input) < 3 or conv.input[2] not in g.inits:
+        return None
+    if fold is not None:  # y + b_fold: add the constant to this conv's bias, drop the 1x1 conv
+        bias = numpy_helper.to_array(g.inits[conv.input[2]]).astype(F32)
+        extra = numpy_helper.to_array(g.inits[fold.input[2]]).astype(F32)
+        conv.input[2] = g.constant(f"{conv.input[2]}.folded", bias + extra)
+        g.drop(fold)
+        for node in g.consumers(fold.output[0]):
+            node.input[:] = [conv.output[0] if t == fold.output[0] else t for t in node.input]
+    grid = Grid(step=divisor / UINT8_MAX, low=0, high=UINT8_MAX)
+    readers = g.consumers(conv.output[0])
+    out = g.dequantize(g.quantize(conv.output[0], grid, f"{conv.output[0]}.image"), grid,
+                       f"{conv.output[0]}.image")
+    for node in readers:
+        node.input[:] = [out if t == conv.output[0] else t for t in node.input]
+    return "the output image's 8-bit grid (exact)"
+
+
 def _is_thin(g: GraphEditor, conv: onnx.NodeProto) -> bool:
     """An RGB-output conv: its 8-bit requantization error would land on the image itself."""
     weight = g.inits.get(conv.input[1])
@@ -389,6 +469,7 @@ class Encoding:
 
     dialect = "ort"
     integer_path = True
+    shares_streams = True  # residual streams on the 8-bit grid of the conv they feed
 
     def input_grid(self, layer: EngineLayer) -> Grid:
         """The grid of a quantized conv's input (the simulated quantizer's)."""
@@ -422,8 +503,10 @@ class Encoding:
 
 def lower_engine(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], dialect: str = "ort",
                  *, requantize: bool = True, float_type: str = "fp32",
-                 max_opset: int | None = None) -> onnx.ModelProto:
+                 max_opset: int | None = None, streams: bool = True) -> onnx.ModelProto:
     """The FP graph with the Q/DQ of ``layers`` (placement: see the module docstring).
+
+    ``streams=False`` keeps residual streams float even at 8 bits (see ``_streams``).
 
     ``requantize=False`` leaves float every output that does not feed a quantized conv: an
     exact engine in which those convs run in FP32 (slower than the FP32 graph on ORT).
@@ -445,7 +528,8 @@ def lower_engine(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], diale
         raise ConfigError(f"the ort dialect keeps the FP graph's FP32 and opset {opset}: got "
                           f"float_type {float_type!r}, max_opset {max_opset}; allowed: fp32, "
                           f"max_opset >= {opset}")
-    model, summary = lower_graph(fp_model, layers, Encoding(), requantize=requantize)
+    model, summary = lower_graph(fp_model, layers, Encoding(), requantize=requantize,
+                                 streams=streams)
     return finish_engine(model, dialect, summary)
 
 
@@ -459,7 +543,8 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 
 def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encoding: Encoding,
-                *, requantize: bool = True) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+                *, requantize: bool = True, streams: bool = True
+                ) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
     """A copy of ``fp_model`` with the Q/DQ of ``layers`` written by ``encoding``, and the
     per-layer placement summary (not yet in the metadata: see :func:`finish_engine`)."""
     by_name = {layer.name: layer for layer in layers}
@@ -471,6 +556,10 @@ def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encodi
     convs = conv_nodes(model.graph, list(by_name))
     grids = {name: encoding.input_grid(layer)
              for name, layer in by_name.items() if layer.quantizes_input}
+    shared = streams and requantize and encoding.shares_streams
+    stream_bounds = _streams(g, convs, by_name) if shared else {}
+    for name, bounds in stream_bounds.items():
+        grids[name] = encoding.input_grid(replace(by_name[name], bounds=bounds))
     targets = {name: convs[name] for name in grids}
     chains = {name: _chain_of(g, conv, targets) for name, conv in convs.items()}
     placement = {name: "float" for name in by_name}
@@ -484,16 +573,31 @@ def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encodi
         layer = by_name[name]
         if name in grids and name not in fed:
             base = f"{name}.input"
-            stored = encoding.quantize(g, conv.input[0], grids[name], base)
-            encoding.feed(g, conv, encoding.dequantize(g, stored, grids[name], base),
-                          grids[name], layer)
-        if (requantize and chains[name] is None and layer.quantizes_input
+            source = conv.input[0]
+            readers = [node for node in g.consumers(source) if node is not conv]
+            stored = encoding.quantize(g, source, grids[name], base)
+            dequantized = encoding.dequantize(g, stored, grids[name], base)
+            encoding.feed(g, conv, dequantized, grids[name], layer)
+            if name in stream_bounds:  # the stream's other readers take the quantized values too
+                for node in readers:
+                    node.input[:] = [dequantized if t == source else t for t in node.input]
+        image = None
+        if (requantize and encoding.shares_streams and chains[name] is None
+                and layer.quantizes_input):
+            image = _image_grid_output(g, conv)
+        if image is not None:
+            placement[name] = image
+        elif (requantize and chains[name] is None and layer.quantizes_input
                 and layer.output_range is not None and not _is_thin(g, conv)):
             placement[name] = _lower_output(g, encoding, conv, layer)
         _lower_weight(g, conv, layer)
     g.finish()
     summary = [{"name": layer.name, "act_bits": layer.act_bits, "frozen_gate": layer.frozen_gate,
                 "output": placement[layer.name],
+                "stream_bounds": (list(stream_bounds[layer.name])
+                                  if layer.name in stream_bounds else None),
+                "input_bounds": (list(stream_bounds.get(layer.name, layer.bounds))
+                                 if layer.quantizes_input else None),
                 "truncated_grid": layer.name in grids and encoding.truncated(grids[layer.name]),
                 **encoding.notes(layer)}
                for layer in layers]

@@ -125,6 +125,8 @@ class TensorRTEncoding(Encoding):
     compensates a shifted input. ``quantizers`` collects each Q's stored range by node name.
     """
 
+    shares_streams = False  # not measured on TensorRT: streams stay float between Q/DQ
+
     dialect = "tensorrt"
     integer_path = False
 

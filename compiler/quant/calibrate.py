@@ -413,6 +413,7 @@ class Calibrator:
             training = self.train(patches, teacher)
         for name, conv in self.qnet.qconvs():
             conv.output_range = (stats[name].out_min, stats[name].out_max)
+            conv.input_range = (stats[name].global_min, stats[name].global_max)
             if conv.gate is not None:
                 with torch.no_grad():
                     conv.gate_mean = tuple(self._mean_gate(conv, patches))

@@ -77,6 +77,7 @@ class QConv2d(nn.Module):
         self.gate: DynamicGate | None = None
         self.layer_index = layer_index  # None: a fixed (8-bit) layer
         self.output_range: tuple[float, float] | None = None  # FP output min/max (calibration)
+        self.input_range: tuple[float, float] | None = None  # FP input min/max (calibration)
         self.gate_mean: tuple[float, ...] | None = None  # DDTB: mean (scale_l, scale_u)
         self.forced_bits: float | None = None  # simulate one engine's per-layer bits (> 8: float)
         self.output_bounds: tuple[float, float] | None = None  # an engine's 8-bit output requant

@@ -55,6 +55,7 @@ def record_of(qnet: QuantizedSR, loaded: LoadedModel,
             "a_bounds": [conv.act_quant.lower.item(), conv.act_quant.upper.item()],
             "layer_offset": 0 if conv.layer_index is None else offsets[conv.layer_index],
             "output_range": list(conv.output_range) if conv.output_range else None,
+            "input_range": list(conv.input_range) if conv.input_range else None,
             "gate": gate,
         })
     s = qnet.settings
@@ -119,6 +120,8 @@ def apply_record(loaded: LoadedModel, record: dict[str, Any]) -> QuantizedSR:
                 qnet.layer_to_bit.offsets[conv.layer_index] = float(layer["layer_offset"])
             if layer.get("output_range"):
                 conv.output_range = tuple(layer["output_range"])
+            if layer.get("input_range"):
+                conv.input_range = tuple(layer["input_range"])
             if layer["gate"] is not None:
                 gate = DynamicGate(int(layer["gate"]["channels"]))
                 gate.load_state_dict({src: torch.tensor(layer["gate"][key])

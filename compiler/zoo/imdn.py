@@ -66,11 +66,13 @@ class IMDModule(nn.Module):
         self.cca = CCALayer(self.distilled * 4)
 
     def forward(self, x: Tensor) -> Tensor:
-        split = [self.distilled, self.remaining]
         kept = []
         rest = x
         for stage in (self.c1, self.c2, self.c3):
-            d, rest = torch.split(self.act(stage(rest)), split, dim=1)
+            # slicing, not torch.split: the same values, and it exports as Slice, which ONNX
+            # opset 17 has (Split with num_outputs is opset 18; TensorRT 8.5 parses <= 17)
+            y = self.act(stage(rest))
+            d, rest = y[:, :self.distilled], y[:, self.distilled:]
             kept.append(d)
         out = torch.cat([*kept, self.c4(rest)], dim=1)
         fused: Tensor = self.c5(self.cca(out))

@@ -2,7 +2,7 @@
 
 Session settings: full graph optimisation (QDQ -> QLinearConv fusion, NCHWc layouts), sequential
 execution, ``threads`` intra-op threads (0 = ONNX Runtime's default: one per physical core), one
-inter-op thread. ``onnxruntime`` is imported on activation only.
+inter-op thread, no spin-waiting. ``onnxruntime`` is imported on activation only.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ def session_options(threads: int) -> Any:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # No spin-waiting: a bundle holds several sessions in one process (one per engine) and
+    # spinning pools of idle sessions steal the cores of the running one. Measured here on
+    # EDSR x2 256x256, 2 threads: INT8 177 -> 158 ms, adaptive dispatch +25% -> +2% over one
+    # engine (benchmarks/engine_speed.py, profiles).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

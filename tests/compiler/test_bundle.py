@@ -247,3 +247,22 @@ def test_tensorrt_target_writes_the_portable_half(tiny: tuple[Path, Path],
         assert spec.input_shape == (8, 3, 16, 16)
     with pytest.raises(BundleError, match="adasr build --finish"):
         open_bundle(out)
+
+
+def test_hardware_engine_is_int8_end_to_end(bundles: dict[str, Path]) -> None:
+    """Widened 8-bit grids: residual streams shared (QLinearAdd), every conv a QLinearConv
+    (the RGB tail too, on the output image's own grid), and the engine's 0..1 output lies on
+    the k/255 image grid exactly."""
+    from compiler.lower.qdq import ort_fused_layers
+
+    root = bundles["w8a6_fq-hardware"]
+    spec = read_manifest(root).engine("int8")
+    graph = onnx.load(root / spec.onnx.path)
+    summary = {s["name"]: s for s in lowering_summary(graph)}
+    assert summary["body.1.body.0"]["stream_bounds"] is not None
+    assert summary["tail.1"]["output"].startswith("the output image")
+    assert ort_fused_layers(graph) == set(summary)
+    with open_bundle(root).engine("int8", threads=1) as engine:
+        x = np.random.default_rng(0).random((1, 3, 12, 12), dtype=np.float32)
+        out = engine.infer(x) * 255
+    assert np.abs(out - np.round(out)).max() < 1e-3

@@ -119,9 +119,12 @@ def test_engine_matches_simulation(tiny: tuple[Path, Path], fp_model: onnx.Model
     check_tensorrt_graph(fp16, ORIN_OPSET)
     assert _opset(fp16) == 19
     assert _parity(fp16, qnet, inputs) >= MIN_PSNR
-    # the placement is the ORT dialect's; only the encoding differs
+    # the placement is the ORT dialect's; only the encoding differs (the ORT dialect also puts
+    # the RGB output conv on the image's own grid, which the TensorRT dialect leaves float)
     ort_summary = lowering_summary(lower_engine(fp_model, layers))
-    assert [s["output"] for s in lowering_summary(fp32)] == [s["output"] for s in ort_summary]
+    ort_outputs = ["float" if s["output"].startswith("the output image") else s["output"]
+                   for s in ort_summary]
+    assert [s["output"] for s in lowering_summary(fp32)] == ort_outputs
 
 
 def test_eight_bit_asymmetric_grids_are_shifted(records: dict[str, dict[str, Any]],

@@ -100,12 +100,16 @@ def nearest_onnx(scale: int, bias: float) -> bytes:
     return bytes(model.SerializeToString())
 
 
-@pytest.fixture
-def tiny_bundle(tmp_path: Path) -> Path:
-    """A real bundle folder (ONNX Runtime engines a4 / a6 / fp32, see ENGINES) in tmp_path."""
-    root = tmp_path / "tiny-cpu-x86"
+def write_tiny_bundle(root: Path) -> Path:
+    """Write the tiny bundle (ONNX Runtime engines a4 / a6 / fp32, see ENGINES) at ``root``."""
     for name, (_, _, bias) in ENGINES.items():
         atomic_write_bytes(root / "engines" / f"{name}.onnx", nearest_onnx(SCALE, bias))
     atomic_write_bytes(root / "calibration.json", b'{"schema": "adasr.calibration/1"}\n')
     write_manifest(root, make_manifest(root=root, machine=(platform.machine(),)))
     return root
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path: Path) -> Path:
+    """A real bundle folder (ONNX Runtime engines a4 / a6 / fp32, see ENGINES) in tmp_path."""
+    return write_tiny_bundle(tmp_path / "tiny-cpu-x86")

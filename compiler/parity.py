@@ -7,7 +7,8 @@ widths, or the full-precision network for the reference engine. Where the ONNX R
 requantized a conv output to 8 bits for speed (placement ``8-bit output range`` in the engine's
 lowering summary), the simulation quantizes that output the same way (``QConv2d.output_bounds``:
 the calibrated range widened to contain 0, ``[0, hi]`` when a ReLU was folded; symmetric on
-``max(|lo|, |hi|)`` in the TensorRT dialect), its bias on the int32 lattice, and residual streams
+``max(|lo|, |hi|)`` in the TensorRT dialect), its bias on the int32 lattice where a Q follows the
+conv (ONNX Runtime quantizes the bias of those only), and residual streams
 quantized where they are made (``stream_bounds``: every reader of the stream, the skip path too,
 takes the values on the 8-bit grid of the conv it feeds): the engine's
 arithmetic, which the papers' simulation does not have. ``benchmarks/bundle_parity.py`` reports
@@ -51,10 +52,13 @@ def simulate_engine(weights: Path, record: Mapping[str, Any], spec: EngineSpec,
         conv = convs[layer.name]
         conv.forced_bits = FLOAT_BITS if layer.act_bits is None else float(layer.act_bits)
         conv.weight_quant.bits = int(FLOAT_BITS) if layer.w_bits is None else layer.w_bits
-        conv.integer_bias = True
+        conv.integer_bias = summary is None  # refined per layer from the summary below
     ranges = {layer["name"]: layer.get("output_range") for layer in record["layers"]}
     for entry in summary or ():
         placement = str(entry.get("output", ""))
+        # ONNX Runtime turns a conv's bias into int32 on the s_x * s_w lattice only when a Q
+        # follows the conv (a full QDQ group, run as QLinearConv); a float output keeps it float
+        convs[entry["name"]].integer_bias = placement != "float"
         if placement.startswith("8-bit output range"):
             low, high = ranges[entry["name"]]
             relu = "ReLU folded" in placement

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -24,3 +26,19 @@ def table(rows: list[list[str]], header: list[str]) -> str:
              for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def edsr_record(calibration: Path | None, steps: int) -> dict[str, Any]:
+    """The EDSR x2 AdaBM W8A6 FQ record the bundle benchmarks build from: ``calibration`` when
+    given, else calibrated now on ../shared/data/calibration (bicubic-downscaled x2)."""
+    if calibration is not None:
+        record: dict[str, Any] = json.loads(calibration.read_text())
+        return record
+    from compiler.quant.calibrate import CalibrationConfig, calibrate
+    from compiler.quant.qmodel import QuantSettings
+    from compiler.zoo import load_model
+
+    settings = QuantSettings(method="adabm", wbits=8, abits=6, fq=True)
+    return calibrate(load_model(shared("weights/edsr_r8f64_x2_krasserm.pt")), settings,
+                     CalibrationConfig(steps=steps, downscale=2),
+                     shared("calibration/sun_hays8")).record

@@ -19,7 +19,6 @@ Ends with ``throughput_vs_fp32=<float> psnr_gap_db=<float> overhead_pct=<float>`
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -27,19 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import REPO, shared, table
+from common import REPO, edsr_record, shared, table
 
 from compiler.bundle import write_bundle
 from compiler.plan import plan_engines
-from compiler.quant.calibrate import CalibrationConfig, calibrate
 from compiler.quant.patches import sample_patches
-from compiler.quant.qmodel import QuantSettings
 from compiler.zoo import load_model
 from runtime.bundle import open_bundle
 from runtime.dispatch import Dispatcher
 from runtime.fileio import atomic_write_bytes
 from runtime.imaging import mod_crop
 from runtime.metrics import psnr_y
+from runtime.policies import BudgetPolicy, LatencyTable
 from runtime.resize import imresize_bicubic
 from runtime.statistic import complexity_batch
 from runtime.tiling import extract_tiles, plan_tiles
@@ -63,6 +61,22 @@ def _direct_seconds(result, frame, engines, manifest, batch: int) -> float:  # t
     return time.perf_counter() - start
 
 
+def _tile_latencies(engines, tile: int, batch: int) -> LatencyTable:  # type: ignore[no-untyped-def]
+    """ms per tile of each engine: median of 5 batches of ``batch`` tiles after a warm-up."""
+    x = np.random.default_rng(0).random((batch, 3, tile, tile), dtype=np.float32)
+    per_tile = {}
+    for name, engine in engines.items():
+        with engine:
+            engine.infer(x)
+            runs = []
+            for _ in range(5):
+                start = time.perf_counter()
+                engine.infer(x)
+                runs.append(time.perf_counter() - start)
+        per_tile[name] = statistics.median(runs) * 1000 / batch
+    return LatencyTable(per_tile)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calibration", type=Path, help="record (default: calibrate now)")
@@ -71,15 +85,16 @@ def main() -> None:
     parser.add_argument("--ladder", default="hardware", choices=("hardware", "emulate"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--policy", default="threshold", choices=("threshold", "budget"),
+                        help="threshold (the calibrated thresholds) or budget: a per-frame "
+                        "budget of the FP32 frame time / --speedup, spent on upgrading the most "
+                        "complex tiles to better engines (per-tile latencies measured first)")
+    parser.add_argument("--speedup", type=float, default=2.15,
+                        help="budget policy: target speed-up over FP32 (default 2.15)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     weights, calib = shared("weights/edsr_r8f64_x2_krasserm.pt"), shared("calibration/sun_hays8")
-    if args.calibration:
-        record = json.loads(args.calibration.read_text())
-    else:
-        settings = QuantSettings(method="adabm", wbits=8, abits=6, fq=True)
-        record = calibrate(load_model(weights), settings,
-                           CalibrationConfig(steps=args.steps, downscale=2), calib).record
+    record = edsr_record(args.calibration, args.steps)
     hr_frames = [mod_crop(f, 2) for f in read_frames(shared("video/bigbuckbunny.mp4"),
                                                      limit=args.frames)]
     lr_frames = [imresize_bicubic(f, 0.5) for f in hr_frames]
@@ -92,7 +107,14 @@ def main() -> None:
         bundle = open_bundle(root)
         m = bundle.manifest
         engines = bundle.engines(threads=args.threads)
-        adaptive = Dispatcher(m, engines, policy="threshold", batch=args.batch)
+        policy: object = "threshold"
+        latencies = None
+        if args.policy == "budget":
+            latencies = _tile_latencies(engines, m.tile, args.batch)
+            tiles = len(plan_tiles(*lr_frames[0].shape[:2], m.tile, m.overlap, 2))
+            policy = BudgetPolicy(tiles * latencies.per_tile_ms[m.reference.name] / args.speedup)
+        adaptive = Dispatcher(m, engines, policy=policy, batch=args.batch,  # type: ignore[arg-type]
+                              latencies=latencies)
         reference = Dispatcher(m, engines, policy=f"fixed:{m.reference.name}", batch=args.batch)
         times: dict[str, list[float]] = {"adaptive": [], "fp32": []}
         psnr: dict[str, list[float]] = {"adaptive": [], "fp32": []}
@@ -121,7 +143,7 @@ def main() -> None:
     overhead_pct = 100 * sum(overhead) / sum(direct)
     rows = [[key, f"{fps[key]:.3f}", f"{statistics.mean(psnr[key]):.3f}"] for key in fps]
     text = table(rows, ["dispatch", "frames/s", "PSNR (Y) vs original"])
-    info = (f"EDSR x2 {args.ladder} bundle (engines {', '.join(m.names)}), "
+    info = (f"policy {args.policy}; EDSR x2 {args.ladder} bundle (engines {', '.join(m.names)}), "
             f"{len(lr_frames)} bigbuckbunny frames {lr_frames[0].shape[1]}x"
             f"{lr_frames[0].shape[0]} -> x2, tile {m.tile}/{m.overlap}, batch {args.batch}, "
             f"{args.threads} threads; tiles per engine {histogram}; mean FAB "
@@ -130,7 +152,7 @@ def main() -> None:
             f"dispatch overhead {sum(overhead):.3f} s vs direct engine time "
             f"{sum(direct):.3f} s\n\n")
     print(info + text)
-    atomic_write_bytes(REPO / "benchmarks" / "results" / f"dispatch_{args.ladder}.md",
+    atomic_write_bytes(REPO / "benchmarks" / "results" / f"dispatch_{args.ladder}_{args.policy}.md",
                        (info + text + "\n").encode())
     print(f"throughput_vs_fp32={ratio:.3f} psnr_gap_db={gap:.4f} overhead_pct={overhead_pct:.2f}")
 

@@ -13,7 +13,6 @@ speed-up vs FP32), writes benchmarks/results/engine_speed.md and ends with
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -21,13 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import REPO, shared, table
+from common import REPO, edsr_record, shared, table
 
 from compiler.bundle import write_bundle
 from compiler.plan import plan_engines
-from compiler.quant.calibrate import CalibrationConfig, calibrate
 from compiler.quant.patches import sample_patches
-from compiler.quant.qmodel import QuantSettings
 from compiler.zoo import load_model
 from runtime.bundle import open_bundle
 from runtime.fileio import atomic_write_bytes
@@ -49,12 +46,7 @@ def main() -> None:
         raise SystemExit("--runs must be >= 10")
     torch.set_num_threads(args.threads)
     weights, calib = shared(WEIGHTS), shared(CALIBRATION)
-    if args.calibration:
-        record = json.loads(args.calibration.read_text())
-    else:
-        settings = QuantSettings(method="adabm", wbits=8, abits=6, fq=True)
-        record = calibrate(load_model(weights), settings,
-                           CalibrationConfig(steps=args.steps, downscale=2), calib).record
+    record = edsr_record(args.calibration, args.steps)
     patches = sample_patches(calib, 8, 48, seed=0, downscale=2).numpy()
     x = np.random.default_rng(0).random((1, 3, args.size, args.size), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:

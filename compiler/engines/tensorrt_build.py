@@ -239,15 +239,9 @@ def build_engine(spec: TrtBuildSpec) -> bytes:
 
 
 def _require_tensorrt() -> None:
-    try:
-        import tensorrt
-    except ImportError as err:
-        raise EngineError(f"{NOT_INSTALLED} (import tensorrt failed: {err})") from err
-    if not hasattr(tensorrt, "Builder"):
-        # tensorrt-stubs leaves an empty 'tensorrt' folder that imports as a namespace package.
-        where = ", ".join(getattr(tensorrt, "__path__", [])) or "?"
-        raise EngineError(f"{NOT_INSTALLED} (the 'tensorrt' found at {where} has no Builder: "
-                          "type stubs only)")
+    from runtime.engines.tensorrt import require_tensorrt
+
+    require_tensorrt("Builder", NOT_INSTALLED)
 
 
 def _network_flags(spec: TrtBuildSpec, major: int) -> int:

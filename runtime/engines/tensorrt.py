@@ -49,16 +49,17 @@ Shape = tuple[int, ...]
 _LOGGERS: dict[int, Any] = {}  # one TensorRT logger per process (per tensorrt module object)
 
 
-def require_tensorrt() -> str:
-    """The installed TensorRT's version; :class:`EngineError` (:data:`NOT_INSTALLED`) if none."""
+def require_tensorrt(needs: str = "Runtime", message: str = NOT_INSTALLED) -> str:
+    """The installed TensorRT's version; :class:`EngineError` (``message``) when there is none,
+    or only the type stubs (a 'tensorrt' without ``needs``: Runtime here, Builder to build)."""
     try:
         import tensorrt
     except ImportError as err:
-        raise EngineError(f"{NOT_INSTALLED} (import tensorrt failed: {err})") from err
-    if not hasattr(tensorrt, "Runtime"):
+        raise EngineError(f"{message} (import tensorrt failed: {err})") from err
+    if not hasattr(tensorrt, needs):
         # tensorrt-stubs leaves an empty 'tensorrt' folder that imports as a namespace package.
         where = ", ".join(getattr(tensorrt, "__path__", [])) or "?"
-        raise EngineError(f"{NOT_INSTALLED} (the 'tensorrt' found at {where} has no Runtime: "
+        raise EngineError(f"{message} (the 'tensorrt' found at {where} has no {needs}: "
                           "type stubs only)")
     return str(getattr(tensorrt, "__version__", "unknown"))
 

@@ -36,6 +36,12 @@ def test_record_rebuilds_the_same_network(tiny: tuple[Path, Path], tmp_path: Pat
     assert all(len(v) == 4 for v in vectors.values())  # 2 blocks x 2 convs
     for d in (-1, 0, 1):
         assert [b - d for b in vectors[str(d)]] == vectors["0"]
+    for layer in result.record["layers"]:  # FP ranges of the input (streams) and output (Q)
+        (low, high), (a_low, a_high) = layer["input_range"], layer["a_bounds"]
+        assert low < high and layer["output_range"][0] < layer["output_range"][1]
+        assert low <= a_low + 1e-6 and a_high <= high * 1.5 + 1e-6
+        conv = dict(rebuilt.qconvs())[layer["name"]]
+        assert conv.input_range == tuple(layer["input_range"])
 
 
 def test_same_seed_same_record(tiny: tuple[Path, Path]) -> None:

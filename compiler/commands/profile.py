@@ -1,0 +1,131 @@
+"""``adasr profile``: latency per engine / tile / batch / threads, quality per engine, plots.
+
+``adasr profile BUNDLE`` measures every engine of the bundle and the adaptive dispatcher
+(:mod:`profiles.profiler`), prints a table, writes ``profiles/results/<target>/<model>.json``
+(``--results DIR`` elsewhere) and the bundle's ``profile.json`` (referenced by its manifest),
+and writes ``latency.png``, ``pareto.png``, ``layers.png`` and ``report.md`` (``--plots DIR``,
+default ``<results>/<target>/<model>/``). ``adasr profile --compare A.json B.json`` shows two
+profiles side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from profiles.schema import Profile
+
+QUICK = {"runs": 5, "warmup": 1, "repeat": 2, "layer_runs": 2, "frame_repeats": 1}
+FULL = {"runs": 20, "warmup": 3, "repeat": 3, "layer_runs": 5, "frame_repeats": 3}
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
+            from err
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", nargs="?", type=Path, metavar="BUNDLE",
+                   help="bundle folder (manifest.json inside)")
+    p.add_argument("--tiles", type=_int_list, metavar="T,T", help="LR tile sizes "
+                   "(default: the bundle's tile)")
+    p.add_argument("--batch", type=_int_list, default=(1, 8), metavar="N,N",
+                   help="tiles per engine call (default 1,8)")
+    p.add_argument("--threads", type=_int_list, metavar="N,N", help="ONNX Runtime intra-op "
+                   "threads, 0 = its default (default: the bundle's)")
+    p.add_argument("--runs", type=int, help=f"timed runs per repeat (default {FULL['runs']}; "
+                   f"at least {FULL['runs']} unless --quick)")
+    p.add_argument("--warmup", type=int, help=f"untimed runs first (default {FULL['warmup']})")
+    p.add_argument("--repeat", type=int, metavar="K", help="measure K times; the spread of the "
+                   f"K medians is the reported noise (default {FULL['repeat']})")
+    p.add_argument("--layer-runs", type=int, help="profiled runs for the per-layer times, 0 = "
+                   f"none (default {FULL['layer_runs']})")
+    p.add_argument("--dataset", type=Path, action="append", metavar="DIR",
+                   help="benchmark folder with HR/ (repeatable; default Set5 and Set14 from "
+                   "the shared data when present)")
+    p.add_argument("--max-images", type=int, metavar="N", help="first N images per dataset")
+    p.add_argument("--frame-repeats", type=int, help="times each benchmark frame is upscaled "
+                   f"(default {FULL['frame_repeats']})")
+    p.add_argument("--quick", action="store_true", help="rough smoke measurement: defaults "
+                   + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items())
+                   + f"; allows --runs < {FULL['runs']}")
+    p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the profile here")
+    p.add_argument("--plots", type=Path, metavar="DIR", help="plots and report.md here "
+                   "(default <results>/<target>/<model>/)")
+    p.add_argument("--results", type=Path, metavar="DIR",
+                   help="results folder (default: profiles/results of the installed package)")
+    p.add_argument("--no-bundle", action="store_true",
+                   help="leave the bundle untouched (no profile.json, manifest unchanged)")
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
+                   help="show two profiles side by side (latency ratios B/A) and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    from profiles.report import compare_table, markdown_report, terminal_report
+    from profiles.schema import read_profile
+    from runtime.errors import ConfigError
+
+    if args.compare is not None:
+        if args.bundle is not None:
+            raise ConfigError(f"--compare takes two profile files, not a bundle too (got "
+                              f"{args.bundle})")
+        print(compare_table(read_profile(args.compare[0]), read_profile(args.compare[1])))
+        return 0
+    if args.bundle is None:
+        raise ConfigError("nothing to profile: give a BUNDLE folder, or --compare A.json B.json")
+
+    from profiles.profiler import ProfileOptions, profile_bundle, save_profile
+    from runtime.fileio import atomic_write_bytes, atomic_write_json
+
+    defaults = QUICK if args.quick else FULL
+    counts = {key: defaults[key] if getattr(args, key) is None else getattr(args, key)
+              for key in FULL}
+    options = ProfileOptions(
+        tiles=args.tiles or (), batches=args.batch, threads=args.threads or (),
+        datasets=tuple(args.dataset or ()), max_images=args.max_images, quick=args.quick,
+        **counts)
+    profile = profile_bundle(args.bundle, options, progress=None if args.quiet else _progress)
+    results = save_profile(profile, args.bundle, results_dir=args.results,
+                           update_bundle=not args.no_bundle)
+    written = [results] + ([] if args.no_bundle else [args.bundle / "profile.json"])
+    if args.json is not None:
+        try:
+            atomic_write_json(args.json, profile.to_json())
+        except OSError as err:
+            raise ConfigError(f"cannot write {args.json}: {err.strerror or err}") from err
+        written.append(args.json)
+    folder = args.plots or results.with_suffix("")
+    plots = _plots(profile, folder)
+    report = folder / "report.md"
+    atomic_write_bytes(report, markdown_report(
+        profile, {title: path.name for title, path in plots.items()}).encode())
+    print(terminal_report(profile))
+    for path in [*written, *plots.values(), report]:
+        print(f"wrote {path}")
+    return 0
+
+
+def _plots(profile: Profile, folder: Path) -> dict[str, Path]:
+    try:
+        import matplotlib  # noqa: F401  (optional on a device)
+    except ImportError:
+        print("adasr profile: matplotlib is not installed: no plots (pip install matplotlib)",
+              file=sys.stderr)
+        return {}
+    from profiles.plots import write_plots
+
+    return write_plots(profile, folder)
+
+
+def _progress(message: str) -> None:
+    print(f"[profile] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,281 @@
+"""The profile record (schema ``adasr.profile/1``): typed results, written and read as JSON.
+
+A profile holds, for one bundle on one device:
+
+* ``engines``: one :class:`EngineEntry` per (engine, tile, batch, threads) measured: the latency
+  of one engine call on ``batch`` tiles (``latency_ms`` median / p10 / p90 over every timed run
+  of every repeat), the medians of the repeats and their ``spread`` (max / min - 1: the noise),
+  throughput in output megapixels per second, peak memory and the top per-layer times. The
+  engine's quality fields (``psnr``, ``ssim``, ``fab``, ``bitops``) repeat in each of its entries,
+  so every entry has ``name`` / ``latency_ms`` / ``psnr`` / ``fab``; the dispatcher's budget
+  policy takes ``median / batch`` of the entry with the bundle's tile.
+* ``quality``: one :class:`FrameQuality` per engine, measured through the dispatcher with policy
+  ``fixed:NAME`` on the benchmark frames, and ``adaptive``: the same with policy ``threshold``.
+  Their ``latency_ms`` is the time per *frame* (tiling, statistic, batching, stitching included)
+  on the same frames, so engines and the adaptive dispatcher are comparable: the Pareto unit is
+  ``latency_ms.mean``, the mean over the benchmark images of each image's median frame time.
+* ``pareto``: where the adaptive point lies against the front of the static engines, and why.
+
+Every reader goes through :func:`profile_from_json`, which names the first bad field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import BundleError
+from runtime.policies import PROFILE_SCHEMA
+
+__all__ = [
+    "PARETO_UNIT",
+    "SCHEMA",
+    "EngineEntry",
+    "FrameQuality",
+    "ImageResult",
+    "LayerTime",
+    "Latency",
+    "ParetoVerdict",
+    "Profile",
+    "Settings",
+    "profile_from_json",
+    "read_profile",
+]
+
+SCHEMA = PROFILE_SCHEMA
+PARETO_UNIT = ("ms per frame: mean over the benchmark images of the median time of one "
+               "Dispatcher.upscale (policy fixed:NAME for an engine, threshold for adaptive)")
+UNITS = {
+    "engines.latency_ms": "ms per engine call on `batch` tiles of `tile` x `tile` LR pixels",
+    "quality.latency_ms": "ms per frame through the dispatcher (mean: " + PARETO_UNIT + ")",
+    "throughput_mpix_s": "output (SR) megapixels per second",
+    "peak_rss_mb": "peak resident host memory in MiB while measuring (see settings.memory)",
+    "bitops": "GBitOPs per frame (engines.bitops: per call): MACs x w_bits/32 x a_bits/32",
+    "fab": "feature average bit-width (float layers count 32)",
+    "psnr": "dB, Y channel, `scale` border pixels cropped",
+}
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Summary of timed samples in ms; ``mean`` is their mean (frames: see the module doc)."""
+
+    median: float
+    p10: float
+    p90: float
+    mean: float
+    runs: int
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    """One layer (or kernel) of an engine: mean ms per engine call and its share of the total."""
+
+    name: str  # module name (``body.0.body.2``) when known, else the kernel's node name
+    op: str  # kernel type (``QLinearConv``, ``Conv``, TensorRT layer type ...)
+    ms: float
+    share: float
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """Latency of one engine at one (tile, batch, threads), with the engine's quality fields."""
+
+    name: str
+    tile: int
+    batch: int
+    threads: int
+    timer: str  # "wall-clock" | "cuda-event"
+    latency_ms: Latency
+    repeat_medians_ms: tuple[float, ...]
+    spread: float  # max / min - 1 of the repeat medians (0 with one repeat)
+    throughput_mpix_s: float
+    peak_rss_mb: float | None
+    psnr: float | None
+    ssim: float | None
+    fab: float
+    bitops: float | None  # GBitOPs per call (batch tiles)
+    layers: tuple[LayerTime, ...] = ()
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    name: str
+    psnr: float
+    ssim: float
+    frame_ms: float  # median over the repeats
+
+
+@dataclass(frozen=True)
+class FrameQuality:
+    """An engine (policy ``fixed:NAME``) or the adaptive dispatcher on the benchmark frames."""
+
+    name: str  # engine name, or "adaptive"
+    policy: str
+    mode: str
+    tile: int
+    batch: int
+    threads: int
+    latency_ms: Latency  # per frame; mean = the Pareto unit
+    throughput_mpix_s: float
+    ms_per_mpix: float  # total time / total output megapixels
+    overhead_ms: float | None  # per frame, dispatcher stages other than inference
+    infer_ms: float | None  # per frame, time inside the engines' infer calls
+    peak_rss_mb: float | None
+    psnr: float
+    ssim: float
+    fab: float  # tile-area-weighted, mean over frames
+    bitops: float | None  # GBitOPs per frame, mean over frames
+    histogram: dict[str, int] = field(default_factory=dict)  # tiles per engine, all frames
+    images: tuple[ImageResult, ...] = ()
+
+
+@dataclass(frozen=True)
+class ParetoVerdict:
+    """The adaptive point against the PSNR-vs-latency front of the static engines."""
+
+    unit: str
+    front: tuple[str, ...]  # static engines on the front, fastest first
+    adaptive_on_front: bool  # no static engine is at least as fast and at least as good
+    dominated_by: tuple[str, ...]
+    margin_db: float | None  # adaptive PSNR - best static PSNR at <= its latency (None: none)
+    explanation: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What was measured and how (the resolved options of the run)."""
+
+    tiles: tuple[int, ...]
+    batches: tuple[int, ...]
+    threads: tuple[int, ...]
+    runs: int
+    warmup: int
+    repeat: int
+    layer_runs: int
+    frame_batch: int
+    frame_repeats: int
+    datasets: tuple[str, ...]
+    images: int
+    memory: str  # how peak memory was measured
+
+
+@dataclass(frozen=True)
+class Profile:
+    target: str
+    model: str
+    backend: str
+    bundle: str
+    created: str  # ISO 8601, UTC
+    device: dict[str, Any]
+    versions: dict[str, str | None]
+    settings: Settings
+    engines: tuple[EngineEntry, ...]
+    quality: tuple[FrameQuality, ...]
+    adaptive: FrameQuality
+    pareto: ParetoVerdict
+    notes: tuple[str, ...] = ()
+    schema: str = SCHEMA
+
+    @property
+    def max_spread(self) -> float:
+        return max((e.spread for e in self.engines), default=0.0)
+
+    def quality_of(self, name: str) -> FrameQuality | None:
+        return next((q for q in self.quality if q.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {"schema": self.schema, **asdict(self)}  # schema first, for a person reading
+        data["units"] = dict(UNITS)
+        data["repeatability"] = {"repeat": self.settings.repeat, "max_spread": self.max_spread}
+        return data
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _latency(d: Mapping[str, Any]) -> Latency:
+    return Latency(float(d["median"]), float(d["p10"]), float(d["p90"]), float(d["mean"]),
+                   int(d["runs"]))
+
+
+def _optional(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _engine(d: Mapping[str, Any]) -> EngineEntry:
+    return EngineEntry(
+        name=str(d["name"]), tile=int(d["tile"]), batch=int(d["batch"]),
+        threads=int(d["threads"]), timer=str(d["timer"]), latency_ms=_latency(d["latency_ms"]),
+        repeat_medians_ms=tuple(float(v) for v in d["repeat_medians_ms"]),
+        spread=float(d["spread"]), throughput_mpix_s=float(d["throughput_mpix_s"]),
+        peak_rss_mb=_optional(d["peak_rss_mb"]), psnr=_optional(d["psnr"]),
+        ssim=_optional(d["ssim"]), fab=float(d["fab"]), bitops=_optional(d["bitops"]),
+        layers=tuple(LayerTime(str(x["name"]), str(x["op"]), float(x["ms"]), float(x["share"]))
+                     for x in d["layers"]))
+
+
+def _quality(d: Mapping[str, Any]) -> FrameQuality:
+    return FrameQuality(
+        name=str(d["name"]), policy=str(d["policy"]), mode=str(d["mode"]), tile=int(d["tile"]),
+        batch=int(d["batch"]), threads=int(d["threads"]), latency_ms=_latency(d["latency_ms"]),
+        throughput_mpix_s=float(d["throughput_mpix_s"]), ms_per_mpix=float(d["ms_per_mpix"]),
+        overhead_ms=_optional(d["overhead_ms"]), infer_ms=_optional(d["infer_ms"]),
+        peak_rss_mb=_optional(d["peak_rss_mb"]),
+        psnr=float(d["psnr"]), ssim=float(d["ssim"]), fab=float(d["fab"]),
+        bitops=_optional(d["bitops"]),
+        histogram={str(k): int(v) for k, v in d["histogram"].items()},
+        images=tuple(ImageResult(str(x["name"]), float(x["psnr"]), float(x["ssim"]),
+                                 float(x["frame_ms"])) for x in d["images"]))
+
+
+def _ints(values: Sequence[Any]) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+def profile_from_json(data: Mapping[str, Any]) -> Profile:
+    """Parse profile data; :class:`BundleError` names the schema or the first bad field."""
+    schema = data.get("schema") if isinstance(data, Mapping) else None
+    if schema != SCHEMA:
+        raise BundleError(f"profile schema {schema!r} is not supported; this adasr reads "
+                          f"{SCHEMA!r}: run `adasr profile BUNDLE` again")
+    try:
+        s, p = data["settings"], data["pareto"]
+        settings = Settings(
+            tiles=_ints(s["tiles"]), batches=_ints(s["batches"]), threads=_ints(s["threads"]),
+            runs=int(s["runs"]), warmup=int(s["warmup"]), repeat=int(s["repeat"]),
+            layer_runs=int(s["layer_runs"]), frame_batch=int(s["frame_batch"]),
+            frame_repeats=int(s["frame_repeats"]),
+            datasets=tuple(str(v) for v in s["datasets"]), images=int(s["images"]),
+            memory=str(s["memory"]))
+        pareto = ParetoVerdict(
+            unit=str(p["unit"]), front=tuple(str(v) for v in p["front"]),
+            adaptive_on_front=bool(p["adaptive_on_front"]),
+            dominated_by=tuple(str(v) for v in p["dominated_by"]),
+            margin_db=_optional(p["margin_db"]), explanation=str(p["explanation"]))
+        return Profile(
+            target=str(data["target"]), model=str(data["model"]), backend=str(data["backend"]),
+            bundle=str(data["bundle"]), created=str(data["created"]),
+            device=dict(data["device"]), versions=dict(data["versions"]), settings=settings,
+            engines=tuple(_engine(e) for e in data["engines"]),
+            quality=tuple(_quality(q) for q in data["quality"]),
+            adaptive=_quality(data["adaptive"]), pareto=pareto,
+            notes=tuple(str(n) for n in data.get("notes", ())))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise BundleError(f"profile is malformed: {type(err).__name__}: {err}") from err
+
+
+def read_profile(path: Path) -> Profile:
+    """The profile stored at ``path`` (a ``.json`` written by ``adasr profile``)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise BundleError(f"profile {path} does not exist: write one with "
+                          "`adasr profile BUNDLE --json FILE`") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"cannot read profile {path}: {err}") from err
+    return profile_from_json(data)
+

@@ -28,8 +28,8 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def edsr_record(calibration: Path | None, steps: int) -> dict[str, Any]:
-    """The EDSR x2 AdaBM W8A6 FQ record the bundle benchmarks build from: ``calibration`` when
+def edsr_record(calibration: Path | None, steps: int, abits: int = 6) -> dict[str, Any]:
+    """The EDSR x2 AdaBM W8A<abits> FQ record the bundle benchmarks build from: ``calibration`` when
     given, else calibrated now on ../shared/data/calibration (bicubic-downscaled x2)."""
     if calibration is not None:
         record: dict[str, Any] = json.loads(calibration.read_text())
@@ -38,7 +38,7 @@ def edsr_record(calibration: Path | None, steps: int) -> dict[str, Any]:
     from compiler.quant.qmodel import QuantSettings
     from compiler.zoo import load_model
 
-    settings = QuantSettings(method="adabm", wbits=8, abits=6, fq=True)
+    settings = QuantSettings(method="adabm", wbits=8, abits=abits, fq=True)
     return calibrate(load_model(shared("weights/edsr_r8f64_x2_krasserm.pt")), settings,
                      CalibrationConfig(steps=steps, downscale=2),
                      shared("calibration/sun_hays8")).record

@@ -81,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calibration", type=Path, help="record (default: calibrate now)")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--abits", type=int, default=6, help="base activation bits (default 6)")
     parser.add_argument("--frames", type=int, default=6)
     parser.add_argument("--ladder", default="hardware", choices=("hardware", "emulate"))
     parser.add_argument("--threads", type=int, default=2)
@@ -94,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     weights, calib = shared("weights/edsr_r8f64_x2_krasserm.pt"), shared("calibration/sun_hays8")
-    record = edsr_record(args.calibration, args.steps)
+    record = edsr_record(args.calibration, args.steps, args.abits)
     hr_frames = [mod_crop(f, 2) for f in read_frames(shared("video/bigbuckbunny.mp4"),
                                                      limit=args.frames)]
     lr_frames = [imresize_bicubic(f, 0.5) for f in hr_frames]
@@ -143,7 +144,8 @@ def main() -> None:
     overhead_pct = 100 * sum(overhead) / sum(direct)
     rows = [[key, f"{fps[key]:.3f}", f"{statistics.mean(psnr[key]):.3f}"] for key in fps]
     text = table(rows, ["dispatch", "frames/s", "PSNR (Y) vs original"])
-    info = (f"policy {args.policy}; EDSR x2 {args.ladder} bundle (engines {', '.join(m.names)}), "
+    info = (f"policy {args.policy}; W8A{args.abits} FQ record; EDSR x2 {args.ladder} bundle "
+            f"(engines {', '.join(m.names)}), "
             f"{len(lr_frames)} bigbuckbunny frames {lr_frames[0].shape[1]}x"
             f"{lr_frames[0].shape[0]} -> x2, tile {m.tile}/{m.overlap}, batch {args.batch}, "
             f"{args.threads} threads; tiles per engine {histogram}; mean FAB "
@@ -152,8 +154,8 @@ def main() -> None:
             f"dispatch overhead {sum(overhead):.3f} s vs direct engine time "
             f"{sum(direct):.3f} s\n\n")
     print(info + text)
-    atomic_write_bytes(REPO / "benchmarks" / "results" / f"dispatch_{args.ladder}_{args.policy}.md",
-                       (info + text + "\n").encode())
+    name = f"dispatch_{args.ladder}_{args.policy}_a{args.abits}.md"
+    atomic_write_bytes(REPO / "benchmarks" / "results" / name, (info + text + "\n").encode())
     print(f"throughput_vs_fp32={ratio:.3f} psnr_gap_db={gap:.4f} overhead_pct={overhead_pct:.2f}")
 
 

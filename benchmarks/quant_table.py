@@ -53,6 +53,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--rows", help="comma-separated row numbers (0-based) to run; the output "
                         "then goes to quant_table_rows.{md,json}")
+    parser.add_argument("--tile", type=int, help="patch-wise evaluation with LR tiles of this "
+                        "size (overlap 6; each tile its own image offset), as the papers do; "
+                        "the FP reference is evaluated the same way")
     args = parser.parse_args()
     rows: list[Row] = []
     for key in args.models.split(","):
@@ -60,7 +63,7 @@ def main() -> None:
         weights = shared(f"weights/{file}")
         sets = {s: load_benchmark(shared(f"benchmarks/{s}"), scale) for s in SETS}
         fp = load_model(weights)
-        fp_psnr = {s: evaluate(TorchUpscaler(fp.model, scale), imgs, scale).psnr
+        fp_psnr = {s: evaluate(TorchUpscaler(fp.model, scale, tile=args.tile), imgs, scale).psnr
                    for s, imgs in sets.items()}
         name = f"{fp.info.arch} x{scale}"
         rows.append(Row(name, "FP32", False, 0.0, fp_psnr, dict.fromkeys(SETS, 0.0),
@@ -76,7 +79,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             psnr, fab = {}, {}
             for s, imgs in sets.items():
-                up = TorchUpscaler(result.qnet, scale)
+                up = TorchUpscaler(result.qnet, scale, tile=args.tile)
                 psnr[s] = evaluate(up, imgs, scale).psnr
                 fab[s] = sum(b.fab for b in up.bits) / len(up.bits)
             row = Row(name, f"{method} W{wbits}A{abits}", fq, seconds, psnr,
@@ -93,9 +96,11 @@ def main() -> None:
     text = table(body, header)
     print("\n" + text)
     results = REPO / "benchmarks" / "results"
-    note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads; whole-image "
+    where = f"patch-wise (tiles {args.tile}, overlap 6)" if args.tile else "whole-image"
+    note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads; {where} "
             "evaluation, Set5 with the provided MATLAB LR, Set14 with generated LR.\n\n")
-    stem = "quant_table_rows" if args.rows else "quant_table"
+    stem = ("quant_table_rows" if args.rows else "quant_table") + (
+        f"_tile{args.tile}" if args.tile else "")
     atomic_write_bytes(results / f"{stem}.md", (note + "```\n" + text + "\n```\n").encode())
     atomic_write_json(results / f"{stem}.json", [r.__dict__ for r in rows])
     print(f"rows={len(rows)}")

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from test_lower import _psnr, _simulation
+from test_lower import ENGINES, FAST, MIN_PSNR, RECORDS, TILE, _psnr, _simulation
 from torch import Tensor, nn
 
 from compiler.lower.export import INPUT_NAME, export_onnx
@@ -36,19 +36,8 @@ from runtime.errors import ConfigError, EngineError
 from runtime.imaging import to_uint8
 from runtime.metrics import psnr_y
 
-FAST = CalibrationConfig(patches=8, patch_size=16, steps=20, batch=2, epochs=4, validation=4)
-TILE = 24
-MIN_PSNR = 50.0
 XAVIER_OPSET = 17  # TensorRT 8.5
 ORIN_OPSET = 20  # TensorRT 10.3
-RECORDS = {
-    "adabm_w8a4": QuantSettings(method="adabm", wbits=8, abits=4),
-    "adabm_w4a4_fq": QuantSettings(method="adabm", wbits=4, abits=4, fq=True),
-    "adabm_w8a8_fq": QuantSettings(method="adabm", wbits=8, abits=8, fq=True),  # +1: 9-10 bits
-    "ddtb_w4a4_fq": QuantSettings(method="ddtb", wbits=4, abits=4, fq=True),
-    "adabm_w8a4_symmetric": QuantSettings(method="adabm", wbits=8, abits=4, symmetric=True),
-}
-ENGINES = [(name, d) for name, s in RECORDS.items() for d in ((-1, 0, 1) if s.adaptive else (0,))]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -16,7 +16,7 @@ from runtime.errors import AdasrError
 
 # name -> one-line help. The module compiler.commands.<name with - as _> implements it.
 COMMANDS: dict[str, str] = {
-    "quickstart": "the embedded default job: calibrate the default model, compare, write images",
+    "quickstart": "the embedded default job: build the default bundle, run it on the sample",
     "eval": "evaluate a checkpoint (optionally quantized) on a benchmark folder",
     "calibrate": "calibrate an adaptive quantized network (AdaBM, DDTB, static PTQ)",
     "targets": "list the device targets (the machine's own is marked)",

@@ -21,13 +21,13 @@ Every reader goes through :func:`profile_from_json`, which names the first bad f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import BundleError
+from runtime.fileio import read_bundle_json
 from runtime.policies import PROFILE_SCHEMA
 
 __all__ = [
@@ -270,12 +270,7 @@ def profile_from_json(data: Mapping[str, Any]) -> Profile:
 
 def read_profile(path: Path) -> Profile:
     """The profile stored at ``path`` (a ``.json`` written by ``adasr profile``)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError as err:
-        raise BundleError(f"profile {path} does not exist: write one with "
-                          "`adasr profile BUNDLE --json FILE`") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"cannot read profile {path}: {err}") from err
+    data = read_bundle_json(Path(path), "profile ",
+                            "does not exist: write one with `adasr profile BUNDLE --json FILE`")
     return profile_from_json(data)
 

@@ -30,6 +30,20 @@ def atomic_write_json(path: Path, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=1) + "\n").encode())
 
 
+def read_bundle_json(path: Path, what: str, missing: str) -> Any:
+    """The JSON at ``path`` (a bundle's manifest or profile); one-line :class:`BundleError`s:
+    ``"{what}{path} {missing}"`` when it is missing, ``"cannot read {what}{path}: ..."`` when it
+    is unreadable (``what`` is e.g. ``"the profile "``)."""
+    from runtime.errors import BundleError
+
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise BundleError(f"{what}{path} {missing}") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"cannot read {what}{path}: {err}") from err
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

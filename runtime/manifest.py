@@ -14,14 +14,13 @@ Engine names are stable handles (``int8``, ``a6``, ``fp32`` ...); exactly one en
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import BundleError, unknown_name
-from runtime.fileio import atomic_write_json
+from runtime.fileio import atomic_write_json, read_bundle_json
 
 __all__ = [
     "BACKENDS", "LADDERS", "MANIFEST_NAME", "OFFSETS", "PRECISIONS", "SCHEMA", "BuildInfo",
@@ -168,10 +167,14 @@ class Manifest:
         return asdict(self)
 
 
-def _validate(m: Manifest) -> None:
-    if m.schema != SCHEMA:
-        raise BundleError(f"manifest schema {m.schema!r} is not supported; this adasr reads "
+def _require_schema(schema: object) -> None:
+    if schema != SCHEMA:
+        raise BundleError(f"manifest schema {schema!r} is not supported; this adasr reads "
                           f"{SCHEMA!r} (rebuild the bundle with this version)")
+
+
+def _validate(m: Manifest) -> None:
+    _require_schema(m.schema)
     if m.backend not in BACKENDS:
         raise BundleError(unknown_name("backend", m.backend, BACKENDS))
     if m.ladder not in LADDERS:
@@ -228,10 +231,7 @@ def _engine(data: Mapping[str, Any]) -> EngineSpec:
 
 def manifest_from_json(data: Mapping[str, Any]) -> Manifest:
     """Parse manifest data; raises :class:`BundleError` naming the first bad or missing field."""
-    schema = data.get("schema") if isinstance(data, Mapping) else None
-    if schema != SCHEMA:
-        raise BundleError(f"manifest schema {schema!r} is not supported; this adasr reads "
-                          f"{SCHEMA!r} (rebuild the bundle with this version)")
+    _require_schema(data.get("schema") if isinstance(data, Mapping) else None)
     try:
         cal = data["calibration"]
         cal_file = _file(cal["file"])
@@ -259,10 +259,7 @@ def read_manifest(bundle: Path) -> Manifest:
     if not path.is_file():
         what = "does not exist" if not bundle.exists() else f"has no {MANIFEST_NAME}"
         raise BundleError(f"bundle {bundle} {what}: build one with `adasr build`")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"cannot read {path}: {err}") from err
+    data = read_bundle_json(path, "", "does not exist: build the bundle with `adasr build`")
     return manifest_from_json(data)
 
 

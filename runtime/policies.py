@@ -16,7 +16,6 @@ it must cross by a relative margin, and :func:`budget_keys` biases the budget ra
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.errors import BundleError, ConfigError, unknown_name
+from runtime.fileio import read_bundle_json
 from runtime.manifest import OFFSETS, Manifest
 from runtime.statistic import image_offsets
 
@@ -230,14 +230,8 @@ def load_latencies(bundle_root: Path, manifest: Manifest) -> LatencyTable:
     """The latency table of the bundle's profile (``manifest.profile``) at the bundle's tile."""
     if manifest.profile is None:
         raise BundleError("budget policy needs a profile: run `adasr profile BUNDLE` first")
-    path = bundle_root / manifest.profile
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise BundleError(f"the profile {path} named by the manifest is missing: run "
-                          "`adasr profile BUNDLE` again") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"cannot read the profile {path}: {err}") from err
+    data = read_bundle_json(bundle_root / manifest.profile, "the profile ",
+                            "named by the manifest is missing: run `adasr profile BUNDLE` again")
     table = LatencyTable.from_profile(data, manifest.tile, threads=manifest.threads or None)
     table.require(manifest.names)
     return table

@@ -69,12 +69,6 @@ class EnginePlan:
     record_summary: str
     widen: bool = True
 
-    def engine(self, name: str) -> PlannedEngine:
-        for planned in self.engines:
-            if planned.name == name:
-                return planned
-        raise ConfigError(unknown_name("engine", name, [e.name for e in self.engines]))
-
 
 def kernel_precision(bits: float, ladder: Sequence[str], top: str) -> str:
     """The cheapest precision of ``ladder`` holding a ``bits``-bit integer grid exactly."""

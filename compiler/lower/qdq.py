@@ -38,13 +38,28 @@ What each quantized conv gets (dialect ``"ort"``, ONNX Runtime's CPU QDQ fusion)
   3. Convs with <= 4 output channels (the RGB tail) keep float outputs: their rounding would land
      on the image itself, and fusing them gains nothing measurable.
 
-Exactness limits besides the requantized outputs: QLinearConv adds the bias as int32 on the
-``s_x * s_w`` lattice where the simulation adds it in float (up to half an accumulator unit per
-channel; at 2-4 bits a flipped rounding is a large step, and flips cascade), and float rounding
-differs between torch and ORT. An 8-bit grid whose bounds exclude 0 (``l > 0``, possible after
-training) has no uint8 zero point: its top ``-zp`` levels are cut (``truncated_grid``). DDTB gates
-are frozen at their calibration mean (``frozen_gate``). Every layer's placement is stored in the
-model's metadata (``adasr.lowering``, read back by :func:`lowering_summary`).
+Arithmetic (dialect ``"ort"``): a quantized network amplifies rounding differences (a level
+flipped next to a rounding tie moves ~9 x C sums of the next conv, some of which flip in turn;
+IMDN x4 engines were 37-43 dB from their simulation on Set5 from that alone), so the engine's
+own arithmetic is made exact where it was not, and ``compiler.parity`` models the rest:
+
+- QLinearConv accumulates in int32 (exact), adds the bias as int32 on the ``s_x * s_w``
+  lattice and requantizes with ``fp32(acc + b) * fp32(s_x * s_w / s_y)``;
+- a conv with a quantized input and a float output runs on its integer levels
+  (:func:`_integer_conv`: FP32 sums of integers are exact), then ``* s_x * s_w + b``;
+- per-image statistics (ReduceMean, and the ops on the pooled values: IMDN's attention) run in
+  FP64 (:func:`_statistics_in_double`).
+
+The summary records each conv's ``input_grid`` / ``output_grid`` and ``integer_conv``. With
+these, IMDN x4 and EDSR x2 engines match their simulation bit for bit on Set5 (EDSR's image-grid
+output, whose Q holds a folded constant, only to a level on a few pixels). Other float ops
+(LeakyReLU, Mul, Add) are single IEEE operations, the same in torch and ORT.
+
+Exactness limits besides the requantized outputs: an 8-bit grid whose bounds exclude 0
+(``l > 0``, possible after training) has no uint8 zero point: its top ``-zp`` levels are cut
+(``truncated_grid``; the parity simulation cuts them too). DDTB gates are frozen at their
+calibration mean (``frozen_gate``). Every layer's placement is stored in the model's metadata
+(``adasr.lowering``, read back by :func:`lowering_summary`).
 
 Dialects: the placement above is shared; *how* a grid is written is an :class:`Encoding` (this
 module's is ONNX Runtime's). ``dialect="tensorrt"`` writes symmetric int8 Q/DQ with a float Clip
@@ -441,8 +456,13 @@ def _is_thin(g: GraphEditor, conv: onnx.NodeProto) -> bool:
     return weight is not None and weight.dims[0] <= THIN_CHANNELS
 
 
-def _lower_weight(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer) -> None:
-    """The conv's weight becomes int8 (under the float weight's name where not shared) + DQ."""
+def _lower_weight(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
+                  integer: bool = False) -> npt.NDArray[np.float32]:
+    """The conv's weight becomes int8 (under the float weight's name where not shared) + DQ.
+
+    ``integer``: the DQ has scale 1, so the conv sees the integer levels themselves (see
+    :func:`_integer_conv`). Returns the weight step (per tensor or per output channel).
+    """
     name = conv.input[1]
     source = g.inits.get(name)
     if source is None:
@@ -452,11 +472,157 @@ def _lower_weight(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer) -> N
     if len(g.consumers(name)) == 1:
         g.release(name)
     weight = g.constant(name, q)
-    scale = g.constant(f"{layer.name}.weight_scale", step)
-    zero = g.constant(f"{layer.name}.weight_zero_point", np.zeros(step.shape, dtype=np.int8))
-    attrs = {"axis": 0} if step.ndim else {}
+    dq_step = np.ones((), dtype=F32) if integer else step
+    scale = g.constant(f"{layer.name}.weight_scale", dq_step)
+    zero = g.constant(f"{layer.name}.weight_zero_point", np.zeros(dq_step.shape, dtype=np.int8))
+    attrs = {"axis": 0} if dq_step.ndim else {}
     conv.input[1] = g.node("DequantizeLinear", [weight, scale, zero],
                            f"{layer.name}.weight_dq", **attrs)
+    return step
+
+
+def _integer_conv(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer, grid: Grid) -> bool:
+    """A conv with a quantized input and a float output, on its integer levels: exact.
+
+    ``DQ(x) -> Conv(DQ(w)) + b`` runs in FP32 and rounds every partial sum, while QLinearConv
+    and the simulation accumulate exactly; one rounded sum next to a rounding tie of a later
+    quantizer flips a level, and the flips multiply layer after layer (IMDN x4 emulate engines,
+    whose convs all have float outputs: 38.7-41.7 dB from the simulation on Set5, first flip
+    one value in a million). Here the conv reads the integer levels
+    (``DQ`` with scale 1 and the grid's zero point; weights likewise), where FP32 sums are exact
+    while they stay below 2^24 (guaranteed up to 518 products of 8-bit levels; the sums of a
+    64-channel 3x3 conv, 576 products, stay far below it on real inputs), then
+    ``* (s_x * s_w) + b`` per output channel: the same FP32 kernel, exact accumulation.
+    Returns False (graph unchanged) when the conv's input is not the DQ this module wrote or
+    its output is a graph output.
+    """
+    dq = g.producer(conv.input[0])
+    if dq is None or dq.op_type != "DequantizeLinear" or conv.output[0] in g.outputs:
+        return False
+    stored, zero = dq.input[0], dq.input[2]
+    w_step = _lower_weight(g, conv, layer, integer=True)
+    one = g.constant(f"{layer.name}.input.unit_scale", np.ones((), dtype=F32))
+    if len(g.consumers(dq.output[0])) == 1:
+        g.drop(dq)
+    conv.input[0] = g.node("DequantizeLinear", [stored, one, zero], f"{layer.name}.input.levels")
+    weight_dq = g.producer(conv.input[1])
+    assert weight_dq is not None
+    channels = int(g.inits[weight_dq.input[0]].dims[0])
+    scale = (F32(grid.step) * np.broadcast_to(w_step, (channels,))).astype(F32)
+    bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+    del conv.input[2:]
+    readers = g.consumers(conv.output[0])
+    out = g.node("Mul", [conv.output[0], g.constant(f"{layer.name}.output.scale",
+                                                     scale.reshape(1, -1, 1, 1))],
+                 f"{layer.name}.output.scaled")
+    if bias is not None:
+        value = numpy_helper.to_array(g.inits[bias]).astype(F32).reshape(1, -1, 1, 1)
+        out = g.node("Add", [out, g.constant(f"{layer.name}.output.bias", value)],
+                     f"{layer.name}.output.biased")
+    for node in readers:
+        node.input[:] = [out if t == conv.output[0] else t for t in node.input]
+    return True
+
+
+POOLED_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Relu", "Sigmoid", "Conv")
+
+
+def _statistics_in_double(g: GraphEditor) -> int:
+    """Per-image statistics in FP64: every ReduceMean, and the ops computed from them alone.
+
+    ONNX Runtime's FP32 ReduceMean over a whole image is far less accurate than torch's, most
+    of all on the channels-last tensors its QLinearConvs leave (``ORT_ENABLE_ALL``): IMDN's
+    contrast-aware attention gates (mean and std of 128x128 maps) came out 2.5e-5 (relative)
+    off, against 5.6e-7 for torch in FP32, and moved 7.6e-4 of the next conv's input levels
+    (Set5 'baby'), each flip seeding a cascade. The small FP32 ops after it (1x1 convs on the
+    pooled vector, sigmoid) still leave the gates ~20 ulps from torch's. So each ReduceMean
+    runs on an FP64 copy, and every op of :data:`POOLED_OPS` whose inputs are such results
+    (or constants) runs in FP64 too (a 1x1 conv on the spatially pooled ``[N, C, 1, 1]``
+    vector as a MatMul, ORT having no FP64 Conv); a Cast back to FP32 feeds every FP32 reader.
+    The result is the FP32 rounding of the exact value, what the simulation computes
+    (``fp64_statistics`` of the zoo modules, set by ``compiler.parity``). Returns how many
+    ReduceMean nodes were rewritten.
+    """
+    twins: dict[str, str] = {}  # FP32 tensor -> its FP64 copy
+    pooled: set[str] = set()  # tensors of spatial size 1 (a ReduceMean over H and W)
+    nodes = [node for node in g.graph.node if g._live(node)]
+    for node in nodes:
+        if node.op_type == "ReduceMean":
+            source, result = node.input[0], node.output[0]
+            node.input[0] = g.node("Cast", [source], f"{source}.fp64", to=onnx.TensorProto.DOUBLE)
+            node.output[0] = twins[result] = g.fresh(f"{result}.fp64")
+            g.graph.node.append(helper.make_node("Cast", [node.output[0]], [result],
+                                                 g.fresh(f"{result}.fp32_op"),
+                                                 to=onnx.TensorProto.FLOAT))
+            if _spatial_pool(g, node):
+                pooled.add(result)
+            continue
+        if node.op_type not in POOLED_OPS:
+            continue
+        inputs = [name for name in node.input if name]
+        if not (any(name in twins for name in inputs)
+                and all(name in twins or name in g.inits for name in inputs)):
+            continue
+        result = node.output[0]
+        if node.op_type == "Conv":
+            twin = _pooled_conv(g, node, twins, pooled)
+            if twin is None:
+                continue
+        else:
+            copies = [twins.get(name) or g.constant(
+                f"{name}.fp64", numpy_helper.to_array(g.inits[name]).astype(np.float64))
+                for name in node.input]
+            twin = g.fresh(f"{result}.fp64")
+            g.graph.node.append(helper.make_node(node.op_type, copies, [twin],
+                                                 g.fresh(f"{node.name}.fp64"),
+                                                 domain=node.domain or None))
+            g.graph.node[-1].attribute.extend(node.attribute)
+        twins[result] = twin
+        if any(name in pooled for name in inputs):
+            pooled.add(result)
+        node.op_type, node.domain = "Cast", ""  # the FP32 value, for FP32 readers
+        del node.input[:], node.attribute[:]
+        node.input.append(twin)
+        node.attribute.append(helper.make_attribute("to", onnx.TensorProto.FLOAT))
+    for node in list(g.graph.node):  # FP32 copies that every reader now takes in FP64
+        if (node.op_type == "Cast" and node.output[0] in twins and g._live(node)
+                and not g.consumers(node.output[0]) and node.output[0] not in g.outputs):
+            g.drop(node)
+    return sum(node.op_type == "ReduceMean" for node in nodes)
+
+
+def _spatial_pool(g: GraphEditor, node: onnx.NodeProto) -> bool:
+    """A ReduceMean over the two spatial axes of an NCHW tensor, keeping them (size 1)."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    axes = attrs.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1] in g.inits:
+        axes = numpy_helper.to_array(g.inits[node.input[1]]).tolist()
+    return attrs.get("keepdims", 1) == 1 and axes is not None and sorted(
+        int(a) % 4 for a in axes) == [2, 3]
+
+
+def _pooled_conv(g: GraphEditor, conv: onnx.NodeProto, twins: Mapping[str, str],
+                 pooled: set[str]) -> str | None:
+    """A 1x1 conv (stride 1, no padding, one group) on a pooled ``[N, C, 1, 1]`` tensor in FP64:
+    ``Unsqueeze(Flatten(x) @ W^T + b)``. None when the conv is not of that kind."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    weight = g.inits.get(conv.input[1])
+    if (conv.input[0] not in pooled or weight is None or len(weight.dims) != 4
+            or list(weight.dims[2:]) != [1, 1] or attrs.get("group", 1) != 1
+            or any(v != 1 for v in [*attrs.get("strides", []), *attrs.get("dilations", [])])
+            or any(attrs.get("pads", [])) or attrs.get("auto_pad", b"NOTSET") not in (
+                b"NOTSET", "NOTSET")):
+        return None
+    base = conv.output[0]
+    w = numpy_helper.to_array(weight).astype(np.float64)[:, :, 0, 0]
+    flat = g.node("Flatten", [twins[conv.input[0]]], f"{base}.fp64_flat", axis=1)
+    out = g.node("MatMul", [flat, g.constant(f"{conv.input[1]}.fp64_t", w.T.copy())],
+                 f"{base}.fp64_matmul")
+    if len(conv.input) > 2 and conv.input[2]:
+        bias = numpy_helper.to_array(g.inits[conv.input[2]]).astype(np.float64)
+        out = g.node("Add", [out, g.constant(f"{conv.input[2]}.fp64", bias)], f"{base}.fp64_bias")
+    axes = g.constant(f"{base}.fp64_axes", np.array([2, 3], dtype=np.int64))
+    return g.node("Unsqueeze", [out, axes], f"{base}.fp64")
 
 
 class Encoding:
@@ -470,6 +636,13 @@ class Encoding:
     dialect = "ort"
     integer_path = True
     shares_streams = True  # residual streams on the 8-bit grid of the conv they feed
+
+    @property
+    def exact_arithmetic(self) -> bool:
+        """ONNX Runtime: float-output quantized convs on their integer levels
+        (:func:`_integer_conv`), per-image statistics in FP64 (:func:`_statistics_in_double`)
+        and each conv's output grid in the summary (what ``compiler.parity`` models)."""
+        return self.dialect == "ort"
 
     def input_grid(self, layer: EngineLayer) -> Grid:
         """The grid of a quantized conv's input (the simulated quantizer's)."""
@@ -563,12 +736,14 @@ def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encodi
     targets = {name: convs[name] for name in grids}
     chains = {name: _chain_of(g, conv, targets) for name, conv in convs.items()}
     placement = {name: "float" for name in by_name}
+    out_grids: dict[str, Grid] = {}  # the Q right after a conv's values (chains, requantized)
     for name, chain in chains.items():
         if chain is not None:
-            _lower_chain(g, encoding, convs[name], chain, grids[chain.target],
-                         convs[chain.target], by_name[chain.target])
+            out_grids[name] = _lower_chain(g, encoding, convs[name], chain, grids[chain.target],
+                                           convs[chain.target], by_name[chain.target])
             placement[name] = f"on the input grid of {chain.target}"
     fed = {chain.target for chain in chains.values() if chain is not None}
+    integer: set[str] = set()  # float-output convs on integer levels (_integer_conv)
     for name, conv in convs.items():
         layer = by_name[name]
         if name in grids and name not in fed:
@@ -589,8 +764,16 @@ def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encodi
             placement[name] = image
         elif (requantize and chains[name] is None and layer.quantizes_input
                 and layer.output_range is not None and not _is_thin(g, conv)):
-            placement[name] = _lower_output(g, encoding, conv, layer)
-        _lower_weight(g, conv, layer)
+            placement[name], grid = _lower_output(g, encoding, conv, layer)
+            if grid is not None:
+                out_grids[name] = grid
+        if (encoding.exact_arithmetic and placement[name] == "float" and name in grids
+                and _integer_conv(g, conv, layer, grids[name])):
+            integer.add(name)
+        else:
+            _lower_weight(g, conv, layer)
+    if encoding.exact_arithmetic:
+        _statistics_in_double(g)
     g.finish()
     summary = [{"name": layer.name, "act_bits": layer.act_bits, "frozen_gate": layer.frozen_gate,
                 "output": placement[layer.name],
@@ -599,6 +782,8 @@ def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encodi
                 "input_bounds": (list(stream_bounds.get(layer.name, layer.bounds))
                                  if layer.quantizes_input else None),
                 "truncated_grid": layer.name in grids and encoding.truncated(grids[layer.name]),
+                **(_arithmetic(grids.get(layer.name), out_grids.get(layer.name),
+                               layer.name in integer) if encoding.exact_arithmetic else {}),
                 **encoding.notes(layer)}
                for layer in layers]
     return model, summary
@@ -619,11 +804,11 @@ def finish_engine(model: onnx.ModelProto, dialect: str, summary: list[dict[str, 
 
 
 def _lower_chain(g: GraphEditor, encoding: Encoding, conv: onnx.NodeProto, chain: _Chain,
-                 grid: Grid, target: onnx.NodeProto, target_layer: EngineLayer) -> None:
+                 grid: Grid, target: onnx.NodeProto, target_layer: EngineLayer) -> Grid:
     """Q right after ``conv`` on the target's grid; ReLUs become the Q's saturation.
 
     The path's other ops (DepthToSpace) run on the stored integers or, when the encoding's
-    ``integer_path`` is false, on the dequantized values.
+    ``integer_path`` is false, on the dequantized values. Returns the grid of the Q.
     """
     if any(node.op_type == "Relu" for node in chain.path):
         grid = grid.after_relu()
@@ -640,18 +825,20 @@ def _lower_chain(g: GraphEditor, encoding: Encoding, conv: onnx.NodeProto, chain
     if encoding.integer_path:
         tensor = encoding.dequantize(g, tensor, grid, base)
     encoding.feed(g, target, tensor, grid, target_layer)
+    return grid
 
 
 def _lower_output(g: GraphEditor, encoding: Encoding, conv: onnx.NodeProto, layer: EngineLayer
-                  ) -> str:
-    """An 8-bit Q/DQ after the conv (after its ReLU, folded) on the calibrated output range."""
+                  ) -> tuple[str, Grid | None]:
+    """An 8-bit Q/DQ after the conv (after its ReLU, folded) on the calibrated output range:
+    (placement, grid of the Q, None when the output stays float)."""
     assert layer.output_range is not None
     tensor = conv.output[0]
     consumers = g.consumers(tensor)
     relu = consumers[0] if len(consumers) == 1 and consumers[0].op_type == "Relu" else None
     replaced = tensor if relu is None else relu.output[0]
     if replaced in g.outputs:
-        return "float"
+        return "float", None
     grid = encoding.output_grid(layer.output_range, relu is not None)
     readers = g.consumers(replaced)
     if relu is not None:
@@ -660,7 +847,22 @@ def _lower_output(g: GraphEditor, encoding: Encoding, conv: onnx.NodeProto, laye
     out = encoding.dequantize(g, encoding.quantize(g, tensor, grid, base), grid, base)
     for node in readers:
         node.input[:] = [out if name == replaced else name for name in node.input]
-    return "8-bit output range" + (" (ReLU folded)" if relu is not None else "")
+    return "8-bit output range" + (" (ReLU folded)" if relu is not None else ""), grid
+
+
+def _arithmetic(input_grid: Grid | None, output_grid: Grid | None, integer: bool
+                ) -> dict[str, Any]:
+    """Summary keys of the ORT dialect's conv arithmetic (see ``compiler.parity``): the
+    ``input_grid`` of a quantized input and the ``output_grid`` of the Q right after the conv's
+    values (QLinearConv requantizes onto it), each as step, zero point and stored range (a
+    truncated grid stores fewer levels than it has), and ``integer_conv``, a float output
+    computed on integer levels (:func:`_integer_conv`)."""
+    keys: dict[str, Any] = {"integer_conv": integer}
+    for key, grid in (("input_grid", input_grid), ("output_grid", output_grid)):
+        if grid is not None:
+            keys[key] = {"step": grid.step, "zero_point": grid.zero_point,
+                         "stored": list(grid.stored)}
+    return keys
 
 
 # -- reading an engine back ---------------------------------------------------------------------

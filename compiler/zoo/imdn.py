@@ -35,18 +35,39 @@ from compiler.zoo.common import (
 
 
 class CCALayer(nn.Module):
-    """Contrast-aware channel attention: ``x * sigmoid(convs(std(x) + mean(x)))``."""
+    """Contrast-aware channel attention: ``x * sigmoid(convs(std(x) + mean(x)))``.
+
+    ``fp64_statistics`` (off by default; the exported graph never has it): the means and the
+    gate are computed in FP64 and rounded once to FP32, as the ONNX Runtime lowering computes
+    them (``compiler.lower.qdq._statistics_in_double``); ``compiler.parity`` sets it.
+    """
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
         self.conv_du = nn.Sequential(conv(channels, channels // reduction, 1), nn.ReLU(True),
                                      conv(channels // reduction, channels, 1), nn.Sigmoid())
+        self.fp64_statistics = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fp64_statistics:
+            return x * self._gate_fp64(x)
         mean = x.mean(dim=(2, 3), keepdim=True)
         std = (x - mean).pow(2).mean(dim=(2, 3), keepdim=True).pow(0.5)
         weights: Tensor = self.conv_du(std + mean)
         return x * weights
+
+    def _gate_fp64(self, x: Tensor) -> Tensor:
+        """The gate with FP64 statistics: only ``x - mean`` and its square stay FP32."""
+        mean = x.double().mean(dim=(2, 3), keepdim=True)
+        variance = (x - mean.float()).pow(2).double().mean(dim=(2, 3), keepdim=True)
+        y = variance.pow(0.5) + mean
+        for layer in self.conv_du:
+            if isinstance(layer, nn.Conv2d):
+                bias = None if layer.bias is None else layer.bias.double()
+                y = nn.functional.conv2d(y, layer.weight.double(), bias)
+            else:
+                y = layer(y)
+        return y.float()
 
 
 class IMDModule(nn.Module):

@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--tile", type=int, help="patch-wise evaluation with LR tiles of this "
                         "size (overlap 6; each tile its own image offset), as the papers do; "
                         "the FP reference is evaluated the same way")
+    parser.add_argument("--out", help="results file stem in benchmarks/results (default: "
+                        "quant_table, or quant_table_rows with --rows; _tileN appended)")
     args = parser.parse_args()
     rows: list[Row] = []
     for key in args.models.split(","):
@@ -99,7 +101,7 @@ def main() -> None:
     where = f"patch-wise (tiles {args.tile}, overlap 6)" if args.tile else "whole-image"
     note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads; {where} "
             "evaluation, Set5 with the provided MATLAB LR, Set14 with generated LR.\n\n")
-    stem = ("quant_table_rows" if args.rows else "quant_table") + (
+    stem = (args.out or ("quant_table_rows" if args.rows else "quant_table")) + (
         f"_tile{args.tile}" if args.tile else "")
     atomic_write_bytes(results / f"{stem}.md", (note + "```\n" + text + "\n```\n").encode())
     atomic_write_json(results / f"{stem}.json", [r.__dict__ for r in rows])

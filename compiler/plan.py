@@ -7,10 +7,18 @@ target's real kernel precisions is the *ladder*, chosen explicitly and recorded 
 - ``hardware`` (default): a layer runs on the cheapest precision of the target's ladder that holds
   its grid exactly (``int8`` holds integer grids up to 8 bits, ``fp8`` e4m3 up to 4 bits, ``fp4``
   e2m1 up to 2 bits); above 8 bits it runs at the target's top precision (FP16 on GPUs, FP32 on
-  CPUs). A k-bit grid on an INT8 kernel is a *candidate for widening* to the full 8-bit grid on
+  CPUs). Only rungs the lowering writes are used (``LOWERED``: fp8 / fp4 not yet; the plan
+  printout says so for targets that list them). A k-bit grid on an INT8 kernel is a *candidate for widening* to the full 8-bit grid on
   the same learned bounds and clips: it costs no speed (same kernel) and the build keeps it only
   when measured not to lose accuracy (``compiler.bundle``), so on a CPU the three offsets usually
   collapse into one ``int8`` engine.
+  On TensorRT targets the conv that reads the image (<= 4 input channels: EDSR's ``head.0``,
+  IMDN's ``fea_conv``) runs at the top precision: TensorRT runs such a conv in FP16 anyway (EDSR's
+  head weights fall below FP16's normal range at int8 scale), so the plan says what runs. On
+  ONNX Runtime it stays INT8: in FP32 it needs layout conversions of its 64-channel output that
+  cost more than the conv (EDSR x2 int8 engine, 1x3x256x256: 184 -> 219 ms), although its input,
+  the mean-shifted image, has no exact per-tensor 8-bit grid (that grid costs 0.054 dB on
+  bigbuckbunny frames, W8A6 FQ).
 - ``emulate``: each engine reproduces the simulated k-bit grids exactly inside INT8 (Clip +
   scale), for verifying the papers' accuracy on real integer kernels.
 
@@ -35,6 +43,11 @@ from targets.loader import Target
 EXACT_GRID_BITS = {"fp4": 2, "fp8": 4, "int8": 8}
 FLOAT_BITS = {"fp16": 16, "fp32": 32}
 OFFSET_WORDS = {-1: "low", 0: "mid", 1: "high"}
+# Reduced precisions the lowering writes today. A target may list fp8 / fp4 (Hopper, Ada, Thor),
+# but a QuantizeLinear to fp8 rounds to the nearest fp8 value, not to the integer grid, so those
+# need a lowering of their own (not written yet): until then their layers take the next rung.
+LOWERED = ("int8",)
+IMAGE_CHANNELS = 4  # a conv with at most this many input channels reads the image
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,11 @@ def kernel_precision(bits: float, ladder: Sequence[str], top: str) -> str:
     return top
 
 
+def lowered_ladder(ladder: Sequence[str]) -> tuple[str, ...]:
+    """The rungs of a target's ladder that the lowering can write (float rungs always)."""
+    return tuple(p for p in ladder if p in LOWERED or p in FLOAT_BITS)
+
+
 def layer_plan(spec: EngineLayer, precision: str) -> LayerPlan:
     if precision in FLOAT_BITS:
         return LayerPlan(spec.name, precision, None, spec.w_bits)
@@ -91,22 +109,35 @@ def fab_of(layers: Sequence[LayerPlan], adaptive: set[str]) -> float:
     return float(sum(bits) / len(bits)) if bits else 0.0
 
 
+def image_convs(record: Mapping[str, Any]) -> set[str]:
+    """The record's convs that read the image (records before ``in_channels``: none known)."""
+    return {layer["name"] for layer in record["layers"]
+            if layer.get("in_channels", IMAGE_CHANNELS + 1) <= IMAGE_CHANNELS}
+
+
 def _offset_engine(record: Mapping[str, Any], offset: int, target: Target, ladder: str,
                    widen: bool) -> tuple[tuple[EngineLayer, ...], tuple[EngineLayer, ...] | None,
                               tuple[LayerPlan, ...]]:
     exact = engine_layers(record, offset)
-    kernels = tuple(
-        kernel_precision(max(s.act_bits, s.w_bits), target.precision_ladder,
-                         target.top_precision)
-        if ladder == "hardware" else
-        ("int8" if s.quantizes_input else target.top_precision)
-        for s in exact)
+    top = target.top_precision
+    image = image_convs(record) if target.backend == "tensorrt" else set()
+    if ladder == "hardware":
+        rungs = lowered_ladder(target.precision_ladder)
+        kernels = tuple(top if s.name in image else kernel_precision(
+            max(s.act_bits, s.w_bits), rungs, top) for s in exact)
+    else:
+        kernels = tuple("int8" if s.quantizes_input else top for s in exact)
+    floating = {s.name for s, k in zip(exact, kernels, strict=True) if s.name in image
+                and k == top}  # left out of the lowering: the FP conv, weights included
     specs = exact
     if ladder == "hardware" and widen:
         specs = tuple(_widened(s) if k == "int8" else s
                       for s, k in zip(exact, kernels, strict=True))
-    layers = tuple(layer_plan(s, k) for s, k in zip(specs, kernels, strict=True))
-    return specs, (exact if specs != exact else None), layers
+    layers = tuple(LayerPlan(s.name, k, None, None) if s.name in floating else layer_plan(s, k)
+                   for s, k in zip(specs, kernels, strict=True))
+    kept = tuple(s for s in specs if s.name not in floating)
+    exact_kept = tuple(s for s in exact if s.name not in floating)
+    return kept, (exact_kept if kept != exact_kept else None), layers
 
 
 def _widened(spec: EngineLayer) -> EngineLayer:
@@ -120,8 +151,11 @@ def _widened(spec: EngineLayer) -> EngineLayer:
     return replace(spec, act_bits=8.0, w_bits=8, bounds=bounds)
 
 
-def _summary_precision(layers: Sequence[LayerPlan]) -> str:
-    kinds = {layer.precision for layer in layers}
+def _summary_precision(layers: Sequence[LayerPlan], image: set[str]) -> str:
+    """The engine's precision tag: its layers' one precision, else ``mixed`` (the float conv
+    that reads the image does not count: every hardware engine has it)."""
+    kinds = {layer.precision for layer in layers if layer.name not in image} or {
+        layer.precision for layer in layers}
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
@@ -147,7 +181,8 @@ def plan_engines(record: Mapping[str, Any], target: Target, ladder: str = "hardw
         specs, exact, layers = _offset_engine(record, offset, target, ladder, widen)
         groups.setdefault(specs, []).append(offset)
         built[specs] = (exact, layers)
-    tags = [_summary_precision(built[specs][1]) for specs in groups]
+    image = image_convs(record) if target.backend == "tensorrt" else set()
+    tags = [_summary_precision(built[specs][1], image) for specs in groups]
     engines = []
     for (specs, offsets), tag in zip(groups.items(), tags, strict=True):
         exact, layers = built[specs]
@@ -166,12 +201,18 @@ def plan_engines(record: Mapping[str, Any], target: Target, ladder: str = "hardw
     return EnginePlan(target, ladder, tile, overlap, tuple(engines), summary, widen)
 
 
+def _skipped_rungs(ladder: Sequence[str]) -> list[str]:
+    skipped = [p for p in ladder if p not in lowered_ladder(ladder)]
+    return ([f"note: {', '.join(skipped)} listed by the target but not lowered yet; those layers "
+             "run on the next rung"] if skipped else [])
+
+
 def describe_plan(plan: EnginePlan, files: Mapping[str, Sequence[str]] | None = None) -> str:
     """A readable plan: one line per engine, then the per-layer precision table."""
     t = plan.target
     lines = [f"target {t.name} ({t.backend}; ladder {', '.join(t.precision_ladder)}), "
              f"{plan.ladder} ladder, tile {plan.tile} overlap {plan.overlap}",
-             f"record: {plan.record_summary}", "",
+             f"record: {plan.record_summary}", *_skipped_rungs(t.precision_ladder), "",
              f"{'engine':<14} {'precision':<9} {'offsets':<9} {'FAB':>6}  files"]
     for e in plan.engines:
         served = ("reference" if e.reference

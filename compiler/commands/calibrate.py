@@ -27,7 +27,9 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False)
                    help="fully quantized: head, upsampler and tail at fixed 8 bits "
                    f"(default {'on' if fq_default else 'off'}; --no-fq: body only)")
     p.add_argument("--method", default="adabm", help="adabm (default), ddtb, minmax, percentile")
-    p.add_argument("--per-channel", action="store_true", help="per-channel weight clips")
+    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight clips per output channel (default: at <= 4 weight bits; "
+                   "--no-per-channel: one per tensor, as in the paper)")
     p.add_argument("--symmetric", action="store_true",
                    help="symmetric activation grids [-a, a] (default: learned asymmetric [l, u])")
     p.add_argument("--patches", type=int, default=100)
@@ -41,6 +43,9 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False)
     p.add_argument("--downscale", type=int, default=1,
                    help="bicubic-downscale the calibration images by N first (use the model's "
                    "scale when they are ordinary photos rather than LR frames); default 1")
+    p.add_argument("--bac", default="auto", choices=("auto", "on", "off"),
+                   help="bit-aware clipping of the activation bounds: auto (default: at a base "
+                   "of <= 4 bits, where it is measured to help), on (the paper), off")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -53,7 +58,8 @@ def calibrate_from_args(args: argparse.Namespace, loaded: Any) -> Any:
                              per_channel=args.per_channel, symmetric=args.symmetric)
     config = CalibrationConfig(patches=args.patches, patch_size=args.patch_size, steps=args.steps,
                                batch=args.batch, seed=args.seed, schedule=args.schedule,
-                               range_init=args.range_init, downscale=args.downscale)
+                               range_init=args.range_init, downscale=args.downscale,
+                               bac=args.bac)
     print(f"calibrating {loaded.info.describe()} with {settings.method} "
           f"W{settings.wbits}A{settings.abits}{' FQ' if settings.fq else ''} on {args.calib}")
     return calibrate(loaded, settings, config, args.calib, progress=progress_bar)

@@ -50,6 +50,7 @@ def record_of(qnet: QuantizedSR, loaded: LoadedModel,
         layers.append({
             "name": name,
             "kind": "fixed" if conv.layer_index is None else "adaptive",
+            "in_channels": conv.conv.in_channels,
             "w_bits": conv.weight_quant.bits,
             "w_clip": _values(conv.weight_quant.clip),
             "a_bounds": [conv.act_quant.lower.item(), conv.act_quant.upper.item()],

@@ -90,6 +90,34 @@ def test_hardware_plan_merges_identical_engines(records: dict[str, dict[str, Any
     assert all(lp.act_bits == 8 and lp.w_bits == 8 for lp in plan.engines[0].layers)
 
 
+def test_tensorrt_plans_run_the_image_conv_at_top_precision(
+        records: dict[str, dict[str, Any]]) -> None:
+    record = records["w8a6_fq"]
+    image = {layer["name"] for layer in record["layers"] if layer["in_channels"] == 3}
+    assert image == {"head.0"}
+    plan = plan_engines(record, load_target("jetson-orin-nano"), "hardware")
+    assert [e.name for e in plan.engines] == ["int8", "fp16"]  # the tag ignores the image conv
+    for lp in plan.engines[0].layers:
+        expected = ("fp16", None, None) if lp.name in image else ("int8", 8, 8)
+        assert (lp.precision, lp.act_bits, lp.w_bits) == expected
+    assert "head.0" not in {s.name for s in plan.engines[0].specs}  # left as the FP conv
+    row = next(line for line in describe_plan(plan).splitlines() if line.startswith("head.0 "))
+    assert row.split() == ["head.0", "fp16", "fp16"]
+    emulate = plan_engines(record, load_target("jetson-orin-nano"), "emulate")
+    assert {lp.precision for lp in emulate.engines[0].layers} == {"int8"}  # exact grids
+
+
+def test_unlowered_rungs_are_skipped_and_said(tiny: tuple[Path, Path]) -> None:
+    weights, calib = tiny
+    record = calibrate(load_model(weights), QuantSettings(method="adabm", wbits=4, abits=4),
+                       FAST, calib).record
+    plan = plan_engines(record, load_target("h100"), "hardware")
+    precisions = {lp.precision for e in plan.engines for lp in e.layers}
+    assert "fp8" not in precisions and "int8" in precisions
+    assert "fp8 listed by the target but not lowered yet" in describe_plan(plan)
+    assert "not lowered" not in describe_plan(plan_engines(record, load_target("cpu-x86")))
+
+
 def test_hardware_plan_runs_bits_above_8_in_float(records: dict[str, dict[str, Any]]) -> None:
     record = records["w8a8"]  # base 8: offset +1 gives 9 bits on some layers
     plan = plan_engines(record, load_target("cpu-x86"), "hardware")

@@ -106,3 +106,25 @@ def test_symmetric_activations_are_symmetric(tiny: tuple[Path, Path]) -> None:
     x = torch.rand(2, 3, 12, 12)
     with torch.no_grad():
         assert torch.equal(result.qnet(x), rebuilt(x))
+
+
+def test_default_weight_granularity_follows_the_weight_bits() -> None:
+    assert QuantSettings(wbits=4).per_channel is True
+    assert QuantSettings(wbits=8).per_channel is False
+    assert QuantSettings(wbits=4, per_channel=False).per_channel is False
+    with pytest.raises(ConfigError, match="bit-aware clipping mode"):
+        CalibrationConfig(bac="sometimes")
+
+
+@pytest.mark.parametrize(("abits", "mode", "clipped"), [
+    (4, "auto", True), (6, "auto", False), (6, "on", True), (4, "off", False)])
+def test_bit_aware_clipping_modes(tiny: tuple[Path, Path], abits: int, mode: str,
+                                  clipped: bool) -> None:
+    """BaC moves the bounds inside the calibrated range (never outside it); off keeps them."""
+    weights, calib = tiny
+    config = CalibrationConfig(patches=8, patch_size=16, steps=0, bac=mode)
+    result = calibrate(load_model(weights), QuantSettings(wbits=8, abits=abits), config, calib)
+    inside = [layer["a_bounds"][1] - layer["a_bounds"][0]
+              < 0.999 * (layer["input_range"][1] - layer["input_range"][0])
+              for layer in result.record["layers"]]
+    assert any(inside) == clipped

@@ -8,7 +8,8 @@ requantized a conv output to 8 bits for speed (placement ``8-bit output range`` 
 lowering summary), the simulation quantizes that output the same way (``QConv2d.output_bounds``:
 the calibrated range widened to contain 0, ``[0, hi]`` when a ReLU was folded; symmetric on
 ``max(|lo|, |hi|)`` in the TensorRT dialect), its bias on the int32 lattice where a Q follows the
-conv (ONNX Runtime quantizes the bias of those only), and residual streams
+conv (ONNX Runtime quantizes the bias of those only; the TensorRT dialect keeps every bias float,
+as TensorRT and the unoptimized graph add it), and residual streams
 quantized where they are made (``stream_bounds``: every reader of the stream, the skip path too,
 takes the values on the 8-bit grid of the conv it feeds): the engine's
 arithmetic, which the papers' simulation does not have. ``benchmarks/bundle_parity.py`` reports
@@ -21,6 +22,13 @@ requantization, a truncated input grid's cut levels; the zoo's ``fp64_statistics
 quantized network amplifies any rounding difference into a drift of many levels, so a
 simulation that rounds like the engine except in FP32 sums is not close, it is 37-43 dB off
 (IMDN x4, Set5).
+
+TensorRT-dialect engines are simulated in FP32 (``QConv2d``). Run by ONNX Runtime, their convs
+sum the dequantized values in FP32 as well, in another order, and nothing in a graph TensorRT
+accepts makes those sums exact (no FP64; convs on integer levels need DQ scales other than
+their Q's, and their sums overflow FP16), so the two agree only as closely as FP32 sums allow:
+IMDN x4 33-41 dB on Set5, EDSR x2 51-59 dB, about as far as the simulation moves when its
+convs sum in FP64 (``benchmarks/bundle_parity.py --dialect tensorrt``).
 """
 
 from __future__ import annotations
@@ -61,7 +69,8 @@ def simulate_engine(weights: Path, record: Mapping[str, Any], spec: EngineSpec,
         conv = convs[layer.name]
         conv.forced_bits = FLOAT_BITS if layer.act_bits is None else float(layer.act_bits)
         conv.weight_quant.bits = int(FLOAT_BITS) if layer.w_bits is None else layer.w_bits
-        conv.integer_bias = summary is None  # refined per layer from the summary below
+        # ORT: refined per layer from the summary below; TensorRT keeps every bias float
+        conv.integer_bias = summary is None and dialect != "tensorrt"
     ranges = {layer["name"]: layer.get("output_range") for layer in record["layers"]}
     # lowerings that record their conv arithmetic (ORT dialect): model it exactly
     exact = dialect == "ort" and any("integer_conv" in entry for entry in summary or ())
@@ -71,7 +80,7 @@ def simulate_engine(weights: Path, record: Mapping[str, Any], spec: EngineSpec,
         placement = str(entry.get("output", ""))
         # ONNX Runtime turns a conv's bias into int32 on the s_x * s_w lattice only when a Q
         # follows the conv (a full QDQ group, run as QLinearConv); a float output keeps it float
-        convs[entry["name"]].integer_bias = placement != "float"
+        convs[entry["name"]].integer_bias = placement != "float" and dialect != "tensorrt"
         if placement.startswith("8-bit output range"):
             low, high = ranges[entry["name"]]
             relu = "ReLU folded" in placement

@@ -43,6 +43,21 @@ input alone moves the head's 8-bit grid levels), so FP16 is no bit-exact proxy o
 ONNX Runtime checks these graphs' numbers only with its graph optimizations off: its optimizer
 rewrites a ``DQ -> Conv`` float bias to int32 on the ``s_x * s_w`` lattice (its QLinearConv
 arithmetic), which moves 2-4-bit grids by whole steps (43-54 dB instead of 61-84 dB above).
+Unoptimized, it runs each conv in FP32 on the dequantized values and adds the bias in float, as
+``compiler.parity.simulate_engine(dialect="tensorrt")`` simulates it. What differs is how FP32
+sums round: each conv's sums (ONNX Runtime's order against torch's) and, in IMDN, the means of
+its attention (gates up to 2e-5 apart, though on Set5 that alone flipped no level). Given the
+engine's own input levels, one conv differs from the simulation on 0 to 3e-5 of its output
+levels, each time by one level.
+The quantized network amplifies every such flip layer after layer. On whole Set5 images
+(``benchmarks/bundle_parity.py --dialect tensorrt``, FP32 graphs), EDSR x2 engines are
+51-59 dB from their simulation and IMDN x4 engines 33-41 dB. That is about as far as the
+simulation moves from itself when its convs sum in FP64 instead (EDSR 53-57 dB, IMDN 37-41 dB).
+Exact sums would take convs on integer levels or FP64, and TensorRT builds neither. Convs on
+integer levels need a DQ of scale 1 after a Q of scale ``s``, and their accumulators reach
+3.6e5 on one Set5 image, beyond FP16. TensorRT's INT8 kernels accumulate in int32, but
+TensorRT reorders float ops as well. So ONNX Runtime serves as a proxy at this precision only;
+it is not a bit-exact check for IMDN.
 
 :func:`check_tensorrt_graph` validates any graph against these rules and names the offending node.
 Every Q's stored range is in the metadata (``quantizers``), so the checker knows which Q needs a

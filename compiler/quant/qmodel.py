@@ -49,10 +49,13 @@ class QuantSettings:
         for name, bits in (("wbits", self.wbits), ("abits", self.abits)):
             if not 2 <= bits <= 8:
                 raise ConfigError(f"--{name} {bits} is out of range: allowed 2..8")
-        if self.per_channel is None:
-            # EDSR x2 W4A4, Set5: per-tensor -0.462 dB, per-channel -0.317 dB (AdaBM); at W8A6
-            # per-channel changes nothing measurable (-0.069 vs -0.066 dB on Set14)
-            object.__setattr__(self, "per_channel", self.wbits <= PER_CHANNEL_BITS)
+
+    def weights_per_channel(self, bits: int) -> bool:
+        """Weight clips per output channel for a layer with ``bits``-bit weights: as set, or by
+        default at <= 4 bits (EDSR x2 W4A4, Set5: per-tensor -0.462 dB, per-channel -0.317 dB,
+        AdaBM); at 8 bits per-channel changes nothing measurable (W8A6 Set14: -0.069 vs -0.066)
+        and the fixed 8-bit layers of ``fq`` stay per tensor."""
+        return self.per_channel if self.per_channel is not None else bits <= PER_CHANNEL_BITS
 
     @property
     def adaptive(self) -> bool:
@@ -168,10 +171,12 @@ class QuantizedSR(nn.Module):
                 kind = type(conv).__name__
                 raise ConfigError(f"adaptive layer {name!r} is a {kind}, not a Conv2d")
             _replace(model, name, QConv2d(conv, self.context, settings.wbits,
-                                          settings.per_channel, settings.symmetric, index))
+                                          settings.weights_per_channel(settings.wbits),
+                                          settings.symmetric, index))
         for name in self.fixed_names:
             conv = model.get_submodule(name)
-            _replace(model, name, QConv2d(conv, self.context, FIXED_BITS, settings.per_channel,
+            _replace(model, name, QConv2d(conv, self.context, FIXED_BITS,
+                                          settings.weights_per_channel(FIXED_BITS),
                                           settings.symmetric, None))
 
     @property

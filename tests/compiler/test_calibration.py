@@ -109,9 +109,11 @@ def test_symmetric_activations_are_symmetric(tiny: tuple[Path, Path]) -> None:
 
 
 def test_default_weight_granularity_follows_the_weight_bits() -> None:
-    assert QuantSettings(wbits=4).per_channel is True
-    assert QuantSettings(wbits=8).per_channel is False
-    assert QuantSettings(wbits=4, per_channel=False).per_channel is False
+    w4 = QuantSettings(wbits=4)
+    assert w4.weights_per_channel(4) and not w4.weights_per_channel(8)  # fq's 8-bit layers
+    assert not QuantSettings(wbits=8).weights_per_channel(8)
+    assert not QuantSettings(wbits=4, per_channel=False).weights_per_channel(4)
+    assert QuantSettings(wbits=8, per_channel=True).weights_per_channel(8)
     with pytest.raises(ConfigError, match="bit-aware clipping mode"):
         CalibrationConfig(bac="sometimes")
 

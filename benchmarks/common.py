@@ -30,7 +30,8 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 def edsr_record(calibration: Path | None, steps: int, abits: int = 6) -> dict[str, Any]:
     """The EDSR x2 AdaBM W8A<abits> FQ record the bundle benchmarks build from: ``calibration`` when
-    given, else calibrated now on ../shared/data/calibration (bicubic-downscaled x2)."""
+    given, else calibrated now on ../shared/data/calibration (bicubic-downscaled x2), with
+    ``adasr build``'s calibration defaults (bit-aware clipping on)."""
     if calibration is not None:
         record: dict[str, Any] = json.loads(calibration.read_text())
         return record
@@ -40,5 +41,5 @@ def edsr_record(calibration: Path | None, steps: int, abits: int = 6) -> dict[st
 
     settings = QuantSettings(method="adabm", wbits=8, abits=abits, fq=True)
     return calibrate(load_model(shared("weights/edsr_r8f64_x2_krasserm.pt")), settings,
-                     CalibrationConfig(steps=steps, downscale=2),
+                     CalibrationConfig(steps=steps, downscale=2, bac="on"),  # as adasr build
                      shared("calibration/sun_hays8")).record

@@ -7,11 +7,11 @@ target's real kernel precisions is the *ladder*, chosen explicitly and recorded 
 - ``hardware`` (default): a layer runs on the cheapest precision of the target's ladder that holds
   its grid exactly (``int8`` holds integer grids up to 8 bits, ``fp8`` e4m3 up to 4 bits, ``fp4``
   e2m1 up to 2 bits); above 8 bits it runs at the target's top precision (FP16 on GPUs, FP32 on
-  CPUs). Only rungs the lowering writes are used (``LOWERED``: fp8 / fp4 not yet; the plan
-  printout says so for targets that list them). A k-bit grid on an INT8 kernel is a *candidate for widening* to the full 8-bit grid on
-  the same learned bounds and clips: it costs no speed (same kernel) and the build keeps it only
-  when measured not to lose accuracy (``compiler.bundle``), so on a CPU the three offsets usually
-  collapse into one ``int8`` engine.
+  CPUs). Only rungs the lowering writes are used (``LOWERED``: fp8 / fp4 not yet; the plan printout
+  says so for targets that list them). A k-bit grid on an INT8 kernel is a *candidate for widening*
+  to the full 8-bit grid on the same learned bounds and clips: it costs no speed (same kernel) and
+  the build keeps it only when measured not to lose accuracy (``compiler.bundle``), so on a CPU the
+  three offsets usually collapse into one ``int8`` engine.
   On TensorRT targets the conv that reads the image (<= 4 input channels: EDSR's ``head.0``,
   IMDN's ``fea_conv``) runs at the top precision: TensorRT runs such a conv in FP16 anyway (EDSR's
   head weights fall below FP16's normal range at int8 scale), so the plan says what runs. On

@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="calibration record (.json)")
 
 
-def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False) -> None:
+def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
+                        bac_default: str = "auto") -> None:
     """The quantization and calibration options (shared with ``adasr build``)."""
     p.add_argument("--wbits", type=int, default=8, help="weight bits (default 8)")
     p.add_argument("--abits", type=int, default=6, help="base activation bits (default 6)")
@@ -43,9 +44,10 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False)
     p.add_argument("--downscale", type=int, default=1,
                    help="bicubic-downscale the calibration images by N first (use the model's "
                    "scale when they are ordinary photos rather than LR frames); default 1")
-    p.add_argument("--bac", default="auto", choices=("auto", "on", "off"),
-                   help="bit-aware clipping of the activation bounds: auto (default: at a base "
-                   "of <= 4 bits, where it is measured to help), on (the paper), off")
+    p.add_argument("--bac", default=bac_default, choices=("auto", "on", "off"),
+                   help="bit-aware clipping of the activation bounds: auto (at a base of <= 4 "
+                   "bits, where the simulated network measures better), on (the paper), off; "
+                   f"default {bac_default}")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -4,22 +4,23 @@ Stages (AdaBM, methods.md section 1):
 0. one FP pass over the patches collects the teacher outputs and block features (computed once
    and reused by every step), per-layer activation ranges (EMA of batch min/max, beta 0.9),
    per-layer input std, the patch complexities and the gate ranking (DDTB);
-1. init: weight clips by MSE search, image thresholds at the 10th/90th complexity percentiles,
-   layer offsets from the std percentiles (30th/70th), activation bounds from the ranges followed
-   by bit-aware clipping (BaC; by default only at a base of <= 4 bits, see
-   ``Calibrator._bit_aware_clipping``). The ranges are the global min/max over all calibration patches
-   by default (``range_init="global"``); the paper's EMA of batch ranges (``"ema"``) under-covers
-   the sharper content of test images when the calibration set is a few smooth photos (EDSR x2
-   W8A6, Set5: 37.760 dB global vs 37.741 dB EMA, FP 37.801). The activation bounds learn at
-   lr 0.001, not the paper's 0.01, for the same reason (W4A4 Set5: 37.378 vs 37.237 dB);
+1. init: weight clips by MSE search, image thresholds at the 10th/90th complexity percentiles, layer
+   offsets from the std percentiles (30th/70th), activation bounds from the ranges followed by
+   bit-aware clipping (BaC; by default only at a base of <= 4 bits, see
+   ``Calibrator._bit_aware_clipping``). The ranges are the global min/max over all calibration
+   patches by default (``range_init="global"``); the paper's EMA of batch ranges (``"ema"``)
+   under-covers the sharper content of test images when the calibration set is a few smooth photos
+   (EDSR x2 W8A6, Set5: 37.760 dB global vs 37.741 dB EMA, FP 37.801). The activation bounds learn
+   at lr 0.001, not the paper's 0.01, for the same reason (W4A4 Set5: 37.378 vs 37.237 dB);
 2. ``steps`` Adam steps on the quantization parameters only (the conv weights never change) with
    ``L1(SR_q, SR_fp) + 10 * L_skt + 50 * max(avg_bit - base, 0)``, StepLR(0.9) per epoch. The
    ``cyclic`` schedule trains one parameter group per epoch (weight clips -> activation bounds ->
-   bit mapping, the released code's order); ``joint`` trains all at once (EDSR x2 W8A6: FAB
-   5.76 / 5.63 on Set5 / Set14 but -0.074 / -0.158 dB, against cyclic's 6.20 / 6.07 and
-   -0.002 / -0.066 dB). After every epoch the loss on the first ``validation`` calibration
-   patches (not held out: a guard against divergence, not a generalization estimate) decides whether the state is the best so far; the best state is kept
-   (the guard against the known clip divergence, with the clips bounded after each step).
+   bit mapping, the released code's order); ``joint`` trains all at once (EDSR x2 W8A6: FAB 5.76 /
+   5.63 on Set5 / Set14 but -0.074 / -0.158 dB, against cyclic's 6.20 / 6.07 and -0.002 / -0.066
+   dB). After every epoch the loss on the first ``validation`` calibration patches (not held out: a
+   guard against divergence, not a generalization estimate) decides whether the state is the best so
+   far; the best state is kept (the guard against the known clip divergence, with the clips bounded
+   after each step).
 Static baselines (``minmax``, ``percentile``) stop after stage 1, at uniform bits.
 """
 
@@ -257,10 +258,11 @@ class Calibrator:
             self._attach_gates(stats)
 
     def _bit_aware_clipping(self) -> bool:
-        """BaC ``on``, ``off``, or ``auto``: only at a base of 4 bits or fewer. Measured on EDSR
-        x2 (AdaBM, whole images): W4A4 (per-tensor weights) Set5 -0.462 dB with BaC, -0.939
-        without (the clipping is what makes 3-5 bits work); W8A6 Set14 -0.066 dB with, -0.028 without (at 5-7 bits
-        the MSE-best clip of a few smooth calibration photos cuts the tails of sharper content).
+        """BaC ``on``, ``off``, or ``auto``: only at a base of 4 bits or fewer. Measured on EDSR x2
+        (AdaBM, whole images): W4A4 (per-tensor weights) Set5 -0.462 dB with BaC, -0.939 without
+        (the clipping is what makes 3-5 bits work); W8A6 Set14 -0.066 dB with, -0.028 without (at
+        5-7 bits the MSE-best clip of a few smooth calibration photos cuts the tails of sharper
+        content).
         """
         mode = self.config.bac
         return mode == "on" or (mode == "auto" and self.settings.abits <= BAC_AUTO_BITS)

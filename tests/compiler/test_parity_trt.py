@@ -41,6 +41,7 @@ from compiler.zoo.imdn import IMDN
 from runtime.imaging import to_uint8
 from runtime.manifest import EngineSpec, FileRef
 from targets.loader import load_target
+from tests.compiler.test_parity import _images
 
 FAST = CalibrationConfig(patches=8, patch_size=16, steps=20, batch=2, epochs=4, validation=4)
 OPSET = 17  # TensorRT 8.5, the lowest parser of the targets
@@ -62,14 +63,6 @@ def imdn(tiny: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
     record = calibrate(load_model(weights), settings, FAST, calib).record
     fp = export_onnx(load_model(weights).model, 16, dynamic=True, dynamic_batch=True)
     return weights, record, fp
-
-
-def _images() -> list[np.ndarray]:
-    """LR test images (uint8 HxWx3): smooth with noise, and pure noise."""
-    rng = np.random.default_rng(5)
-    smooth = np.kron(rng.random((6, 6, 3)), np.ones((8, 8, 1)))
-    noisy = np.clip(smooth + 0.3 * rng.random((48, 48, 3)), 0, 1)
-    return [np.round(image * 255).astype(np.uint8) for image in (noisy, rng.random((40, 56, 3)))]
 
 
 def _spec(planned: PlannedEngine) -> EngineSpec:

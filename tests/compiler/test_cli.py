@@ -83,3 +83,21 @@ def test_quickstart_runs_the_default_job(tmp_path: Path,
             if line.strip().startswith(("bicubic ", "adaptive dispatch"))}
     psnr = {"bicubic": float(rows["bicubic"][1]), "adaptive": float(rows["adaptive"][2])}
     assert psnr["adaptive"] > psnr["bicubic"] + 0.5, out
+
+
+def test_build_clips_bounds_at_every_width_and_calibrate_by_default_only_at_4_bits() -> None:
+    """`adasr build` calibrates for engines that run the bounds widened to 8 bits (BaC on);
+    `adasr calibrate` keeps the simulated network's measured default (auto)."""
+    import argparse
+
+    from compiler.commands import build
+    from compiler.commands import calibrate as calibrate_command
+
+    parsers = {}
+    for name, module in (("build", build), ("calibrate", calibrate_command)):
+        parsers[name] = argparse.ArgumentParser()
+        module.add_arguments(parsers[name])
+    base = ["--weights", "w.pt", "-o", "out"]
+    assert parsers["build"].parse_args(base).bac == "on"
+    assert parsers["calibrate"].parse_args([*base, "--calib", "c"]).bac == "auto"
+    assert parsers["calibrate"].parse_args([*base, "--calib", "c", "--bac", "off"]).bac == "off"

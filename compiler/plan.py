@@ -115,20 +115,24 @@ def image_convs(record: Mapping[str, Any]) -> set[str]:
             if layer.get("in_channels", IMAGE_CHANNELS + 1) <= IMAGE_CHANNELS}
 
 
+def _float_image_convs(record: Mapping[str, Any], target: Target, ladder: str) -> set[str]:
+    """The convs left out of the lowering (run as the FP conv, weights included): on TensorRT
+    targets' hardware ladder, the ones that read the image (module docstring)."""
+    return image_convs(record) if target.backend == "tensorrt" and ladder == "hardware" else set()
+
+
 def _offset_engine(record: Mapping[str, Any], offset: int, target: Target, ladder: str,
-                   widen: bool) -> tuple[tuple[EngineLayer, ...], tuple[EngineLayer, ...] | None,
+                   widen: bool, floating: set[str]
+                   ) -> tuple[tuple[EngineLayer, ...], tuple[EngineLayer, ...] | None,
                               tuple[LayerPlan, ...]]:
     exact = engine_layers(record, offset)
     top = target.top_precision
-    image = image_convs(record) if target.backend == "tensorrt" else set()
     if ladder == "hardware":
         rungs = lowered_ladder(target.precision_ladder)
-        kernels = tuple(top if s.name in image else kernel_precision(
+        kernels = tuple(top if s.name in floating else kernel_precision(
             max(s.act_bits, s.w_bits), rungs, top) for s in exact)
     else:
         kernels = tuple("int8" if s.quantizes_input else top for s in exact)
-    floating = {s.name for s, k in zip(exact, kernels, strict=True) if s.name in image
-                and k == top}  # left out of the lowering: the FP conv, weights included
     specs = exact
     if ladder == "hardware" and widen:
         specs = tuple(_widened(s) if k == "int8" else s
@@ -177,12 +181,12 @@ def plan_engines(record: Mapping[str, Any], target: Target, ladder: str = "hardw
     groups: dict[tuple[EngineLayer, ...], list[int]] = {}
     built: dict[tuple[EngineLayer, ...], tuple[tuple[EngineLayer, ...] | None,
                                               tuple[LayerPlan, ...]]] = {}
+    floating = _float_image_convs(record, target, ladder)
     for offset in OFFSETS:
-        specs, exact, layers = _offset_engine(record, offset, target, ladder, widen)
+        specs, exact, layers = _offset_engine(record, offset, target, ladder, widen, floating)
         groups.setdefault(specs, []).append(offset)
         built[specs] = (exact, layers)
-    image = image_convs(record) if target.backend == "tensorrt" else set()
-    tags = [_summary_precision(built[specs][1], image) for specs in groups]
+    tags = [_summary_precision(built[specs][1], floating) for specs in groups]
     engines = []
     for (specs, offsets), tag in zip(groups.items(), tags, strict=True):
         exact, layers = built[specs]

@@ -58,10 +58,11 @@ from compiler.simulate import TorchUpscaler
 from compiler.zoo import load_model
 from runtime.benchmark import load_benchmark
 from runtime.bundle import open_bundle
+from runtime.engines.onnxruntime import session_options
 from runtime.fileio import atomic_write_bytes, atomic_write_json
 from runtime.imaging import to_uint8
 from runtime.manifest import EngineSpec, read_manifest
-from runtime.metrics import psnr_y
+from runtime.metrics import psnr, psnr_y
 from targets.loader import load_target
 
 MODELS = {"edsr_x2": ("edsr_r8f64_x2_krasserm.pt", 2), "imdn_x4": ("imdn_x4.pth", 4)}
@@ -70,11 +71,6 @@ FP_OPSET = 17  # compiler.bundle.BuildOptions.opset
 
 Run = Callable[[np.ndarray], np.ndarray]  # N x 3 x H x W float32 in [0, 1] -> SR, not clipped
 Engine = tuple[EngineSpec, list[dict[str, Any]] | None, Run]
-
-
-def _psnr_rgb(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 def _record(key: str, weights: Path, scale: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -147,12 +143,8 @@ def _session(model: onnx.ModelProto, threads: int) -> Run:
     """ONNX Runtime (CPU) with graph optimizations off: the graph's ONNX semantics."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   session_options(threads, optimize=False),
                                    providers=["CPUExecutionProvider"])
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -234,8 +226,8 @@ def main() -> None:
                         ref = to_uint8(sim(image.lr))
                         if tensorrt:
                             with _fp64_sums():
-                                floor.append(_psnr_rgb(ref, to_uint8(sim(image.lr))))
-                        vs_sim.append(_psnr_rgb(out, ref))
+                                floor.append(psnr(ref, to_uint8(sim(image.lr)), 255.0))
+                        vs_sim.append(psnr(out, ref, 255.0))
                         differing.append(float(np.mean(out != ref)))
                         hr_engine.append(psnr_y(out, image.hr, scale))
                         hr_sim.append(psnr_y(ref, image.hr, scale))

@@ -51,6 +51,7 @@ from runtime.manifest import (
     read_manifest,
     write_manifest,
 )
+from runtime.metrics import psnr
 
 Progress = Callable[[str], None]
 RECORD_NAME = "calibration.json"
@@ -70,11 +71,6 @@ def _ref(root: Path, path: Path) -> FileRef:
     return FileRef(str(path.relative_to(root)), sha256_file(path), path.stat().st_size)
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.clip(a, 0, 1) - np.clip(b, 0, 1)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
-
-
 def _run_graph(model: onnx.ModelProto, path: Path, patches: np.ndarray, scale: int
                ) -> np.ndarray:
     save_onnx(model, path)
@@ -91,7 +87,8 @@ def _check_widening(fp: onnx.ModelProto, planned: PlannedEngine, patches: np.nda
                          scratch / "widened.onnx", patches, scale)
     exact = _run_graph(lower_engine(fp, planned.exact, streams=False), scratch / "exact.onnx",
                        patches, scale)
-    p_wide, p_exact = _psnr(widened, reference), _psnr(exact, reference)
+    reference = np.clip(reference, 0, 1)
+    p_wide, p_exact = (psnr(np.clip(out, 0, 1), reference, 1.0) for out in (widened, exact))
     keep = p_wide >= p_exact
     note = (f"8-bit grids {'kept' if keep else 'rejected'}: PSNR vs FP on {len(patches)} "
             f"calibration patches {p_wide:.2f} dB widened, {p_exact:.2f} dB exact grids")

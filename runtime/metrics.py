@@ -14,7 +14,7 @@ import numpy.typing as npt
 
 from runtime.imaging import rgb_to_y
 
-__all__ = ["gaussian_window", "psnr_y", "ssim_y"]
+__all__ = ["gaussian_window", "psnr", "psnr_y", "ssim_y"]
 
 _PEAK = 255.0
 _SSIM_C1 = (0.01 * _PEAK) ** 2
@@ -56,11 +56,16 @@ def _cropped_y(
     return rgb_to_y(sr[window]), rgb_to_y(hr[window])
 
 
+def psnr(a: npt.ArrayLike, b: npt.ArrayLike, peak: float) -> float:
+    """PSNR in dB over every value of two same-shape arrays (MSE in float64); ``inf`` when
+    identical."""
+    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
+    return math.inf if mse == 0.0 else 10.0 * math.log10(peak**2 / mse)
+
+
 def psnr_y(sr: npt.NDArray[np.uint8], hr: npt.NDArray[np.uint8], shave: int) -> float:
     """PSNR in dB between the Y channels (peak 255); ``inf`` for identical images."""
-    sr_y, hr_y = _cropped_y(sr, hr, shave, min_size=1)
-    mse = float(np.mean((sr_y - hr_y) ** 2))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(_PEAK**2 / mse)
+    return psnr(*_cropped_y(sr, hr, shave, min_size=1), _PEAK)
 
 
 def _correlate_rows(

@@ -16,15 +16,19 @@ from runtime.engines.base import Batch, Engine
 from runtime.errors import EngineError
 
 
-def session_options(threads: int) -> Any:
-    """The SessionOptions every adasr CPU engine runs with (profiling may add to them)."""
+def session_options(threads: int, *, optimize: bool = True) -> Any:
+    """The SessionOptions every adasr CPU engine runs with (profiling may add to them).
+
+    ``optimize=False`` (parity checks only): no graph optimization, i.e. the graph's own ONNX
+    semantics (FP32 convs on dequantized values) instead of ONNX Runtime's fused QLinearConv."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.log_severity_level = 3
     # No spin-waiting: a bundle holds several sessions in one process (one per engine) and
     # spinning pools of idle sessions steal the cores of the running one. Measured here on

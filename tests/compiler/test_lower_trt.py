@@ -32,6 +32,7 @@ from compiler.quant.quantizers import quantize_asymmetric, quantize_symmetric
 from compiler.quant.record import apply_record
 from compiler.zoo import load_model
 from runtime.benchmark import load_benchmark
+from runtime.engines.onnxruntime import session_options
 from runtime.errors import ConfigError, EngineError
 from runtime.imaging import to_uint8
 from runtime.metrics import psnr_y
@@ -64,11 +65,8 @@ def inputs() -> Tensor:
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   session_options(1, optimize=False),
                                    providers=["CPUExecutionProvider"])
     out: np.ndarray = session.run(None, {INPUT_NAME: x})[0]
     return out

@@ -34,11 +34,21 @@ from compiler.simulate import TorchUpscaler
 from compiler.zoo import load_model
 from compiler.zoo.imdn import IMDN, CCALayer
 from runtime.bundle import open_bundle
+from runtime.engines.onnxruntime import session_options
 from runtime.imaging import to_uint8
 from targets.loader import load_target
 
 FAST = CalibrationConfig(patches=8, patch_size=16, steps=20, batch=2, epochs=4, validation=4)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def tiny_imdn(root: Path, calib: Path) -> tuple[Path, dict[str, Any]]:
+    """A random tiny IMDN x2 checkpoint in ``root`` and its AdaBM W8A6 FQ record."""
+    torch.manual_seed(0)
+    weights = root / "imdn_tiny.pth"
+    torch.save(IMDN(scale=2, nf=16, num_modules=2).state_dict(), weights)
+    settings = QuantSettings(method="adabm", wbits=8, abits=6, fq=True)
+    return weights, calibrate(load_model(weights), settings, FAST, calib).record
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +57,7 @@ def imdn(tiny: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
     """Weights, AdaBM W8A6 FQ record and the cpu-x86 bundle of each ladder of a tiny IMDN."""
     _, calib = tiny
     root = tmp_path_factory.mktemp("imdn")
-    torch.manual_seed(0)
-    weights = root / "imdn_tiny.pth"
-    torch.save(IMDN(scale=2, nf=16, num_modules=2).state_dict(), weights)
-    settings = QuantSettings(method="adabm", wbits=8, abits=6, fq=True)
-    record = calibrate(load_model(weights), settings, FAST, calib).record
+    weights, record = tiny_imdn(root, calib)
     patches = sample_patches(calib, 4, 16, seed=0).numpy()
     bundles = {}
     for ladder in ("hardware", "emulate"):
@@ -96,10 +102,7 @@ def _session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession
     for name in outputs:
         copy.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
                                                                     None))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(copy.SerializeToString(), options,
+    return ort.InferenceSession(copy.SerializeToString(), session_options(1),
                                 providers=["CPUExecutionProvider"])
 
 

@@ -33,17 +33,16 @@ from compiler.lower.qdq import lower_engine, lowering_summary
 from compiler.lower.trt import check_tensorrt_graph
 from compiler.parity import simulate_engine
 from compiler.plan import PlannedEngine, plan_engines
-from compiler.quant.calibrate import CalibrationConfig, calibrate
-from compiler.quant.qmodel import QConv2d, QuantSettings
+from compiler.quant.qmodel import QConv2d
 from compiler.simulate import TorchUpscaler
 from compiler.zoo import load_model
-from compiler.zoo.imdn import IMDN
+from runtime.engines.onnxruntime import session_options
 from runtime.imaging import to_uint8
 from runtime.manifest import EngineSpec, FileRef
+from runtime.metrics import psnr
 from targets.loader import load_target
-from tests.compiler.test_parity import _images
+from tests.compiler.test_parity import _images, tiny_imdn
 
-FAST = CalibrationConfig(patches=8, patch_size=16, steps=20, batch=2, epochs=4, validation=4)
 OPSET = 17  # TensorRT 8.5, the lowest parser of the targets
 MIN_PSNR = 65.0  # measured 76.6 dB to identical; 56-60 dB with the bias on the int32 lattice
 MAX_DIFFERING = 0.005  # measured <= 0.06% of the output values; 3-7% with the lattice
@@ -56,11 +55,7 @@ def imdn(tiny: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
     """Weights, AdaBM W8A6 FQ record and dynamic-shape FP graph of a tiny IMDN x2."""
     _, calib = tiny
     root = tmp_path_factory.mktemp("imdn_trt")
-    torch.manual_seed(0)
-    weights = root / "imdn_tiny.pth"
-    torch.save(IMDN(scale=2, nf=16, num_modules=2).state_dict(), weights)
-    settings = QuantSettings(method="adabm", wbits=8, abits=6, fq=True)
-    record = calibrate(load_model(weights), settings, FAST, calib).record
+    weights, record = tiny_imdn(root, calib)
     fp = export_onnx(load_model(weights).model, 16, dynamic=True, dynamic_batch=True)
     return weights, record, fp
 
@@ -79,17 +74,8 @@ def _qconvs(qnet: torch.nn.Module) -> dict[str, QConv2d]:
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     """The graph's ONNX semantics: no QLinearConv fusion (ONNX Runtime's own arithmetic)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options,
+    return ort.InferenceSession(model.SerializeToString(), session_options(1, optimize=False),
                                 providers=["CPUExecutionProvider"])
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 @pytest.mark.parametrize("ladder", ["hardware", "emulate"])
@@ -114,7 +100,7 @@ def test_tensorrt_engines_match_their_simulation(
             out = to_uint8(session.run(None, {INPUT_NAME: x})[0][0].transpose(1, 2, 0))
             ref = to_uint8(sim(image))
             where = f"{ladder} {planned.name} {image.shape}"
-            assert _psnr(out, ref) >= MIN_PSNR, f"{where}: {_psnr(out, ref):.1f} dB"
+            assert psnr(out, ref, 255.0) >= MIN_PSNR, f"{where}: {psnr(out, ref, 255.0):.1f} dB"
             assert np.mean(out != ref) <= MAX_DIFFERING, where
 
 

@@ -29,7 +29,7 @@ import torch
 from common import REPO, edsr_record, shared, table
 
 from compiler.bundle import write_bundle
-from compiler.plan import plan_engines
+from compiler.plan import FLOAT_CHOICES, plan_engines
 from compiler.quant.patches import sample_patches
 from compiler.zoo import load_model
 from runtime.bundle import open_bundle
@@ -84,6 +84,9 @@ def main() -> None:
     parser.add_argument("--abits", type=int, default=6, help="base activation bits (default 6)")
     parser.add_argument("--frames", type=int, default=6)
     parser.add_argument("--ladder", default="hardware", choices=("hardware", "emulate"))
+    parser.add_argument("--float-layers", default="auto",
+                        help="hardware ladder: layers kept at FP32 (auto: the trunk's ends, none, "
+                        "or NAME,...; as adasr build)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--policy", default="threshold", choices=("threshold", "budget"),
@@ -102,9 +105,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "bundle"
         patches = sample_patches(calib, 8, 48, seed=0, downscale=2).numpy()
-        write_bundle(load_model(weights), record,
-                     plan_engines(record, load_target("cpu-x86"), args.ladder), root,
-                     patches=patches)
+        floats = args.float_layers if args.float_layers in FLOAT_CHOICES else \
+            args.float_layers.split(",")
+        plan = plan_engines(record, load_target("cpu-x86"), args.ladder, floats=floats)
+        write_bundle(load_model(weights), record, plan, root, patches=patches)
         bundle = open_bundle(root)
         m = bundle.manifest
         engines = bundle.engines(threads=args.threads)
@@ -144,8 +148,10 @@ def main() -> None:
     overhead_pct = 100 * sum(overhead) / sum(direct)
     rows = [[key, f"{fps[key]:.3f}", f"{statistics.mean(psnr[key]):.3f}"] for key in fps]
     text = table(rows, ["dispatch", "frames/s", "PSNR (Y) vs original"])
-    info = (f"policy {args.policy}; W8A{args.abits} FQ record; EDSR x2 {args.ladder} bundle "
-            f"(engines {', '.join(m.names)}), "
+    s = record["settings"]
+    info = (f"policy {args.policy}; {s['method']} W{s['wbits']}A{s['abits']}"
+            f"{' FQ' if s['fq'] else ''} record; EDSR x2 {args.ladder} bundle "
+            f"(engines {', '.join(m.names)}; at FP32: {', '.join(plan.float_layers) or 'none'}), "
             f"{len(lr_frames)} bigbuckbunny frames {lr_frames[0].shape[1]}x"
             f"{lr_frames[0].shape[0]} -> x2, tile {m.tile}/{m.overlap}, batch {args.batch}, "
             f"{args.threads} threads; tiles per engine {histogram}; mean FAB "
@@ -154,7 +160,8 @@ def main() -> None:
             f"dispatch overhead {sum(overhead):.3f} s vs direct engine time "
             f"{sum(direct):.3f} s\n\n")
     print(info + text)
-    name = f"dispatch_{args.ladder}_{args.policy}_a{args.abits}.md"
+    suffix = "" if args.float_layers == "auto" else "_float-" + args.float_layers.replace(",", "+")
+    name = f"dispatch_{args.ladder}_{args.policy}_a{args.abits}{suffix}.md"
     atomic_write_bytes(REPO / "benchmarks" / "results" / name, (info + text + "\n").encode())
     print(f"throughput_vs_fp32={ratio:.3f} psnr_gap_db={gap:.4f} overhead_pct={overhead_pct:.2f}")
 

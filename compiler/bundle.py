@@ -179,7 +179,8 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
                                          staging, loaded.info.scale)
             if not keep:
                 plan = plan_engines(record, target, plan.ladder, tile=plan.tile,
-                                    overlap=plan.overlap, widen=False)
+                                    overlap=plan.overlap, widen=False,
+                                    floats=plan.float_layers)
         specs = []
         for planned in plan.engines:
             progress(f"lowering engine {planned.name}")

@@ -37,10 +37,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from compiler.lower.image import PIXEL_LEVELS, image_conv_constants
 from compiler.quant.qmodel import QConv2d
 from compiler.quant.quantizers import MAX_INT_BITS, quantize_asymmetric
 from compiler.quant.record import apply_record
@@ -75,7 +77,9 @@ def simulate_engine(weights: Path, record: Mapping[str, Any], spec: EngineSpec,
     # lowerings that record their conv arithmetic (ORT dialect): model it exactly
     exact = dialect == "ort" and any("integer_conv" in entry for entry in summary or ())
     for entry in summary or ():
-        if exact:
+        if entry.get("image_input"):
+            ExactImageConv.adopt(convs[entry["name"]], entry["image_input"])
+        elif exact:
             IntegerConv2d.adopt(convs[entry["name"]], entry)
         placement = str(entry.get("output", ""))
         # ONNX Runtime turns a conv's bias into int32 on the s_x * s_w lattice only when a Q
@@ -225,6 +229,36 @@ class IntegerConv2d(QConv2d):
             multiplier = (s_x * s_w).expand(conv.out_channels).reshape(1, -1, 1, 1) / s_y
             levels = torch.round((acc + lattice).float() * multiplier).clamp(low, high)
             return levels * s_y
+
+
+class ExactImageConv(QConv2d):
+    """A ``QConv2d`` that computes the image conv as the ONNX Runtime engine does: in FP32 on the
+    integer pixels with integer weights (``compiler.lower.image``), exact sums in FP64."""
+
+    affine: tuple[float, tuple[float, ...]]  # u = a x + c: the conv's input from the image
+
+    @classmethod
+    def adopt(cls, conv: QConv2d, image: Mapping[str, Any]) -> None:
+        conv.__class__ = cls
+        assert isinstance(conv, ExactImageConv)
+        conv.affine = (float(image["a"]), tuple(float(v) for v in image["c"]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv = self.conv
+        a, c = self.affine
+        bias = None if conv.bias is None else conv.bias.detach().numpy()
+        form = image_conv_constants(conv.weight.detach().numpy(), bias, a, np.array(c))
+        with torch.no_grad():
+            shift = torch.tensor(c, dtype=torch.float64).reshape(1, -1, 1, 1)
+            levels = torch.round((x.double() - shift) * PIXEL_LEVELS / a)
+            pad = torch.from_numpy(form.pad).double().reshape(1, -1, 1, 1)
+            ph, pw = (int(v) for v in conv.padding)
+            padded = F.pad(levels - pad, (pw, pw, ph, ph)) + pad
+            acc = F.conv2d(padded, torch.from_numpy(form.weights).double(), None, conv.stride, 0,
+                           conv.dilation, conv.groups)
+            scale = torch.from_numpy(form.scale).reshape(1, -1, 1, 1)
+            out: Tensor = acc.float() * scale + torch.from_numpy(form.bias).reshape(1, -1, 1, 1)
+            return out
 
 
 def _levels(grid: Mapping[str, Any]) -> tuple[int, int]:

@@ -12,13 +12,23 @@ target's real kernel precisions is the *ladder*, chosen explicitly and recorded 
   to the full 8-bit grid on the same learned bounds and clips: it costs no speed (same kernel) and
   the build keeps it only when measured not to lose accuracy (``compiler.bundle``), so on a CPU the
   three offsets usually collapse into one ``int8`` engine.
-  On TensorRT targets the conv that reads the image (<= 4 input channels: EDSR's ``head.0``,
-  IMDN's ``fea_conv``) runs at the top precision: TensorRT runs such a conv in FP16 anyway (EDSR's
-  head weights fall below FP16's normal range at int8 scale), so the plan says what runs. On
-  ONNX Runtime it stays INT8: in FP32 it needs layout conversions of its 64-channel output that
-  cost more than the conv (EDSR x2 int8 engine, 1x3x256x256: 184 -> 219 ms), although its input,
-  the mean-shifted image, has no exact per-tensor 8-bit grid (that grid costs 0.054 dB on
-  bigbuckbunny frames, W8A6 FQ).
+  The *trunk's ends* of a fully quantized record (``--float-layers auto``, the default) run at
+  the top precision: the conv that reads the image (EDSR's ``head.0``, IMDN's ``fea_conv``) and
+  the one that closes the global residual (``body.N``, ``LR_conv``; ``SRNet.trunk_ends``,
+  stored in the record). The image conv's input, the mean-shifted image, has no exact per-tensor
+  8-bit grid (and its 8-bit weights cost accuracy too), and the closing conv's 8-bit requantized
+  output is added to the skip and rounded again at the upsampler's input. On bigbuckbunny frames
+  (EDSR x2 W8A6 FQ, cpu-x86, per-patch dispatch, ``benchmarks/dispatch.py``, 100-step record)
+  the all-INT8 engine is 0.170 dB below the FP32 engine at 2.67x its throughput, 0.102 dB with
+  the image conv in FP32 (2.27x) and 0.047 dB with both ends in FP32 (2.18x); the upsampler or
+  the RGB tail in FP32 instead cost more time for less (upsampler: 1.87x, 0.131 dB).
+  ONNX Runtime computes them exactly, so engines still match their simulation bit for bit: the
+  image conv on the integer pixels with 12-bit integer weights (``compiler.lower.image``), the
+  closing conv on its 8-bit input levels with its int8 weights and a float output (an exact FP32
+  conv, ``compiler.lower.qdq._integer_conv``). TensorRT runs both as its FP16 convs (it runs the
+  image conv in FP16 anyway: EDSR's head weights fall below FP16's normal range at int8 scale).
+  ``--float-layers none`` gives the all-INT8 engine, ``--float-layers NAME,...`` any set of
+  quantized layers (a float output on ONNX Runtime, FP16 on TensorRT).
 - ``emulate``: each engine reproduces the simulated k-bit grids exactly inside INT8 (Clip +
   scale), for verifying the papers' accuracy on real integer kernels.
 
@@ -48,6 +58,7 @@ OFFSET_WORDS = {-1: "low", 0: "mid", 1: "high"}
 # need a lowering of their own (not written yet): until then their layers take the next rung.
 LOWERED = ("int8",)
 IMAGE_CHANNELS = 4  # a conv with at most this many input channels reads the image
+FLOAT_CHOICES = ("auto", "none")  # or an explicit list of layer names
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,7 @@ class EnginePlan:
     engines: tuple[PlannedEngine, ...]
     record_summary: str
     widen: bool = True
+    float_layers: tuple[str, ...] = ()
 
 
 def kernel_precision(bits: float, ladder: Sequence[str], top: str) -> str:
@@ -115,10 +127,30 @@ def image_convs(record: Mapping[str, Any]) -> set[str]:
             if layer.get("in_channels", IMAGE_CHANNELS + 1) <= IMAGE_CHANNELS}
 
 
-def _float_image_convs(record: Mapping[str, Any], target: Target, ladder: str) -> set[str]:
-    """The convs left out of the lowering (run as the FP conv, weights included): on TensorRT
-    targets' hardware ladder, the ones that read the image (module docstring)."""
-    return image_convs(record) if target.backend == "tensorrt" and ladder == "hardware" else set()
+def trunk_ends(record: Mapping[str, Any]) -> set[str]:
+    """The record's quantized trunk ends (records before ``trunk_end``: the image convs)."""
+    layers = record["layers"]
+    if any("trunk_end" in layer for layer in layers):
+        return {layer["name"] for layer in layers if layer.get("trunk_end")}
+    return image_convs(record)
+
+
+def float_layers(record: Mapping[str, Any], ladder: str,
+                 choice: str | Sequence[str] = "auto") -> set[str]:
+    """The quantized layers the hardware ladder leaves out of the lowering (they run as the FP
+    conv, weights included): ``auto`` the trunk's ends (module docstring), ``none``, or names."""
+    if isinstance(choice, str) and choice in FLOAT_CHOICES:
+        return trunk_ends(record) if choice == "auto" and ladder == "hardware" else set()
+    names = [choice] if isinstance(choice, str) else list(choice)
+    known = [layer["name"] for layer in record["layers"]]
+    for name in names:
+        if name not in known:
+            raise ConfigError(unknown_name("quantized layer", name, known)
+                              + f" (or one of {', '.join(FLOAT_CHOICES)})")
+    if ladder != "hardware":
+        raise ConfigError("float layers apply to the hardware ladder; the emulate ladder "
+                          "reproduces every simulated grid")
+    return set(names)
 
 
 def _offset_engine(record: Mapping[str, Any], offset: int, target: Target, ladder: str,
@@ -137,10 +169,21 @@ def _offset_engine(record: Mapping[str, Any], offset: int, target: Target, ladde
     if ladder == "hardware" and widen:
         specs = tuple(_widened(s) if k == "int8" else s
                       for s, k in zip(exact, kernels, strict=True))
-    layers = tuple(LayerPlan(s.name, k, None, None) if s.name in floating else layer_plan(s, k)
+    # ONNX Runtime computes its float layers exactly (module docstring): the image conv on the
+    # integer pixels, the others on their input's integer levels with a float output
+    images, outputs = set(), set()
+    if target.backend == "onnxruntime":
+        images = floating & image_convs(record)
+        outputs = {s.name for s in exact if s.name in floating and s.quantizes_input} - images
+    specs, exact = (tuple(replace(s, exact_image=True) if s.name in images else
+                          replace(s, float_output=True) if s.name in outputs else s
+                          for s in group) for group in (specs, exact))
+    layers = tuple(LayerPlan(s.name, top, int(s.act_bits), s.w_bits) if s.name in outputs else
+                   LayerPlan(s.name, k, None, None) if s.name in floating else layer_plan(s, k)
                    for s, k in zip(specs, kernels, strict=True))
-    kept = tuple(s for s in specs if s.name not in floating)
-    exact_kept = tuple(s for s in exact if s.name not in floating)
+    gone = floating - outputs - images
+    kept = tuple(s for s in specs if s.name not in gone)
+    exact_kept = tuple(s for s in exact if s.name not in gone)
     return kept, (exact_kept if kept != exact_kept else None), layers
 
 
@@ -155,21 +198,22 @@ def _widened(spec: EngineLayer) -> EngineLayer:
     return replace(spec, act_bits=8.0, w_bits=8, bounds=bounds)
 
 
-def _summary_precision(layers: Sequence[LayerPlan], image: set[str]) -> str:
-    """The engine's precision tag: its layers' one precision, else ``mixed`` (the float conv
-    that reads the image does not count: every hardware engine has it)."""
-    kinds = {layer.precision for layer in layers if layer.name not in image} or {
+def _summary_precision(layers: Sequence[LayerPlan], floating: set[str]) -> str:
+    """The engine's precision tag: its layers' one precision, else ``mixed`` (the float layers
+    do not count: every hardware engine has them)."""
+    kinds = {layer.precision for layer in layers if layer.name not in floating} or {
         layer.precision for layer in layers}
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
 def plan_engines(record: Mapping[str, Any], target: Target, ladder: str = "hardware", *,
                  tile: int | None = None, overlap: int | None = None,
-                 widen: bool = True) -> EnginePlan:
+                 widen: bool = True, floats: str | Sequence[str] = "auto") -> EnginePlan:
     """The engines of ``record`` on ``target`` (see the module docstring).
 
     ``widen=False`` keeps the exact simulated grids on the hardware ladder's INT8 layers (what
-    the build falls back to when widening measures worse)."""
+    the build falls back to when widening measures worse); ``floats`` picks the layers kept at
+    the top precision (:func:`float_layers`)."""
     if ladder not in LADDERS:
         raise ConfigError(unknown_name("ladder", ladder, LADDERS))
     tile = target.default_tile if tile is None else tile
@@ -181,7 +225,7 @@ def plan_engines(record: Mapping[str, Any], target: Target, ladder: str = "hardw
     groups: dict[tuple[EngineLayer, ...], list[int]] = {}
     built: dict[tuple[EngineLayer, ...], tuple[tuple[EngineLayer, ...] | None,
                                               tuple[LayerPlan, ...]]] = {}
-    floating = _float_image_convs(record, target, ladder)
+    floating = float_layers(record, ladder, floats)
     for offset in OFFSETS:
         specs, exact, layers = _offset_engine(record, offset, target, ladder, widen, floating)
         groups.setdefault(specs, []).append(offset)
@@ -202,7 +246,9 @@ def plan_engines(record: Mapping[str, Any], target: Target, ladder: str = "hardw
     s = record["settings"]
     summary = (f"{s['method']} W{s['wbits']}A{s['abits']}{' FQ' if s.get('fq') else ''}, "
                f"thresholds {tuple(round(t, 3) for t in record['image_thresholds'])}")
-    return EnginePlan(target, ladder, tile, overlap, tuple(engines), summary, widen)
+    return EnginePlan(target, ladder, tile, overlap, tuple(engines), summary, widen,
+                      tuple(name for name in (layer["name"] for layer in record["layers"])
+                            if name in floating))
 
 
 def _skipped_rungs(ladder: Sequence[str]) -> list[str]:
@@ -216,7 +262,9 @@ def describe_plan(plan: EnginePlan, files: Mapping[str, Sequence[str]] | None = 
     t = plan.target
     lines = [f"target {t.name} ({t.backend}; ladder {', '.join(t.precision_ladder)}), "
              f"{plan.ladder} ladder, tile {plan.tile} overlap {plan.overlap}",
-             f"record: {plan.record_summary}", *_skipped_rungs(t.precision_ladder), "",
+             f"record: {plan.record_summary}", *_skipped_rungs(t.precision_ladder),
+             *([f"kept at {t.top_precision}: {', '.join(plan.float_layers)}"]
+               if plan.float_layers else []), "",
              f"{'engine':<14} {'precision':<9} {'offsets':<9} {'FAB':>6}  files"]
     for e in plan.engines:
         served = ("reference" if e.reference

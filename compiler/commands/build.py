@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ladder", default="hardware", choices=("hardware", "emulate"),
                    help="hardware: cheapest real kernel per layer (default); emulate: the "
                    "simulated k-bit grids exactly inside INT8")
+    p.add_argument("--float-layers", default="auto", metavar="auto|none|NAME,...",
+                   help="hardware ladder: quantized layers kept at the target's top precision; "
+                   "auto (default): the trunk's ends (the image conv and the conv closing the "
+                   "global residual), none: every quantized layer on INT8, or layer names")
     p.add_argument("--tile", type=int, help="LR tile size (default: the target's)")
     p.add_argument("--overlap", type=int, help="tile overlap (default: the target's)")
     p.add_argument("--engine-batch", type=int, default=8,
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.finish is not None:
         return _finish(args.finish)
     from compiler.defaults import CALIBRATION_IMAGES, default_weights
-    from compiler.plan import describe_plan, plan_engines
+    from compiler.plan import FLOAT_CHOICES, describe_plan, plan_engines
     from compiler.zoo import load_model
     from runtime.errors import ConfigError
     from targets.loader import detect_target, load_target
@@ -73,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
           + ("" if args.target else " (detected)"))
     record = _record(args, loaded)
     _step(2, total, "engine plan")
-    plan = plan_engines(record, target, args.ladder, tile=args.tile, overlap=args.overlap)
+    floats = args.float_layers if args.float_layers in FLOAT_CHOICES else [
+        name.strip() for name in args.float_layers.split(",") if name.strip()]
+    plan = plan_engines(record, target, args.ladder, tile=args.tile, overlap=args.overlap,
+                        floats=floats)
     destination = args.output or Path("build") / f"{loaded.info.path.stem}-{target.name}"
     files = {e.name: [f"engines/{e.name}.onnx"]
              + ([f"engines/{e.name}.<key>.plan"] if target.backend == "tensorrt" else [])

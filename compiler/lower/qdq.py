@@ -46,7 +46,9 @@ own arithmetic is made exact where it was not, and ``compiler.parity`` models th
 - QLinearConv accumulates in int32 (exact), adds the bias as int32 on the ``s_x * s_w``
   lattice and requantizes with ``fp32(acc + b) * fp32(s_x * s_w / s_y)``;
 - a conv with a quantized input and a float output runs on its integer levels
-  (:func:`_integer_conv`: FP32 sums of integers are exact), then ``* s_x * s_w + b``;
+  (:func:`_integer_conv`: FP32 sums of integers are exact), then ``* s_x * s_w + b``; the conv
+  that reads the image, when the plan keeps it float, runs on the integer pixels
+  (``compiler.lower.image``);
 - per-image statistics (ReduceMean, and the ops on the pooled values: IMDN's attention) run in
   FP64 (:func:`_statistics_in_double`).
 
@@ -81,7 +83,9 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
+from compiler.lower.exact import exact_epilogue
 from compiler.lower.export import conv_nodes, pin_ir_version
+from compiler.lower.image import exact_image_conv
 from compiler.quant.qmodel import FIXED_BITS
 from compiler.quant.quantizers import MAX_INT_BITS
 from runtime.errors import ConfigError, EngineError, unknown_name
@@ -93,6 +97,7 @@ OUTPUT_BITS = 8  # the Q after a conv whose consumer is not a quantized conv
 GRID_PRESERVING = ("Relu", "DepthToSpace")  # ops that map a zero-anchored grid onto itself
 METADATA_KEY = "adasr.lowering"
 THIN_CHANNELS = 4  # convs with <= 4 output channels (the RGB tail) keep float outputs
+IMAGE_PLACEMENT = "float, on the integer pixels (exact)"
 
 F32 = np.float32
 
@@ -106,6 +111,9 @@ class EngineLayer:
     ``a = max(|l|, |u|)`` when ``symmetric``; ``w_clip`` is one clip or one per output channel;
     ``output_range`` / ``input_range`` are the FP ranges of the conv's output and input
     (calibration; ``input_range`` sets the grid of a shared residual stream, see ``lower_graph``).
+    ``float_output`` keeps the conv's output float (no requantization after it: ORT dialect, an
+    exact FP32 conv on the integer levels, see :func:`_integer_conv`); ``exact_image`` runs a conv
+    that reads the image in FP32 on the integer pixels (ORT dialect, ``compiler.lower.image``).
     """
 
     name: str
@@ -117,6 +125,8 @@ class EngineLayer:
     input_range: tuple[float, float] | None = None
     frozen_gate: bool = False
     symmetric: bool = False
+    float_output: bool = False
+    exact_image: bool = False
 
     def __post_init__(self) -> None:
         lowest = 2 if self.symmetric else 1
@@ -264,6 +274,14 @@ class GraphEditor:
     def producer(self, tensor: str) -> onnx.NodeProto | None:
         return next((n for n in self.graph.node if tensor in n.output and self._live(n)), None)
 
+    def constant_tensor(self, tensor: str) -> bool:
+        """An initializer, or a DequantizeLinear of initializers (``compiler.lower.exact``)."""
+        if tensor in self.inits:
+            return True
+        node = self.producer(tensor)
+        return (node is not None and node.op_type == "DequantizeLinear"
+                and all(t in self.inits for t in node.input if t))
+
     def drop(self, node: onnx.NodeProto) -> None:
         """Remove ``node`` when the graph is finished (its readers must be rewired)."""
         self._dropped.add(node.output[0])
@@ -388,6 +406,7 @@ def _streams(g: GraphEditor, convs: Mapping[str, onnx.NodeProto],
         if (layer.act_bits == MAX_INT_BITS and layer.input_range is not None
                 and not layer.frozen_gate and not layer.symmetric
                 and producer is not None and producer.op_type == "Add"
+                and not any(g.constant_tensor(t) for t in producer.input)  # a skip, not a bias
                 and len(g.consumers(conv.input[0])) > 1):
             found[name] = (min(layer.bounds[0], layer.input_range[0]),
                            max(layer.bounds[1], layer.input_range[1]))
@@ -456,26 +475,30 @@ def _is_thin(g: GraphEditor, conv: onnx.NodeProto) -> bool:
     return weight is not None and weight.dims[0] <= THIN_CHANNELS
 
 
-def _lower_weight(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
-                  integer: bool = False) -> npt.NDArray[np.float32]:
-    """The conv's weight becomes int8 (under the float weight's name where not shared) + DQ.
-
-    ``integer``: the DQ has scale 1, so the conv sees the integer levels themselves (see
-    :func:`_integer_conv`). Returns the weight step (per tensor or per output channel).
-    """
+def _weight_levels(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
+                   as_float: bool = False) -> tuple[str, npt.NDArray[np.float32]]:
+    """The conv's weight on the layer's grid, as int8 levels (or float ones) under the float
+    weight's name where not shared: (initializer name, step per tensor or output channel)."""
     name = conv.input[1]
     source = g.inits.get(name)
     if source is None:
         raise EngineError(f"layer {layer.name!r}: conv weight {name!r} is not an initializer; "
                           "export with constant weights")
-    q, step = quantize_weight(numpy_helper.to_array(source).astype(F32), layer)
+    levels, step = quantize_weight(numpy_helper.to_array(source).astype(F32), layer)
     if len(g.consumers(name)) == 1:
         g.release(name)
-    weight = g.constant(name, q)
-    dq_step = np.ones((), dtype=F32) if integer else step
-    scale = g.constant(f"{layer.name}.weight_scale", dq_step)
-    zero = g.constant(f"{layer.name}.weight_zero_point", np.zeros(dq_step.shape, dtype=np.int8))
-    attrs = {"axis": 0} if dq_step.ndim else {}
+    return g.constant(name, levels.astype(F32) if as_float else levels), step
+
+
+def _lower_weight(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer
+                  ) -> npt.NDArray[np.float32]:
+    """The conv's weight becomes int8 (under the float weight's name where not shared) + DQ.
+    Returns the weight step (per tensor or per output channel).
+    """
+    weight, step = _weight_levels(g, conv, layer)
+    scale = g.constant(f"{layer.name}.weight_scale", step)
+    zero = g.constant(f"{layer.name}.weight_zero_point", np.zeros(step.shape, dtype=np.int8))
+    attrs = {"axis": 0} if step.ndim else {}
     conv.input[1] = g.node("DequantizeLinear", [weight, scale, zero],
                            f"{layer.name}.weight_dq", **attrs)
     return step
@@ -488,11 +511,13 @@ def _integer_conv(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer, grid
     and the simulation accumulate exactly; one rounded sum next to a rounding tie of a later
     quantizer flips a level, and the flips multiply layer after layer (IMDN x4 emulate engines,
     whose convs all have float outputs: 38.7-41.7 dB from the simulation on Set5, first flip
-    one value in a million). Here the conv reads the integer levels
-    (``DQ`` with scale 1 and the grid's zero point; weights likewise), where FP32 sums are exact
-    while they stay below 2^24 (guaranteed up to 518 products of 8-bit levels; the sums of a
-    64-channel 3x3 conv, 576 products, stay far below it on real inputs), then
-    ``* (s_x * s_w) + b`` per output channel: the same FP32 kernel, exact accumulation.
+    one value in a million). Here the conv reads the integer levels (``DQ`` with scale 1 and
+    the grid's zero point) with the weights' integer levels as a float constant (a constant
+    weight lets ONNX Runtime use its fast NCHWc FP32 conv: 31 instead of 51 ms for EDSR's
+    ``body.8`` on 8 x 96 x 96 tiles, one thread), where FP32 sums are exact while they stay below
+    2^24 (guaranteed up to 518 products of 8-bit levels; the sums of a 64-channel 3x3 conv, 576
+    products, stay far below it on real inputs), then ``* (s_x * s_w) + b`` per output channel
+    (``compiler.lower.exact``: constants ONNX Runtime cannot fold into the weights).
     Returns False (graph unchanged) when the conv's input is not the DQ this module wrote or
     its output is a graph output.
     """
@@ -500,27 +525,18 @@ def _integer_conv(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer, grid
     if dq is None or dq.op_type != "DequantizeLinear" or conv.output[0] in g.outputs:
         return False
     stored, zero = dq.input[0], dq.input[2]
-    w_step = _lower_weight(g, conv, layer, integer=True)
+    channels = int(g.inits[conv.input[1]].dims[0])
+    conv.input[1], w_step = _weight_levels(g, conv, layer, as_float=True)  # fast NCHWc conv
     one = g.constant(f"{layer.name}.input.unit_scale", np.ones((), dtype=F32))
     if len(g.consumers(dq.output[0])) == 1:
         g.drop(dq)
     conv.input[0] = g.node("DequantizeLinear", [stored, one, zero], f"{layer.name}.input.levels")
-    weight_dq = g.producer(conv.input[1])
-    assert weight_dq is not None
-    channels = int(g.inits[weight_dq.input[0]].dims[0])
     scale = (F32(grid.step) * np.broadcast_to(w_step, (channels,))).astype(F32)
-    bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+    bias = None
+    if len(conv.input) > 2 and conv.input[2]:
+        bias = numpy_helper.to_array(g.inits[conv.input[2]]).astype(F32)
     del conv.input[2:]
-    readers = g.consumers(conv.output[0])
-    out = g.node("Mul", [conv.output[0], g.constant(f"{layer.name}.output.scale",
-                                                     scale.reshape(1, -1, 1, 1))],
-                 f"{layer.name}.output.scaled")
-    if bias is not None:
-        value = numpy_helper.to_array(g.inits[bias]).astype(F32).reshape(1, -1, 1, 1)
-        out = g.node("Add", [out, g.constant(f"{layer.name}.output.bias", value)],
-                     f"{layer.name}.output.biased")
-    for node in readers:
-        node.input[:] = [out if t == conv.output[0] else t for t in node.input]
+    exact_epilogue(g, conv, scale, bias, f"{layer.name}.output")
     return True
 
 
@@ -727,8 +743,13 @@ def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encodi
     model.CopyFrom(fp_model)
     g = GraphEditor(model.graph)
     convs = conv_nodes(model.graph, list(by_name))
+    images: dict[str, dict[str, Any] | None] = {}  # exact image convs (compiler.lower.image)
+    for name, layer in by_name.items():
+        if layer.exact_image:  # other dialects run it as the FP conv
+            conv = convs.pop(name)
+            images[name] = exact_image_conv(g, conv, name) if encoding.exact_arithmetic else None
     grids = {name: encoding.input_grid(layer)
-             for name, layer in by_name.items() if layer.quantizes_input}
+             for name, layer in by_name.items() if layer.quantizes_input and name in convs}
     shared = streams and requantize and encoding.shares_streams
     stream_bounds = _streams(g, convs, by_name) if shared else {}
     for name, bounds in stream_bounds.items():
@@ -736,6 +757,8 @@ def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encodi
     targets = {name: convs[name] for name in grids}
     chains = {name: _chain_of(g, conv, targets) for name, conv in convs.items()}
     placement = {name: "float" for name in by_name}
+    for name, rewritten in images.items():
+        placement[name] = "float" if rewritten is None else IMAGE_PLACEMENT
     out_grids: dict[str, Grid] = {}  # the Q right after a conv's values (chains, requantized)
     for name, chain in chains.items():
         if chain is not None:
@@ -757,13 +780,13 @@ def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encodi
                 for node in readers:
                     node.input[:] = [dequantized if t == source else t for t in node.input]
         image = None
-        if (requantize and encoding.shares_streams and chains[name] is None
-                and layer.quantizes_input):
+        requantized = requantize and chains[name] is None and not layer.float_output
+        if requantized and encoding.shares_streams and layer.quantizes_input:
             image = _image_grid_output(g, conv)
         if image is not None:
             placement[name] = image
-        elif (requantize and chains[name] is None and layer.quantizes_input
-                and layer.output_range is not None and not _is_thin(g, conv)):
+        elif (requantized and layer.quantizes_input and layer.output_range is not None
+                and not _is_thin(g, conv)):
             placement[name], grid = _lower_output(g, encoding, conv, layer)
             if grid is not None:
                 out_grids[name] = grid
@@ -784,6 +807,7 @@ def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encodi
                 "truncated_grid": layer.name in grids and encoding.truncated(grids[layer.name]),
                 **(_arithmetic(grids.get(layer.name), out_grids.get(layer.name),
                                layer.name in integer) if encoding.exact_arithmetic else {}),
+                **({"image_input": images[layer.name]} if images.get(layer.name) else {}),
                 **encoding.notes(layer)}
                for layer in layers]
     return model, summary

@@ -1,8 +1,10 @@
 """The calibration record: a small versioned JSON file that fully determines a quantized network.
 
 It holds the settings, the checkpoint's identity (sha256), the image thresholds, and per layer
-the weight clip, activation bounds, layer offset and (DDTB) gate weights. Loading it executes no
-code (plain JSON). ``apply_record`` rebuilds the exact quantized network on the loaded model.
+the weight clip, activation bounds, layer offset, (DDTB) gate weights and whether the layer is
+one of the trunk's ends (``SRNet.trunk_ends``: what the engine plan keeps at top precision).
+Loading it executes no code (plain JSON). ``apply_record`` rebuilds the exact quantized network
+on the loaded model.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def record_of(qnet: QuantizedSR, loaded: LoadedModel,
     """Everything needed to rebuild ``qnet`` on the same checkpoint, as JSON-ready data."""
     offsets = qnet.layer_to_bit.hard() if qnet.settings.adaptive else [0] * len(qnet.adaptive_names)
     layers = []
+    ends = set(loaded.model.trunk_ends())
     for name, conv in qnet.qconvs():
         gate = None
         if conv.gate is not None:
@@ -58,6 +61,7 @@ def record_of(qnet: QuantizedSR, loaded: LoadedModel,
             "output_range": list(conv.output_range) if conv.output_range else None,
             "input_range": list(conv.input_range) if conv.input_range else None,
             "gate": gate,
+            "trunk_end": name in ends,
         })
     s = qnet.settings
     info = loaded.info

@@ -9,6 +9,10 @@ special-case an architecture:
   (AdaBM's "adaptive" layers; the two convs of every residual block in EDSR);
 - ``fixed_convs``: head, last body conv, upsampler and tail convs: full precision by default,
   fixed 8-bit in the fully quantized (``--fq``) setting;
+- ``trunk_ends``: the fixed convs at the two ends of the LR feature trunk: the one that reads the
+  image and the one whose output closes the global residual (EDSR's ``head.0`` and
+  ``body.N``); the hardware ladder keeps them at the target's top precision
+  (``compiler.plan``);
 - ``feature_blocks``: the modules whose outputs feed the block-feature distillation loss.
 
 Names are qualified module names as given by ``named_modules()``.
@@ -33,6 +37,9 @@ class SRNet(nn.Module):
         raise NotImplementedError
 
     def fixed_convs(self) -> list[str]:
+        raise NotImplementedError
+
+    def trunk_ends(self) -> list[str]:
         raise NotImplementedError
 
     def feature_blocks(self) -> list[str]:

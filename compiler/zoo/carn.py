@@ -194,6 +194,9 @@ class CARN(SRNet):
         up_body = f"{self.up_path}.body"
         return ["entry", *conv_children(self.get_submodule(up_body), up_body), "exit"]
 
+    def trunk_ends(self) -> list[str]:
+        return ["entry"]  # no global residual: the cascade's output goes straight up
+
 
 class CARNSpec(ArchSpec):
     def __init__(self, efficient: bool) -> None:

@@ -235,6 +235,9 @@ class DistillationNet(SRNet):
     def fixed_convs(self) -> list[str]:
         return ["fea_conv", "c.0", "LR_conv", "upsampler.0"]
 
+    def trunk_ends(self) -> list[str]:
+        return ["fea_conv", "LR_conv"]
+
 
 def detect_distillation(sd: StateDict, arch: str, prefix: str, probe: str) -> Detected | None:
     """Config of an IMDN/RFDN-style state dict: blocks ``{prefix}{k}.{probe}``, k = 1, 2, ...,

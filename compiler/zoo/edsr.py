@@ -78,6 +78,9 @@ class EDSR(SRNet):
         return ["head.0", f"body.{self.n_resblocks}", *conv_children(self.tail[0], "tail.0"),
                 "tail.1"]
 
+    def trunk_ends(self) -> list[str]:
+        return ["head.0", f"body.{self.n_resblocks}"]
+
 
 class EDSRSpec(ArchSpec):
     arch = "EDSR"

@@ -97,6 +97,9 @@ class RDN(SRNet):
     def fixed_convs(self) -> list[str]:
         return ["SFENet1", "SFENet2", "GFF.0", "GFF.1", *conv_children(self.UPNet, "UPNet")]
 
+    def trunk_ends(self) -> list[str]:
+        return ["SFENet1", "GFF.1"]
+
 
 class RDNSpec(ArchSpec):
     arch = "RDN"

@@ -84,27 +84,65 @@ def test_emulate_plan_has_one_engine_per_offset_plus_reference(
     assert plan.engines[-1].reference and plan.engines[-1].fab == 32
 
 
+def _trunk_ends(record: dict[str, Any]) -> set[str]:
+    return {layer["name"] for layer in record["layers"] if layer["trunk_end"]}
+
+
 def test_hardware_plan_merges_identical_engines(records: dict[str, dict[str, Any]]) -> None:
-    plan = plan_engines(records["w8a6_fq"], load_target("cpu-x86"), "hardware")
-    assert [(e.name, e.offsets) for e in plan.engines] == [("int8", (-1, 0, 1)), ("fp32", ())]
-    assert all(lp.act_bits == 8 and lp.w_bits == 8 for lp in plan.engines[0].layers)
-
-
-def test_tensorrt_plans_run_the_image_conv_at_top_precision(
-        records: dict[str, dict[str, Any]]) -> None:
     record = records["w8a6_fq"]
-    image = {layer["name"] for layer in record["layers"] if layer["in_channels"] == 3}
-    assert image == {"head.0"}
-    plan = plan_engines(record, load_target("jetson-orin-nano"), "hardware")
-    assert [e.name for e in plan.engines] == ["int8", "fp16"]  # the tag ignores the image conv
+    plan = plan_engines(record, load_target("cpu-x86"), "hardware")
+    assert [(e.name, e.offsets) for e in plan.engines] == [("int8", (-1, 0, 1)), ("fp32", ())]
+    assert all((lp.act_bits, lp.w_bits) == ((None, None) if lp.name == "head.0" else (8, 8))
+               for lp in plan.engines[0].layers)
+
+
+@pytest.mark.parametrize(("target", "top"), [("cpu-x86", "fp32"), ("jetson-orin-nano", "fp16")])
+def test_hardware_plans_run_the_trunk_ends_at_top_precision(
+        records: dict[str, dict[str, Any]], target: str, top: str) -> None:
+    record = records["w8a6_fq"]
+    ends = _trunk_ends(record)
+    assert ends == {"head.0", "body.2"}  # the image conv and the conv closing the residual
+    assert {layer["name"] for layer in record["layers"] if layer["in_channels"] == 3} < ends
+    plan = plan_engines(record, load_target(target), "hardware")
+    assert [e.name for e in plan.engines] == ["int8", top]  # the tag ignores the float layers
+    assert plan.float_layers == ("head.0", "body.2")
+    # ONNX Runtime keeps the closing conv's 8-bit input and weights (an exact FP32 conv on the
+    # integer levels, float output) and runs the image conv on the integer pixels; TensorRT
+    # leaves both to its FP16 convs
+    cpu = target == "cpu-x86"
+    closing = (top, 8, 8) if cpu else (top, None, None)
     for lp in plan.engines[0].layers:
-        expected = ("fp16", None, None) if lp.name in image else ("int8", 8, 8)
+        expected = ((top, None, None) if lp.name == "head.0" else closing if lp.name == "body.2"
+                    else ("int8", 8, 8))
         assert (lp.precision, lp.act_bits, lp.w_bits) == expected
-    assert "head.0" not in {s.name for s in plan.engines[0].specs}  # left as the FP conv
-    row = next(line for line in describe_plan(plan).splitlines() if line.startswith("head.0 "))
-    assert row.split() == ["head.0", "fp16", "fp16"]
-    emulate = plan_engines(record, load_target("jetson-orin-nano"), "emulate")
+    specs = {s.name: s for s in plan.engines[0].specs}
+    if cpu:
+        assert specs["head.0"].exact_image and specs["body.2"].float_output
+    else:
+        assert not ends & set(specs)  # left as the FP convs
+    text = describe_plan(plan)
+    assert f"kept at {top}: head.0, body.2" in text
+    row = next(line for line in text.splitlines() if line.startswith("head.0 "))
+    assert row.split() == ["head.0", top, top]
+    emulate = plan_engines(record, load_target(target), "emulate")
     assert {lp.precision for lp in emulate.engines[0].layers} == {"int8"}  # exact grids
+    assert emulate.float_layers == ()
+
+
+def test_float_layers_choice(records: dict[str, dict[str, Any]]) -> None:
+    record, cpu = records["w8a6_fq"], load_target("cpu-x86")
+    every = plan_engines(record, cpu, "hardware", floats="none").engines[0]
+    assert {lp.precision for lp in every.layers} == {"int8"} and every.name == "int8"
+    named = plan_engines(record, cpu, "hardware", floats=["tail.1"])
+    assert [lp.name for lp in named.engines[0].layers if lp.precision == "fp32"] == ["tail.1"]
+    with pytest.raises(ConfigError, match="unknown quantized layer 'tail.9'"):
+        plan_engines(record, cpu, "hardware", floats=["tail.9"])
+    with pytest.raises(ConfigError, match="hardware ladder"):
+        plan_engines(record, cpu, "emulate", floats=["tail.1"])
+    # records from before ``trunk_end``: the image conv only
+    old = {**record, "layers": [{k: v for k, v in layer.items() if k != "trunk_end"}
+                                for layer in record["layers"]]}
+    assert plan_engines(old, cpu, "hardware").float_layers == ("head.0",)
 
 
 def test_unlowered_rungs_are_skipped_and_said(tiny: tuple[Path, Path]) -> None:
@@ -278,10 +316,10 @@ def test_tensorrt_target_writes_the_portable_half(tiny: tuple[Path, Path],
 
 
 def test_hardware_engine_is_int8_end_to_end(bundles: dict[str, Path]) -> None:
-    """Widened 8-bit grids: residual streams shared (QLinearAdd), every conv a QLinearConv
-    (the RGB tail too, on the output image's own grid), and the engine's 0..1 output lies on
-    the k/255 image grid exactly."""
-    from compiler.lower.qdq import ort_fused_layers
+    """Widened 8-bit grids: residual streams shared (QLinearAdd), every conv but the trunk's ends
+    a QLinearConv (the RGB tail too, on the output image's own grid), and the engine's 0..1
+    output lies on the k/255 image grid exactly."""
+    from compiler.lower.qdq import IMAGE_PLACEMENT, ort_fused_layers
 
     root = bundles["w8a6_fq-hardware"]
     spec = read_manifest(root).engine("int8")
@@ -289,7 +327,11 @@ def test_hardware_engine_is_int8_end_to_end(bundles: dict[str, Path]) -> None:
     summary = {s["name"]: s for s in lowering_summary(graph)}
     assert summary["body.1.body.0"]["stream_bounds"] is not None
     assert summary["tail.1"]["output"].startswith("the output image")
-    assert ort_fused_layers(graph) == set(summary)
+    # the trunk's ends run in FP32, exactly: the image conv on the integer pixels, the conv
+    # closing the global residual on its input's integer levels with a float output
+    assert summary["head.0"]["output"] == IMAGE_PLACEMENT and summary["head.0"]["image_input"]
+    assert summary["body.2"]["output"] == "float" and summary["body.2"]["integer_conv"]
+    assert ort_fused_layers(graph) == set(summary) - {"head.0", "body.2"}
     with open_bundle(root).engine("int8", threads=1) as engine:
         x = np.random.default_rng(0).random((1, 3, 12, 12), dtype=np.float32)
         out = engine.infer(x) * 255

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 import pytest
@@ -124,18 +125,24 @@ def test_float_output_convs_run_on_integer_levels(
         for name in node.input:
             readers.setdefault(name, []).append(node)
     convs = conv_nodes(model.graph, list(summary))
+    def constant(tensor: str) -> npt.NDArray[np.float32]:  # a DQ of signs x magnitudes
+        node = producers[tensor]
+        assert node.op_type == "DequantizeLinear"
+        return (inits[node.input[0]].astype(np.float32).reshape(1, -1, 1, 1)
+                * inits[node.input[1]].reshape(1, -1, 1, 1))
+
     taps = {}
     for name, conv in convs.items():
         levels = producers[conv.input[0]]
-        weight = producers[conv.input[1]]
-        assert levels.op_type == weight.op_type == "DequantizeLinear"
-        assert inits[levels.input[1]] == 1 and inits[weight.input[1]] == 1
+        weight = inits[conv.input[1]]  # a constant: ORT's fast FP32 conv, integer-valued
+        assert levels.op_type == "DequantizeLinear" and inits[levels.input[1]] == 1
+        assert np.array_equal(weight, np.round(weight)) and np.abs(weight).max() <= 127
         scaled = readers[conv.output[0]][0]
         assert scaled.op_type == "Mul" and len(conv.input) == 2  # the bias is added after
         biased = readers[scaled.output[0]][0]
         assert biased.op_type == "Add"
-        taps[name] = (conv.input[0], inits[weight.input[0]], inits[scaled.input[1]],
-                      inits[biased.input[1]], biased.output[0])
+        taps[name] = (conv.input[0], weight, constant(scaled.input[1]),
+                      constant(biased.input[1]), biased.output[0])
     session = _session(model, [t for tap in taps.values() for t in (tap[0], tap[4])])
     x = _images()[0].transpose(2, 0, 1)[None].astype(np.float32) / 255
     got = dict(zip([o.name for o in session.get_outputs()],

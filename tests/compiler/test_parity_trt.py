@@ -45,7 +45,10 @@ from tests.compiler.test_parity import _images, tiny_imdn
 
 OPSET = 17  # TensorRT 8.5, the lowest parser of the targets
 MIN_PSNR = 65.0  # measured 76.6 dB to identical; 56-60 dB with the bias on the int32 lattice
-MAX_DIFFERING = 0.005  # measured <= 0.06% of the output values; 3-7% with the lattice
+# share of differing output values: measured <= 0.06% with every layer quantized, 0.52%
+# (68.1 dB) with the trunk ends in FP32 (the hardware plan: FP32 sum orders of fea_conv and of
+# LR_conv's float output, which the TensorRT dialect leaves to TensorRT); 3-7% with the lattice
+MAX_DIFFERING = 0.01
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

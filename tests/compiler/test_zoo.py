@@ -347,6 +347,13 @@ def _check_lists(model: SRNet, expected_blocks: int) -> None:
     skipped = {n for n in convs if model.arch in EXCEPTIONS and EXCEPTIONS[model.arch] in n}
     assert set(adaptive) | set(fixed) | shifts | skipped == convs
     assert not (set(adaptive) | set(fixed)) & skipped
+    ends = model.trunk_ends()  # the image conv, then the conv closing the global residual
+    assert set(ends) <= set(fixed) and 1 <= len(ends) <= 2
+    first = model.get_submodule(ends[0])
+    assert isinstance(first, nn.Conv2d) and first.in_channels == 3
+    if len(ends) == 2:
+        last = model.get_submodule(ends[1])
+        assert isinstance(last, nn.Conv2d) and last.out_channels == first.out_channels
 
 
 def test_real_checkpoint_name_lists(shared_file: SharedFile) -> None:

@@ -1,0 +1,48 @@
+"""Float epilogues that keep an integer-exact FP32 conv exact under ONNX Runtime's optimizer.
+
+A conv on integer values with integer weights sums exactly in FP32 (in any order, below 2^24);
+its per-channel ``* scale + bias`` then has to stay two single FP32 operations after it. Used by
+``compiler.lower.qdq._integer_conv`` and ``compiler.lower.image``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+
+if TYPE_CHECKING:
+    from compiler.lower.qdq import GraphEditor
+
+F32 = np.float32
+
+
+def per_channel_constant(g: GraphEditor, values: npt.NDArray[np.float32], base: str) -> str:
+    """``values`` as a ``[1, C, 1, 1]`` tensor that ONNX Runtime cannot fold into a conv: a
+    DequantizeLinear (never constant-folded) of signs with the magnitudes as per-axis scales,
+    which reproduces every value exactly (+-1 * |v|)."""
+    signs = np.where(values < 0, -1, 1).astype(np.int8).reshape(1, -1, 1, 1)
+    magnitudes = np.abs(values).astype(F32)
+    return g.node("DequantizeLinear", [
+        g.constant(f"{base}.signs", signs), g.constant(f"{base}.magnitudes", magnitudes),
+        g.constant(f"{base}.zero_point", np.zeros(values.shape, dtype=np.int8))],
+        base, axis=1)
+
+
+def exact_epilogue(g: GraphEditor, conv: onnx.NodeProto, scale: npt.NDArray[np.float32],
+                   bias: npt.NDArray[np.float32] | None, base: str) -> str:
+    """``conv * scale + bias`` per output channel after an integer-exact FP32 conv, rewiring the
+    conv's readers. ONNX Runtime folds a constant Mul / Add after a conv with constant weights
+    into those weights (ConvMulFusion, ConvAddFusion), which would round the integer sums; the
+    constants therefore come from :func:`per_channel_constant`."""
+    readers = g.consumers(conv.output[0])
+    out = g.node("Mul", [conv.output[0], per_channel_constant(g, scale, f"{base}.scale")],
+                 f"{base}.scaled")
+    if bias is not None:
+        out = g.node("Add", [out, per_channel_constant(g, bias, f"{base}.bias")],
+                     f"{base}.biased")
+    for node in readers:
+        node.input[:] = [out if t == conv.output[0] else t for t in node.input]
+    return out

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compiler.lower.image import PIXEL_LEVELS, image_conv_constants
+from compiler.lower.image import PIXEL_LEVELS, ImageConv, image_conv_constants
 from compiler.quant.qmodel import QConv2d
 from compiler.quant.quantizers import MAX_INT_BITS, quantize_asymmetric
 from compiler.quant.record import apply_record
@@ -236,18 +236,20 @@ class ExactImageConv(QConv2d):
     integer pixels with integer weights (``compiler.lower.image``), exact sums in FP64."""
 
     affine: tuple[float, tuple[float, ...]]  # u = a x + c: the conv's input from the image
+    form: ImageConv
 
     @classmethod
     def adopt(cls, conv: QConv2d, image: Mapping[str, Any]) -> None:
         conv.__class__ = cls
         assert isinstance(conv, ExactImageConv)
         conv.affine = (float(image["a"]), tuple(float(v) for v in image["c"]))
+        bias = None if conv.conv.bias is None else conv.conv.bias.detach().numpy()
+        conv.form = image_conv_constants(conv.conv.weight.detach().numpy(), bias,
+                                         conv.affine[0], np.array(conv.affine[1]))
 
     def forward(self, x: Tensor) -> Tensor:
-        conv = self.conv
+        conv, form = self.conv, self.form
         a, c = self.affine
-        bias = None if conv.bias is None else conv.bias.detach().numpy()
-        form = image_conv_constants(conv.weight.detach().numpy(), bias, a, np.array(c))
         with torch.no_grad():
             shift = torch.tensor(c, dtype=torch.float64).reshape(1, -1, 1, 1)
             levels = torch.round((x.double() - shift) * PIXEL_LEVELS / a)

@@ -19,9 +19,10 @@ target's real kernel precisions is the *ladder*, chosen explicitly and recorded 
   8-bit grid (and its 8-bit weights cost accuracy too), and the closing conv's 8-bit requantized
   output is added to the skip and rounded again at the upsampler's input. On bigbuckbunny frames
   (EDSR x2 W8A6 FQ, cpu-x86, per-patch dispatch, ``benchmarks/dispatch.py``, 100-step record)
-  the all-INT8 engine is 0.170 dB below the FP32 engine at 2.67x its throughput, 0.102 dB with
-  the image conv in FP32 (2.27x) and 0.047 dB with both ends in FP32 (2.18x); the upsampler or
-  the RGB tail in FP32 instead cost more time for less (upsampler: 1.87x, 0.131 dB).
+  the all-INT8 engine is 0.170 dB below the FP32 engine at 2.64-2.67x its throughput, 0.102 dB
+  with the image conv in FP32 (2.27x) and 0.049 dB with both ends as built below (2.17x; 0.047 dB
+  with the closing conv wholly FP32); the upsampler or the RGB tail in FP32 instead cost more
+  time for less (upsampler: 1.87x, 0.131 dB).
   ONNX Runtime computes them exactly, so engines still match their simulation bit for bit: the
   image conv on the integer pixels with 12-bit integer weights (``compiler.lower.image``), the
   closing conv on its 8-bit input levels with its int8 weights and a float output (an exact FP32

@@ -326,6 +326,8 @@ def test_hardware_engine_is_int8_end_to_end(bundles: dict[str, Path]) -> None:
     graph = onnx.load(root / spec.onnx.path)
     summary = {s["name"]: s for s in lowering_summary(graph)}
     assert summary["body.1.body.0"]["stream_bounds"] is not None
+    # the exact image conv's bias Add is not a residual Add: its skip path stays float
+    assert summary["body.0.body.0"]["stream_bounds"] is None
     assert summary["tail.1"]["output"].startswith("the output image")
     # the trunk's ends run in FP32, exactly: the image conv on the integer pixels, the conv
     # closing the global residual on its input's integer levels with a float output

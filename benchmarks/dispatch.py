@@ -29,7 +29,7 @@ import torch
 from common import REPO, edsr_record, shared, table
 
 from compiler.bundle import write_bundle
-from compiler.plan import FLOAT_CHOICES, plan_engines
+from compiler.plan import plan_engines
 from compiler.quant.patches import sample_patches
 from compiler.zoo import load_model
 from runtime.bundle import open_bundle
@@ -105,9 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "bundle"
         patches = sample_patches(calib, 8, 48, seed=0, downscale=2).numpy()
-        floats = args.float_layers if args.float_layers in FLOAT_CHOICES else \
-            args.float_layers.split(",")
-        plan = plan_engines(record, load_target("cpu-x86"), args.ladder, floats=floats)
+        plan = plan_engines(record, load_target("cpu-x86"), args.ladder, floats=args.float_layers)
         write_bundle(load_model(weights), record, plan, root, patches=patches)
         bundle = open_bundle(root)
         m = bundle.manifest

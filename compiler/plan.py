@@ -138,11 +138,12 @@ def trunk_ends(record: Mapping[str, Any]) -> set[str]:
 
 def float_layers(record: Mapping[str, Any], ladder: str,
                  choice: str | Sequence[str] = "auto") -> set[str]:
-    """The quantized layers the hardware ladder leaves out of the lowering (they run as the FP
-    conv, weights included): ``auto`` the trunk's ends (module docstring), ``none``, or names."""
+    """The quantized layers the hardware ladder keeps at the top precision (module docstring):
+    ``auto`` the trunk's ends, ``none``, or layer names (a sequence or ``"a,b"``)."""
     if isinstance(choice, str) and choice in FLOAT_CHOICES:
         return trunk_ends(record) if choice == "auto" and ladder == "hardware" else set()
-    names = [choice] if isinstance(choice, str) else list(choice)
+    names = ([n.strip() for n in choice.split(",") if n.strip()] if isinstance(choice, str)
+             else list(choice))
     known = [layer["name"] for layer in record["layers"]]
     for name in names:
         if name not in known:
@@ -248,8 +249,8 @@ def plan_engines(record: Mapping[str, Any], target: Target, ladder: str = "hardw
     summary = (f"{s['method']} W{s['wbits']}A{s['abits']}{' FQ' if s.get('fq') else ''}, "
                f"thresholds {tuple(round(t, 3) for t in record['image_thresholds'])}")
     return EnginePlan(target, ladder, tile, overlap, tuple(engines), summary, widen,
-                      tuple(name for name in (layer["name"] for layer in record["layers"])
-                            if name in floating))
+                      tuple(layer["name"] for layer in record["layers"]
+                            if layer["name"] in floating))
 
 
 def _skipped_rungs(ladder: Sequence[str]) -> list[str]:

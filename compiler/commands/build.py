@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.finish is not None:
         return _finish(args.finish)
     from compiler.defaults import CALIBRATION_IMAGES, default_weights
-    from compiler.plan import FLOAT_CHOICES, describe_plan, plan_engines
+    from compiler.plan import describe_plan, plan_engines
     from compiler.zoo import load_model
     from runtime.errors import ConfigError
     from targets.loader import detect_target, load_target
@@ -77,10 +77,8 @@ def run(args: argparse.Namespace) -> int:
           + ("" if args.target else " (detected)"))
     record = _record(args, loaded)
     _step(2, total, "engine plan")
-    floats = args.float_layers if args.float_layers in FLOAT_CHOICES else [
-        name.strip() for name in args.float_layers.split(",") if name.strip()]
     plan = plan_engines(record, target, args.ladder, tile=args.tile, overlap=args.overlap,
-                        floats=floats)
+                        floats=args.float_layers)
     destination = args.output or Path("build") / f"{loaded.info.path.stem}-{target.name}"
     files = {e.name: [f"engines/{e.name}.onnx"]
              + ([f"engines/{e.name}.<key>.plan"] if target.backend == "tensorrt" else [])

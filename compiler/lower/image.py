@@ -80,6 +80,7 @@ def _image_affine(g: GraphEditor, tensor: str, channels: int
     identity 1x1 convs with a bias (MeanShift): (input, a, c, the path's nodes), else None."""
     inputs = {i.name for i in g.graph.input}
     path: list[onnx.NodeProto] = []
+    steps: list[tuple[str, npt.NDArray[Any]]] = []  # (op, constant), from the conv backwards
     while tensor not in inputs:
         node = g.producer(tensor)
         if node is None:
@@ -88,6 +89,7 @@ def _image_affine(g: GraphEditor, tensor: str, channels: int
             value = g.inits.get(node.input[1])
             if value is None or numpy_helper.to_array(value).size != 1:
                 return None
+            steps.append((node.op_type, numpy_helper.to_array(value)))
         elif node.op_type == "Conv" and len(node.input) == 3:
             weight, bias = (g.inits.get(node.input[i]) for i in (1, 2))
             if weight is None or bias is None:
@@ -96,21 +98,19 @@ def _image_affine(g: GraphEditor, tensor: str, channels: int
             if w.shape != (channels, channels, 1, 1) or not np.array_equal(
                     w[:, :, 0, 0], np.eye(channels, dtype=w.dtype)):
                 return None
+            steps.append(("Shift", numpy_helper.to_array(bias)))
         else:
             return None
         path.append(node)
         tensor = node.input[0]
     a, c = 1.0, np.zeros(channels)
-    for node in reversed(path):  # forward order
-        value = numpy_helper.to_array(g.inits[node.input[1 if node.op_type != "Conv" else 2]])
-        if node.op_type == "Mul":
-            factor = float(value.reshape(()))
-            a, c = a * factor, c * factor
-        elif node.op_type == "Div":
-            factor = float(value.reshape(()))
-            a, c = a / factor, c / factor
-        else:
+    for op, value in reversed(steps):  # forward order
+        if op == "Shift":
             c = c + value.astype(np.float64)
+        elif op == "Mul":
+            a, c = a * float(value.reshape(())), c * float(value.reshape(()))
+        else:
+            a, c = a / float(value.reshape(())), c / float(value.reshape(()))
     return tensor, a, c, path
 
 
@@ -153,7 +153,7 @@ def exact_image_conv(g: GraphEditor, conv: onnx.NodeProto, name: str) -> dict[st
             del attribute.ints[:]
             attribute.ints.extend([0] * len(pads))
     exact_epilogue(g, conv, form.scale, form.bias, f"{base}.output")
-    for node in path:
-        if not any(reader for reader in g.consumers(node.output[0])):
+    for node in path:  # from the conv backwards: each becomes unread once the next is dropped
+        if not g.consumers(node.output[0]):
             g.drop(node)
     return {"a": a, "c": [float(v) for v in c], "levels": form.levels}

@@ -135,6 +135,8 @@ def test_float_layers_choice(records: dict[str, dict[str, Any]]) -> None:
     assert {lp.precision for lp in every.layers} == {"int8"} and every.name == "int8"
     named = plan_engines(record, cpu, "hardware", floats=["tail.1"])
     assert [lp.name for lp in named.engines[0].layers if lp.precision == "fp32"] == ["tail.1"]
+    listed = plan_engines(record, cpu, "hardware", floats="tail.1, head.0")  # as the CLI gives
+    assert listed.float_layers == ("head.0", "tail.1")
     with pytest.raises(ConfigError, match="unknown quantized layer 'tail.9'"):
         plan_engines(record, cpu, "hardware", floats=["tail.9"])
     with pytest.raises(ConfigError, match="hardware ladder"):

@@ -48,6 +48,10 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
                    help="bit-aware clipping of the activation bounds: auto (at a base of <= 4 "
                    "bits, where the simulated network measures better), on (the paper), off; "
                    f"default {bac_default}")
+    p.add_argument("--bit-margin", type=float, default=0.15,
+                   help="adabm: after training, lower layers one bit at a time (the cheapest "
+                   "first) until the mean layer offset is <= -MARGIN, room for content busier "
+                   "than the calibration patches; 0 keeps the learned offsets (default 0.15)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -61,7 +65,7 @@ def calibrate_from_args(args: argparse.Namespace, loaded: Any) -> Any:
     config = CalibrationConfig(patches=args.patches, patch_size=args.patch_size, steps=args.steps,
                                batch=args.batch, seed=args.seed, schedule=args.schedule,
                                range_init=args.range_init, downscale=args.downscale,
-                               bac=args.bac)
+                               bac=args.bac, bit_margin=args.bit_margin)
     print(f"calibrating {loaded.info.describe()} with {settings.method} "
           f"W{settings.wbits}A{settings.abits}{' FQ' if settings.fq else ''} on {args.calib}")
     return calibrate(loaded, settings, config, args.calib, progress=progress_bar)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,23 @@ def test_bit_aware_clipping_modes(tiny: tuple[Path, Path], abits: int, mode: str
               < 0.999 * (layer["input_range"][1] - layer["input_range"][0])
               for layer in result.record["layers"]]
     assert any(inside) == clipped
+
+
+def test_bit_margin_lowers_just_enough_layers(tiny: tuple[Path, Path]) -> None:
+    """The budget lowers layers one bit each, only as many as the margin needs, never raises."""
+    weights, calib = tiny
+    settings = QuantSettings(method="adabm", wbits=8, abits=6)
+    free = calibrate(load_model(weights), settings, replace(FAST, bit_margin=0.0), calib).record
+    assert free["calibration"]["budget_lowered"] == []
+    tight = calibrate(load_model(weights), settings, replace(FAST, bit_margin=0.5), calib).record
+    before = [b - 6 for b in free["bit_vectors"]["0"]]
+    after = [b - 6 for b in tight["bit_vectors"]["0"]]
+    assert sum(after) <= -0.5 * len(after) < sum(after) + 1  # the margin met, by the fewest steps
+    assert all(a <= b for a, b in zip(after, before, strict=True))
+    lowered = tight["calibration"]["budget_lowered"]
+    assert len(lowered) == sum(before) - sum(after) > 0
+    names = [layer["name"] for layer in tight["layers"] if layer["kind"] == "adaptive"]
+    for k, name in enumerate(names):
+        assert before[k] - after[k] == lowered.count(name)
+    with pytest.raises(ConfigError, match="bit margin"):
+        CalibrationConfig(bit_margin=1.5)

@@ -43,8 +43,12 @@ def test_calibrate_then_eval_quantized(setup: dict[str, Path]) -> None:
     record = setup["root"] / "rec.json"
     code = main(["calibrate", "--weights", str(setup["weights"]), "--calib",
                  str(setup["data"] / "HR"), "--wbits", "8", "--abits", "6", "--patches", "4",
-                 "--patch-size", "16", "--steps", "4", "-o", str(record)])
+                 "--patch-size", "16", "--steps", "4", "--bit-margin", "0.5", "-o", str(record)])
     assert code == 0
+    saved = json.loads(record.read_text())
+    assert sum(saved["bit_vectors"]["0"]) <= (6 - 0.5) * len(saved["bit_vectors"]["0"])
+    assert saved["calibration"]["budget_lowered"] and saved["calibration"]["config"][
+        "bit_margin"] == 0.5
     out = setup["root"] / "q.json"
     code = main(["eval", "--weights", str(setup["weights"]), "--calibration", str(record),
                  "--dataset", str(setup["data"]), "--scale", "2", "--tile", "16", "--json",

@@ -58,6 +58,8 @@ def main() -> None:
                         "the FP reference is evaluated the same way")
     parser.add_argument("--bac", default="auto", choices=("auto", "on", "off"),
                         help="bit-aware clipping (adasr calibrate --bac; default auto)")
+    parser.add_argument("--range-init", default="global", choices=("global", "ema", "percentile"),
+                        help="adasr calibrate --range-init (default global)")
     parser.add_argument("--bit-margin", type=float, default=0.15,
                         help="adasr calibrate --bit-margin (default 0.15)")
     parser.add_argument("--out", help="results file stem in benchmarks/results (default: "
@@ -80,7 +82,7 @@ def main() -> None:
             settings = QuantSettings(method=method, wbits=wbits, abits=abits, fq=fq)
             start = time.perf_counter()
             config = CalibrationConfig(steps=args.steps, downscale=scale, bac=args.bac,
-                                       bit_margin=args.bit_margin)
+                                       bit_margin=args.bit_margin, range_init=args.range_init)
             result = calibrate(load_model(weights), settings, config,
                                shared("calibration/sun_hays8"))
             seconds = time.perf_counter() - start
@@ -106,7 +108,8 @@ def main() -> None:
     where = f"patch-wise (tiles {args.tile}, overlap 6)" if args.tile else "whole-image"
     note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads; {where} "
             f"evaluation, Set5 with the provided MATLAB LR, Set14 with generated LR; "
-            f"--bac {args.bac}, --bit-margin {args.bit_margin}.\n\n")
+            f"--bac {args.bac}, --bit-margin {args.bit_margin}, "
+            f"--range-init {args.range_init}.\n\n")
     stem = (args.out or ("quant_table_rows" if args.rows else "quant_table")) + (
         f"_tile{args.tile}" if args.tile else "")
     atomic_write_bytes(results / f"{stem}.md", (note + "```\n" + text + "\n```\n").encode())

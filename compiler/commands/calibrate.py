@@ -39,8 +39,10 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--schedule", default="cyclic",
                    help="cyclic (one parameter group per epoch, as released) or joint")
-    p.add_argument("--range-init", default="global",
-                   help="activation range init: global min/max (default) or ema (the paper's)")
+    p.add_argument("--range-init", default="global", choices=("global", "ema", "percentile"),
+                   help="activation range init: global min/max (default), ema (the paper's) or "
+                   "percentile (0.1%% / 99.9%%: IMDN x4 W4A4 -2.09 dB on Set5 against -4.05 with "
+                   "global, EDSR x2 W4A4 -0.57 against -0.34)")
     p.add_argument("--downscale", type=int, default=1,
                    help="bicubic-downscale the calibration images by N first (use the model's "
                    "scale when they are ordinary photos rather than LR frames); default 1")

@@ -151,3 +151,19 @@ def test_bit_margin_lowers_just_enough_layers(tiny: tuple[Path, Path]) -> None:
         assert before[k] - after[k] == lowered.count(name)
     with pytest.raises(ConfigError, match="bit margin"):
         CalibrationConfig(bit_margin=1.5)
+
+
+def test_percentile_range_init_starts_inside_the_global_range(tiny: tuple[Path, Path]) -> None:
+    weights, calib = tiny
+    bounds = {}
+    for init in ("global", "percentile"):
+        config = CalibrationConfig(patches=8, patch_size=16, steps=0, bac="off", range_init=init)
+        record = calibrate(load_model(weights), QuantSettings(wbits=8, abits=6), config,
+                           calib).record
+        bounds[init] = [layer["a_bounds"] for layer in record["layers"]]
+    for (g_low, g_high), (p_low, p_high) in zip(bounds["global"], bounds["percentile"],
+                                                strict=True):
+        assert g_low <= p_low < p_high <= g_high
+    assert bounds["percentile"] != bounds["global"]
+    with pytest.raises(ConfigError, match="range init"):
+        CalibrationConfig(range_init="median")

@@ -250,25 +250,22 @@ class Calibrator:
             s = stats[name]
             if method == "minmax":
                 lower, upper = s.global_min, s.global_max
-            elif method == "percentile":
-                pooled = torch.cat(s.pooled).double()
-                lower = float(torch.quantile(pooled, STATIC_PERCENTILE))
-                upper = float(torch.quantile(pooled, 1 - STATIC_PERCENTILE))
             elif method == "ddtb" and conv.layer_index is not None:
                 # DDTB's percentile init is for its low-bit body layers; the fixed 8-bit layers of
                 # the fully quantized setting keep the full range (head/tail see image values).
                 assert s.first_batch is not None
                 lower = float(torch.quantile(s.first_batch.double(), 0.01))
                 upper = float(torch.quantile(s.first_batch.double(), 0.99))
-            elif self.config.range_init == "percentile" and conv.layer_index is not None:
+            elif method == "percentile" or (self.config.range_init == "percentile"
+                                            and conv.layer_index is not None):
                 pooled = torch.cat(s.pooled).double()
                 lower = float(torch.quantile(pooled, STATIC_PERCENTILE))
                 upper = float(torch.quantile(pooled, 1 - STATIC_PERCENTILE))
-            elif self.config.range_init == "global":
-                lower, upper = s.global_min, s.global_max
-            else:
+            elif self.config.range_init == "ema":
                 assert s.ema_min is not None and s.ema_max is not None
                 lower, upper = s.ema_min, s.ema_max
+            else:  # global, and the fixed layers of a percentile init
+                lower, upper = s.global_min, s.global_max
             conv.act_quant.set_bounds(lower, upper)
             if method == "adabm" and self._bit_aware_clipping():
                 bits = FIXED_BITS if conv.layer_index is None else (
@@ -485,8 +482,7 @@ class Calibrator:
         training: dict[str, Any] = {}
         if self.settings.method in ("adabm", "ddtb") and cfg.steps > 0:
             training = self.train(patches, teacher)
-        if self.settings.adaptive:
-            training["budget_lowered"] = self.fit_budget(patches, teacher)
+        training["budget_lowered"] = self.fit_budget(patches, teacher)
         for name, conv in self.qnet.qconvs():
             conv.output_range = (stats[name].out_min, stats[name].out_max)
             conv.input_range = (stats[name].global_min, stats[name].global_max)

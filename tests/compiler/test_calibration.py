@@ -154,16 +154,22 @@ def test_bit_margin_lowers_just_enough_layers(tiny: tuple[Path, Path]) -> None:
 
 
 def test_percentile_range_init_starts_inside_the_global_range(tiny: tuple[Path, Path]) -> None:
+    """Adaptive layers start at the percentiles, inside the global range; fixed layers (fq) keep
+    the global range."""
     weights, calib = tiny
-    bounds = {}
+    bounds, kinds = {}, []
     for init in ("global", "percentile"):
         config = CalibrationConfig(patches=8, patch_size=16, steps=0, bac="off", range_init=init)
-        record = calibrate(load_model(weights), QuantSettings(wbits=8, abits=6), config,
+        record = calibrate(load_model(weights), QuantSettings(wbits=8, abits=6, fq=True), config,
                            calib).record
         bounds[init] = [layer["a_bounds"] for layer in record["layers"]]
-    for (g_low, g_high), (p_low, p_high) in zip(bounds["global"], bounds["percentile"],
-                                                strict=True):
-        assert g_low <= p_low < p_high <= g_high
-    assert bounds["percentile"] != bounds["global"]
+        kinds = [layer["kind"] for layer in record["layers"]]
+    for kind, (g_low, g_high), (p_low, p_high) in zip(kinds, bounds["global"],
+                                                      bounds["percentile"], strict=True):
+        if kind == "fixed":
+            assert (p_low, p_high) == (g_low, g_high)
+        else:
+            assert g_low <= p_low < p_high <= g_high
+    assert "fixed" in kinds and bounds["percentile"] != bounds["global"]
     with pytest.raises(ConfigError, match="range init"):
         CalibrationConfig(range_init="median")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compiler.commands.calibrate import add_quant_arguments, calibrate_from_args
+from compiler.commands.calibrate import add_quant_arguments, calibrate_from_args, downscale_of
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -124,7 +124,7 @@ def _write(args: argparse.Namespace, loaded: Any, record: dict[str, Any], plan: 
 
     folder = args.calib or CALIBRATION_IMAGES
     patches = sample_patches(folder, 8, args.patch_size, seed=args.seed,
-                             downscale=args.downscale).numpy()
+                             downscale=downscale_of(args, loaded)).numpy()
     options = BuildOptions(batch=args.engine_batch, threads=args.threads)
     return write_bundle(loaded, record, plan, destination, patches=patches, options=options,
                         progress=lambda text: print(f"      {text}", flush=True))

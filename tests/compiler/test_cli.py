@@ -105,3 +105,20 @@ def test_build_clips_bounds_at_every_width_and_calibrate_by_default_only_at_4_bi
     assert parsers["build"].parse_args(base).bac == "on"
     assert parsers["calibrate"].parse_args([*base, "--calib", "c"]).bac == "auto"
     assert parsers["calibrate"].parse_args([*base, "--calib", "c", "--bac", "off"]).bac == "off"
+
+
+def test_calibration_images_are_downscaled_by_the_scale_unless_shipped_or_told() -> None:
+    import argparse
+    from types import SimpleNamespace
+
+    from compiler.commands.calibrate import downscale_of
+    from compiler.defaults import CALIBRATION_IMAGES
+
+    loaded = SimpleNamespace(model=SimpleNamespace(scale=4))
+
+    def of(calib: object, downscale: int | None) -> int:
+        return downscale_of(argparse.Namespace(calib=calib, downscale=downscale), loaded)
+
+    assert of(Path("photos"), None) == 4
+    assert of(CALIBRATION_IMAGES, None) == 1 and of(None, None) == 1  # shipped LR crops
+    assert of(Path("photos"), 1) == 1 and of(CALIBRATION_IMAGES, 2) == 2

@@ -446,15 +446,25 @@ class Calibrator:
             offsets[layer] = kept
             return float(loss)
 
-        with torch.no_grad():
-            while sum(hard := qnet.layer_to_bit.hard()) > -self.config.bit_margin * len(hard):
-                candidates = [k for k, o in enumerate(hard) if o > -1]
-                if not candidates:
-                    break
-                costs = {k: loss_with(k, hard[k] - 1.0) for k in candidates}
-                layer = min(candidates, key=costs.__getitem__)
-                offsets[layer] = hard[layer] - 1.0
-                lowered.append(qnet.adaptive_names[layer])
+        limit = -self.config.bit_margin * offsets.numel()
+        steps = max(0, sum(qnet.layer_to_bit.hard()) - math.floor(limit))
+        bar = self.progress(steps, "bit budget") if self.progress and steps else None
+        try:
+            with torch.no_grad():
+                while sum(hard := qnet.layer_to_bit.hard()) > limit:
+                    candidates = [k for k, o in enumerate(hard) if o > -1]
+                    if not candidates:
+                        break
+                    costs = {k: loss_with(k, hard[k] - 1.0) for k in candidates}
+                    layer = min(candidates, key=costs.__getitem__)
+                    offsets[layer] = hard[layer] - 1.0
+                    lowered.append(qnet.adaptive_names[layer])
+                    if bar is not None:
+                        bar.set_postfix(lowered=lowered[-1], refresh=False)
+                        bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         return lowered
 
     def _mean_gate(self, conv: QConv2d, patches: Tensor) -> list[float]:

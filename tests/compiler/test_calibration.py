@@ -173,3 +173,27 @@ def test_percentile_range_init_starts_inside_the_global_range(tiny: tuple[Path, 
     assert "fixed" in kinds and bounds["percentile"] != bounds["global"]
     with pytest.raises(ConfigError, match="range init"):
         CalibrationConfig(range_init="median")
+
+
+def test_bit_budget_reports_its_steps_on_the_progress_bar(tiny: tuple[Path, Path]) -> None:
+    weights, calib = tiny
+    bars: list[tuple[str, int, list[int]]] = []
+
+    class Bar:
+        def __init__(self, total: int, description: str) -> None:
+            self.updates: list[int] = []
+            bars.append((description, total, self.updates))
+
+        def update(self, n: int) -> None:
+            self.updates.append(n)
+
+        def set_postfix(self, **_: object) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    record = calibrate(load_model(weights), QuantSettings(method="adabm", wbits=8, abits=6),
+                       replace(FAST, bit_margin=0.5), calib, progress=Bar).record
+    budget = [(total, sum(updates)) for name, total, updates in bars if name == "bit budget"]
+    assert budget == [(len(record["calibration"]["budget_lowered"]),) * 2]

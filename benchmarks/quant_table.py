@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from common import REPO, shared, table
 
-from compiler.quant.calibrate import CalibrationConfig, calibrate
+from compiler.quant.calibrate import BAC_MODES, RANGE_INITS, CalibrationConfig, calibrate
 from compiler.quant.qmodel import QuantSettings
 from compiler.simulate import TorchUpscaler
 from compiler.zoo import load_model
@@ -56,9 +56,9 @@ def main() -> None:
     parser.add_argument("--tile", type=int, help="patch-wise evaluation with LR tiles of this "
                         "size (overlap 6; each tile its own image offset), as the papers do; "
                         "the FP reference is evaluated the same way")
-    parser.add_argument("--bac", default="auto", choices=("auto", "on", "off"),
+    parser.add_argument("--bac", default="auto", choices=BAC_MODES,
                         help="bit-aware clipping (adasr calibrate --bac; default auto)")
-    parser.add_argument("--range-init", default="global", choices=("global", "ema", "percentile"),
+    parser.add_argument("--range-init", default="global", choices=RANGE_INITS,
                         help="adasr calibrate --range-init (default global)")
     parser.add_argument("--bit-margin", type=float, default=0.15,
                         help="adasr calibrate --bit-margin (default 0.15)")

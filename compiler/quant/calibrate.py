@@ -446,12 +446,14 @@ class Calibrator:
             offsets[layer] = kept
             return float(loss)
 
-        limit = -self.config.bit_margin * offsets.numel()
-        steps = max(0, sum(qnet.layer_to_bit.hard()) - math.floor(limit))
+        # each step lowers the offsets' sum by one, down to the largest integer <= -margin * n
+        limit = math.floor(-self.config.bit_margin * offsets.numel())
+        steps = max(0, sum(qnet.layer_to_bit.hard()) - limit)
         bar = self.progress(steps, "bit budget") if self.progress and steps else None
         try:
             with torch.no_grad():
-                while sum(hard := qnet.layer_to_bit.hard()) > limit:
+                for _ in range(steps):
+                    hard = qnet.layer_to_bit.hard()
                     candidates = [k for k, o in enumerate(hard) if o > -1]
                     if not candidates:
                         break

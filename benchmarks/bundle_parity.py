@@ -21,11 +21,9 @@ widening decided by the same build check. They are lowered in the TensorRT diale
 Runtime's CPU provider cannot stand in for FP16 TensorRT kernels) and on a dynamic-H/W FP
 graph (whole images). Each is checked with ``check_tensorrt_graph`` at opset 17 (TensorRT 8.5,
 the lowest target parser), run in ONNX Runtime (CPU, graph optimizations off: the graph's ONNX
-semantics, FP32 convs on dequantized values; ORT's optimizer would substitute its own
-QLinearConv arithmetic) and compared with ``simulate_engine(..., dialect="tensorrt")``. An
-extra column shows how far that simulation moves when its quantized convs sum in FP64: the
-spread that the order of FP32 sums alone causes (an engine summing in another order lands
-about that far from the simulation). ``--requantize bundle`` (default) requantizes conv
+semantics; ORT's optimizer would substitute its own QLinearConv arithmetic) and compared with
+``simulate_engine(..., dialect="tensorrt")``, which models the graph's arithmetic (convs on
+integer levels, ``compiler.lower.trt``). ``--requantize bundle`` (default) requantizes conv
 outputs on both ladders, as TensorRT bundles do; ``ladder`` does so only on the hardware
 ladder, as ORT bundles do (emulate engines then have the ORT table's placement).
 """
@@ -35,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import unittest.mock
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,29 +87,6 @@ def _record(key: str, weights: Path, scale: int, args: argparse.Namespace) -> di
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cache, record)
     return record
-
-
-class _Float64Sums:
-    """``torch.nn.functional`` whose conv2d sums in FP64 and rounds once to FP32."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch.nn.functional, name)
-
-    @staticmethod
-    def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               *args: Any) -> torch.Tensor:
-        return torch.nn.functional.conv2d(x.double(), weight.double(),
-                                          None if bias is None else bias.double(), *args).float()
-
-
-@contextmanager
-def _fp64_sums() -> Iterator[None]:
-    """The simulation's quantized convs (``QConv2d``) sum in FP64: the same network with its
-    FP32 sums rounded otherwise, i.e. how far the rounding of FP32 sums alone moves it."""
-    from compiler.quant import qmodel
-
-    with unittest.mock.patch.object(qmodel, "F", _Float64Sums()):
-        yield
 
 
 @contextmanager
@@ -205,7 +179,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tensorrt = args.dialect == "tensorrt"
     engines_of = _tensorrt_engines if tensorrt else _ort_engines
-    header = HEADER + (["sim FP32 vs FP64 sums dB"] if tensorrt else [])
+    header = HEADER
     calib = shared("calibration/sun_hays8")
     rows, payload = [], []
     for key in args.models.split(","):
@@ -219,14 +193,11 @@ def main() -> None:
                 for spec, summary, run in engines:
                     sim = TorchUpscaler(simulate_engine(weights, record, spec, summary=summary,
                                                         dialect=args.dialect), scale)
-                    vs_sim, hr_engine, hr_sim, differing, floor = [], [], [], [], []
+                    vs_sim, hr_engine, hr_sim, differing = [], [], [], []
                     for image in images:
                         lr = image.lr.astype(np.float32).transpose(2, 0, 1)[None] / 255
                         out = to_uint8(run(lr)[0].transpose(1, 2, 0))
                         ref = to_uint8(sim(image.lr))
-                        if tensorrt:
-                            with _fp64_sums():
-                                floor.append(psnr(ref, to_uint8(sim(image.lr)), 255.0))
                         vs_sim.append(psnr(out, ref, 255.0))
                         differing.append(float(np.mean(out != ref)))
                         hr_engine.append(psnr_y(out, image.hr, scale))
@@ -241,9 +212,6 @@ def main() -> None:
                            f"{entry['engine_vs_sim_db']:.2f}",
                            f"{100 * entry['max_differing']:.3f}", f"{entry['psnr_sim']:.3f}",
                            f"{entry['psnr_engine']:.3f}", f"{entry['hr_gap_db']:+.3f}"]
-                    if tensorrt:
-                        entry["sim_fp32_vs_fp64_sums_db"] = float(np.min(floor))
-                        row.append(f"{entry['sim_fp32_vs_fp64_sums_db']:.2f}")
                     payload.append(entry)
                     rows.append(row)
                     print(table(rows[-1:], header).splitlines()[-1], flush=True)
@@ -253,10 +221,7 @@ def main() -> None:
     note = (f"AdaBM W{args.wbits}A{args.abits} FQ, {args.steps} steps, {args.threads} "
             f"thread(s); Set5 (first {args.images}, provided LR), whole images; engine vs sim = "
             "min over images of RGB PSNR between the uint8 outputs (inf: identical); differing "
-            "= max over images of the share of uint8 output values that differ"
-            + ("; sim FP32 vs FP64 sums = min over images of RGB PSNR between the simulation "
-               "and the same simulation with its quantized convs summed in FP64 (how far FP32 "
-               "summation order alone moves it)" if tensorrt else "") + "\n\n")
+            "= max over images of the share of uint8 output values that differ\n\n")
     if tensorrt:
         note = (f"TensorRT dialect, FP32 graphs (float_type fp32: what ONNX Runtime can run; "
                 f"FP16 graphs not measured), {args.target} plans, dynamic H/W, "
@@ -271,10 +236,8 @@ def main() -> None:
                       [{k: None if isinstance(v, float) and np.isinf(v) else v
                         for k, v in entry.items()} for entry in payload])
     if tensorrt:
-        lowest = min(e["sim_fp32_vs_fp64_sums_db"] for e in payload)
         print(f"dialect=tensorrt float_type=fp32 plans={args.target} requantize={args.requantize}"
-              f" (ONNX Runtime CPU, graph optimizations off) min_sim_fp32_vs_fp64_sums_db="
-              f"{lowest:.3f}")
+              " (ONNX Runtime CPU, graph optimizations off)")
     print(f"min_engine_vs_sim_db={min(e['engine_vs_sim_db'] for e in payload):.3f} "
           f"max_hr_gap_db={max(abs(e['hr_gap_db']) for e in payload):.4f}")
 

@@ -23,12 +23,13 @@ quantized network amplifies any rounding difference into a drift of many levels,
 simulation that rounds like the engine except in FP32 sums is not close, it is 37-43 dB off
 (IMDN x4, Set5).
 
-TensorRT-dialect engines are simulated in FP32 (``QConv2d``). Run by ONNX Runtime, their convs
-sum the dequantized values in FP32 as well, in another order, and nothing in a graph TensorRT
-accepts makes those sums exact (no FP64; convs on integer levels need DQ scales other than
-their Q's, and their sums overflow FP16), so the two agree only as closely as FP32 sums allow:
-IMDN x4 33-41 dB on Set5, EDSR x2 51-59 dB, about as far as the simulation moves when its
-convs sum in FP64 (``benchmarks/bundle_parity.py --dialect tensorrt``).
+TensorRT-dialect engines that record ``integer_conv`` are simulated as exactly
+(:class:`TensorRTConv2d`: the shifted input Q, exact sums, the FP32 epilogue, the symmetric
+output Q), so run by ONNX Runtime without optimizations they match bit for bit as well (EDSR x2
+and IMDN x4, Set5: ``benchmarks/bundle_parity.py --dialect tensorrt``); IMDN's attention
+statistics stay FP32 there (TensorRT has no FP64). Before the lowering computed on integer
+levels, FP32 sums in ONNX Runtime's order against torch's left IMDN x4 engines 33-41 dB from
+this simulation.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def simulate_engine(weights: Path, record: Mapping[str, Any], spec: EngineSpec,
             ExactImageConv.adopt(convs[entry["name"]], entry["image_input"])
         elif exact:
             IntegerConv2d.adopt(convs[entry["name"]], entry)
+        elif dialect == "tensorrt" and entry.get("integer_conv"):
+            TensorRTConv2d.adopt(convs[entry["name"]], entry)
         placement = str(entry.get("output", ""))
         # ONNX Runtime turns a conv's bias into int32 on the s_x * s_w lattice only when a Q
         # follows the conv (a full QDQ group, run as QLinearConv); a float output keeps it float
@@ -191,12 +194,34 @@ class IntegerConv2d(QConv2d):
         conv.output_grid = None if grid is None else (float(grid["step"]), *_levels(grid))
         conv.integer_output = bool(entry.get("integer_conv"))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def quantized(self, x: Tensor) -> bool:
+        """True when this conv runs as an engine's integer conv: a quantized input at one
+        bit-width per batch, quantized weights and no live gate."""
         bits = self.bits(x.shape[0])
-        wq_bits = self.weight_quant.bits
-        if (not self.context.enabled or self.gate is not None or wq_bits > MAX_INT_BITS
-                or bool((bits > MAX_INT_BITS).any()) or bool((bits != bits[0]).any())):
+        return not (not self.context.enabled or self.gate is not None
+                    or self.weight_quant.bits > MAX_INT_BITS
+                    or bool((bits > MAX_INT_BITS).any()) or bool((bits != bits[0]).any()))
+
+    def accumulate(self, levels_x: Tensor) -> tuple[Tensor, Tensor]:
+        """(exact FP64 sums of the input levels times the weight levels, weight step)."""
+        conv = self.conv
+        s_w = (self.weight_quant.clip / (2 ** (self.weight_quant.bits - 1) - 1)).reshape(-1)
+        s_w = s_w.detach()
+        levels_w = torch.round(self.weight_quant(conv.weight) / s_w.reshape(-1, 1, 1, 1))
+        acc = F.conv2d(levels_x.double(), levels_w.double(), None, conv.stride, conv.padding,
+                       conv.dilation, conv.groups)
+        return acc, s_w
+
+    def epilogue(self, acc: Tensor, scale: Tensor) -> Tensor:
+        """``fp32(acc) * scale + b``: the FP32 ops after a conv on integer levels."""
+        y: Tensor = acc.float() * scale.expand(self.conv.out_channels).reshape(1, -1, 1, 1)
+        bias = self.conv.bias
+        return y if bias is None else y + bias.detach().reshape(1, -1, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.quantized(x):
             return super().forward(x)
+        bits = self.bits(x.shape[0])
         conv = self.conv
         act = self.act_quant
         xq = act(x, bits)
@@ -205,21 +230,16 @@ class IntegerConv2d(QConv2d):
                 torch.pow(2.0, bits[0] - 1) - 1)
         else:
             s_x = (act.upper - act.lower).clamp_min(1e-6) / (torch.pow(2.0, bits[0]) - 1)
-        s_w = (self.weight_quant.clip / (2 ** (wq_bits - 1) - 1)).reshape(-1)
         with torch.no_grad():
-            s_x, s_w = s_x.detach(), s_w.detach()
+            s_x = s_x.detach()
             levels_x = torch.round(xq / s_x)
             if self.input_levels is not None:  # a truncated grid (an 8-bit [l, u] with l > 0)
                 levels_x = levels_x.clamp(*self.input_levels)
-            levels_x = levels_x.double()
-            levels_w = torch.round(self.weight_quant(conv.weight) / s_w.reshape(-1, 1, 1, 1))
-            acc = F.conv2d(levels_x, levels_w.double(), None, conv.stride, conv.padding,
-                           conv.dilation, conv.groups)
+            acc, s_w = self.accumulate(levels_x)
             scale = (s_x * s_w).expand(conv.out_channels).reshape(1, -1, 1, 1)  # FP32
             bias = None if conv.bias is None else conv.bias.detach().reshape(1, -1, 1, 1)
             if self.integer_output:
-                y: Tensor = acc.float() * scale
-                return y if bias is None else y + bias
+                return self.epilogue(acc, s_x * s_w)
             lattice = 0.0 if bias is None else torch.round(bias / scale).double()
             if self.output_grid is None:
                 exact: Tensor = ((acc + lattice) * scale.double()).float()
@@ -229,6 +249,46 @@ class IntegerConv2d(QConv2d):
             multiplier = (s_x * s_w).expand(conv.out_channels).reshape(1, -1, 1, 1) / s_y
             levels = torch.round((acc + lattice).float() * multiplier).clamp(low, high)
             return levels * s_y
+
+
+class TensorRTConv2d(IntegerConv2d):
+    """A ``QConv2d`` that computes as a TensorRT-dialect conv on integer levels does
+    (``compiler.lower.trt.TensorRTEncoding``), run by ONNX Runtime without optimizations:
+
+    - the input Q: ``x + k * step`` in FP32 when the grid is shifted by ``k`` into int8, then
+      its levels ``round(. / step)`` clamped to the grid, minus ``k``;
+    - exact sums of the input levels times the weight levels (the shift and its border Pad
+      cancel exactly in the engine);
+    - ``fp32(acc) * fp32(step * s_w) + b``, then the symmetric 8-bit output Q when the lowering
+      requantized the output.
+    """
+
+    step: float
+    grid_levels: tuple[int, int]
+    shift: int
+
+    @classmethod
+    def adopt(cls, conv: QConv2d, entry: Mapping[str, Any]) -> None:
+        conv.__class__ = cls
+        assert isinstance(conv, TensorRTConv2d)
+        grid = entry["input_grid"]
+        conv.step = float(grid["step"])
+        low, high = (int(v) for v in grid["levels"])
+        conv.grid_levels = (low, high)
+        conv.shift = int(entry.get("input_shift", 0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.quantized(x):
+            return QConv2d.forward(self, x)
+        with torch.no_grad():
+            step = torch.tensor(self.step, dtype=torch.float32)
+            k = self.shift
+            if k:
+                x = x + torch.tensor(float(k), dtype=torch.float32) * step
+            low, high = self.grid_levels
+            levels = torch.round(x / step).clamp(low + k, high + k) - k
+            acc, s_w = self.accumulate(levels)
+            return self.requantize(self.epilogue(acc, step * s_w))
 
 
 class ExactImageConv(QConv2d):

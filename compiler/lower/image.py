@@ -16,8 +16,12 @@ integers, where FP32 sums are exact:
 - the weights go on a per-output-channel integer grid as fine as exactness allows
   (``levels = min(2047, (2^24 - 1) // (taps * 255))``: 12 bits for a 3x3 conv on RGB), so every
   sum of ``k * w_int`` is an integer below 2^24, exact in any order;
-- then ``acc * scale + bias`` per output channel, single FP32 operations
-  (``compiler.lower.exact``).
+- the weight constant is those levels times the power of two ``2^p`` in ``[scale, 2 scale)``
+  (per output channel), so the conv's outputs are the exact sums times a power of two, under
+  twice the FP conv's (an FP16 layer that a TensorRT builder with its legacy FP16 flag may pick
+  does not overflow);
+- then ``* (scale / 2^p) + bias`` per output channel, single FP32 operations
+  (``compiler.lower.exact``): ``acc * scale`` rounded once, as the simulation computes it.
 
 :func:`image_conv_constants` computes the grid and the folded constants; the lowering
 (:func:`exact_image_conv`) and the parity simulation (``compiler.parity.ExactImageConv``) both
@@ -34,7 +38,13 @@ import numpy.typing as npt
 import onnx
 from onnx import numpy_helper
 
-from compiler.lower.exact import exact_epilogue
+from compiler.lower.exact import (
+    PerChannel,
+    exact_epilogue,
+    per_channel_constant,
+    plain_constant,
+    power_of_two_above,
+)
 
 if TYPE_CHECKING:
     from compiler.lower.qdq import GraphEditor
@@ -114,10 +124,12 @@ def _image_affine(g: GraphEditor, tensor: str, channels: int
     return tensor, a, c, path
 
 
-def exact_image_conv(g: GraphEditor, conv: onnx.NodeProto, name: str) -> dict[str, Any] | None:
+def exact_image_conv(g: GraphEditor, conv: onnx.NodeProto, name: str,
+                     constant: PerChannel = per_channel_constant) -> dict[str, Any] | None:
     """Rewrite the image conv ``conv`` into its integer form; the summary entry's
     ``image_input`` (``a``, ``c``), or None (graph unchanged) when its input is not an affine
-    function of a graph input, it is grouped or auto-padded, or its output is a graph output."""
+    function of a graph input, it is grouped or auto-padded, or its output is a graph output.
+    ``constant`` writes the per-channel scale and bias (see ``exact_epilogue``)."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
     weight = g.inits.get(conv.input[1])
     if (weight is None or conv.output[0] in g.outputs or attrs.get("group", 1) != 1
@@ -141,18 +153,19 @@ def exact_image_conv(g: GraphEditor, conv: onnx.NodeProto, name: str) -> dict[st
     if any(pads):
         half = len(pads) // 2
         spec = np.array([0, 0, *pads[:half], 0, 0, *pads[half:]], dtype=np.int64)
-        pad = g.constant(f"{base}.pad", form.pad.reshape(1, -1, 1, 1))
+        pad = plain_constant(g, form.pad, f"{base}.pad")
         shifted = g.node("Sub", [levels, pad], f"{base}.shifted")
         padded = g.node("Pad", [shifted, g.constant(f"{base}.pads", spec)], f"{base}.padded")
         levels = g.node("Add", [padded, pad], f"{base}.padded_levels")
     weight_name = conv.input[1]  # keeps its name: engines are addressed by module name
     g.release(weight_name)
-    conv.input[:] = [levels, g.constant(weight_name, form.weights)]
+    unit = power_of_two_above(form.scale)
+    conv.input[:] = [levels, g.constant(weight_name, form.weights * unit[:, None, None, None])]
     for attribute in conv.attribute:
         if attribute.name == "pads":
             del attribute.ints[:]
             attribute.ints.extend([0] * len(pads))
-    exact_epilogue(g, conv, form.scale, form.bias, f"{base}.output")
+    exact_epilogue(g, conv, form.scale / unit, form.bias, f"{base}.output", constant)
     for node in path:  # from the conv backwards: each becomes unread once the next is dropped
         if not g.consumers(node.output[0]):
             g.drop(node)

@@ -83,7 +83,7 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
-from compiler.lower.exact import exact_epilogue
+from compiler.lower.exact import exact_epilogue, per_channel_constant
 from compiler.lower.export import conv_nodes, pin_ir_version
 from compiler.lower.image import exact_image_conv
 from compiler.quant.qmodel import FIXED_BITS
@@ -475,8 +475,8 @@ def _is_thin(g: GraphEditor, conv: onnx.NodeProto) -> bool:
     return weight is not None and weight.dims[0] <= THIN_CHANNELS
 
 
-def _weight_levels(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
-                   as_float: bool = False) -> tuple[str, npt.NDArray[np.float32]]:
+def weight_levels(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
+                  as_float: bool = False) -> tuple[str, npt.NDArray[np.float32]]:
     """The conv's weight on the layer's grid, as int8 levels (or float ones) under the float
     weight's name where not shared: (initializer name, step per tensor or output channel)."""
     name = conv.input[1]
@@ -490,12 +490,12 @@ def _weight_levels(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
     return g.constant(name, levels.astype(F32) if as_float else levels), step
 
 
-def _lower_weight(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer
-                  ) -> npt.NDArray[np.float32]:
+def lower_weight(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer
+                 ) -> npt.NDArray[np.float32]:
     """The conv's weight becomes int8 (under the float weight's name where not shared) + DQ.
     Returns the weight step (per tensor or per output channel).
     """
-    weight, step = _weight_levels(g, conv, layer)
+    weight, step = weight_levels(g, conv, layer)
     scale = g.constant(f"{layer.name}.weight_scale", step)
     zero = g.constant(f"{layer.name}.weight_zero_point", np.zeros(step.shape, dtype=np.int8))
     attrs = {"axis": 0} if step.ndim else {}
@@ -526,7 +526,7 @@ def _integer_conv(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer, grid
         return False
     stored, zero = dq.input[0], dq.input[2]
     channels = int(g.inits[conv.input[1]].dims[0])
-    conv.input[1], w_step = _weight_levels(g, conv, layer, as_float=True)  # fast NCHWc conv
+    conv.input[1], w_step = weight_levels(g, conv, layer, as_float=True)  # fast NCHWc conv
     one = g.constant(f"{layer.name}.input.unit_scale", np.ones((), dtype=F32))
     if len(g.consumers(dq.output[0])) == 1:
         g.drop(dq)
@@ -652,13 +652,22 @@ class Encoding:
     dialect = "ort"
     integer_path = True
     shares_streams = True  # residual streams on the 8-bit grid of the conv they feed
+    exact_image = True  # the image conv on the integer pixels (compiler.lower.image)
+    statistics_in_double = True  # per-image statistics in FP64 (_statistics_in_double)
 
-    @property
-    def exact_arithmetic(self) -> bool:
-        """ONNX Runtime: float-output quantized convs on their integer levels
-        (:func:`_integer_conv`), per-image statistics in FP64 (:func:`_statistics_in_double`)
-        and each conv's output grid in the summary (what ``compiler.parity`` models)."""
-        return self.dialect == "ort"
+    def per_channel(self, g: GraphEditor, values: npt.NDArray[np.float32], base: str) -> str:
+        """A ``[1, C, 1, 1]`` constant of an exact epilogue (``compiler.lower.exact``)."""
+        return per_channel_constant(g, values, base)
+
+    def lower_conv(self, g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
+                   grid: Grid | None, placement: str) -> bool:
+        """Lower the conv's weights once every Q/DQ is placed; True when the conv then computes
+        on its integer levels. ONNX Runtime: a float-output conv with a quantized input
+        (:func:`_integer_conv`); the others run as QLinearConv (``DQ -> Conv -> Q``)."""
+        if placement == "float" and grid is not None and _integer_conv(g, conv, layer, grid):
+            return True
+        lower_weight(g, conv, layer)
+        return False
 
     def input_grid(self, layer: EngineLayer) -> Grid:
         """The grid of a quantized conv's input (the simulated quantizer's)."""
@@ -685,9 +694,11 @@ class Encoding:
         """Make the dequantized ``tensor`` (on ``grid``) the input of ``conv``."""
         conv.input[0] = tensor
 
-    def notes(self, layer: EngineLayer) -> dict[str, Any]:
-        """Dialect-specific facts of one layer for the lowering metadata."""
-        return {}
+    def notes(self, layer: EngineLayer, input_grid: Grid | None, output_grid: Grid | None,
+              integer: bool) -> dict[str, Any]:
+        """Dialect-specific facts of one layer for the lowering metadata: here the conv
+        arithmetic that ``compiler.parity`` models (:func:`_arithmetic`)."""
+        return _arithmetic(input_grid, output_grid, integer)
 
 
 def lower_engine(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], dialect: str = "ort",
@@ -747,7 +758,8 @@ def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encodi
     for name, layer in by_name.items():
         if layer.exact_image:  # other dialects run it as the FP conv
             conv = convs.pop(name)
-            images[name] = exact_image_conv(g, conv, name) if encoding.exact_arithmetic else None
+            images[name] = (exact_image_conv(g, conv, name, encoding.per_channel)
+                            if encoding.exact_image else None)
     grids = {name: encoding.input_grid(layer)
              for name, layer in by_name.items() if layer.quantizes_input and name in convs}
     shared = streams and requantize and encoding.shares_streams
@@ -766,7 +778,7 @@ def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encodi
                                            convs[chain.target], by_name[chain.target])
             placement[name] = f"on the input grid of {chain.target}"
     fed = {chain.target for chain in chains.values() if chain is not None}
-    integer: set[str] = set()  # float-output convs on integer levels (_integer_conv)
+    integer: set[str] = set()  # convs on their integer levels (Encoding.lower_conv)
     for name, conv in convs.items():
         layer = by_name[name]
         if name in grids and name not in fed:
@@ -790,12 +802,9 @@ def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encodi
             placement[name], grid = _lower_output(g, encoding, conv, layer)
             if grid is not None:
                 out_grids[name] = grid
-        if (encoding.exact_arithmetic and placement[name] == "float" and name in grids
-                and _integer_conv(g, conv, layer, grids[name])):
+        if encoding.lower_conv(g, conv, layer, grids.get(name), placement[name]):
             integer.add(name)
-        else:
-            _lower_weight(g, conv, layer)
-    if encoding.exact_arithmetic:
+    if encoding.statistics_in_double:
         _statistics_in_double(g)
     g.finish()
     summary = [{"name": layer.name, "act_bits": layer.act_bits, "frozen_gate": layer.frozen_gate,
@@ -805,10 +814,9 @@ def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encodi
                 "input_bounds": (list(stream_bounds.get(layer.name, layer.bounds))
                                  if layer.quantizes_input else None),
                 "truncated_grid": layer.name in grids and encoding.truncated(grids[layer.name]),
-                **(_arithmetic(grids.get(layer.name), out_grids.get(layer.name),
-                               layer.name in integer) if encoding.exact_arithmetic else {}),
                 **({"image_input": images[layer.name]} if images.get(layer.name) else {}),
-                **encoding.notes(layer)}
+                **encoding.notes(layer, grids.get(layer.name), out_grids.get(layer.name),
+                                 layer.name in integer)}
                for layer in layers]
     return model, summary
 

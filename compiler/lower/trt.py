@@ -12,14 +12,27 @@ requantized outputs, inputs) under those rules, on the simulated grids:
 - **shift** ``k`` (:func:`int8_shift`): 0 when ``[low, high]`` fits in [-128, 127] (grids of
   <= 7 bits whose bounds contain 0, symmetric grids); otherwise (8-bit grids with ``zp`` far
   from 128, bounds that exclude 0) the integer closest to 0, even where there is a choice, that
-  moves the levels into int8. The quantized tensor is ``x + c``, ``c = k * step``: folded into
-  the producing conv's bias when only the quantizer reads that conv, else an explicit Add. The
-  fed conv then computes ``conv(pad_0(x_q) + c)``: its zero padding becomes a ``Pad`` with value
-  ``c`` after the DQ (conv pads 0) and its bias loses ``c * sum(dequantized weight)`` per output
-  channel, exact at the borders too. Widening to ``max(|l|, |u|)`` instead was measured (EDSR x2,
-  8 blocks, AdaBM W8A6 / W4A4 / W8A8 FQ, five 48x48 Set5 crops, ``requantize=False``): 42-53 dB
-  against the simulation where the shift gives 61-84 dB, and HR PSNR moves by +0.006..+0.07
-  dB: a different network, not the simulated one, so the lowering shifts.
+  moves the levels into int8. The quantized tensor is ``x + c``, ``c = k * step`` (an explicit
+  Add before the Clip, which TensorRT fuses into the producer). The fed conv's zero padding
+  becomes a ``Pad`` with the stored level of a 0 input (conv pads 0), and a bias takes
+  ``k * sum(w)`` out of its sums again (below): exact at the borders too. Widening to
+  ``max(|l|, |u|)`` instead was measured (EDSR x2, 8 blocks, AdaBM W8A6 / W4A4 / W8A8 FQ, five
+  48x48 Set5 crops, ``requantize=False``): 42-53 dB against the simulation where the shift
+  gives 61-84 dB, and HR PSNR moves by +0.006..+0.07 dB: a different network, not the
+  simulated one, so the lowering shifts.
+- **integer levels**: every conv with a quantized input reads its stored levels through a DQ
+  whose scale is the power of two ``2^a`` in ``[step, 2 step)``, not ``step``, and its int8
+  weights through a DQ of ``2^b`` in ``[s_w, 2 s_w)`` per output channel: the products are
+  integers times ``2^(a+b)`` and every FP32 sum of them is exact in any order (below 2^24, as
+  for the ORT dialect's integer convs), also the bias ``-k * sum(w_int) * 2^(a+b)`` that
+  undoes a shift. Then ``* (s_x * s_w / 2^(a+b))`` (exact: a power of two) and ``+ b`` per
+  output channel: ``fp32(acc) * fp32(s_x * s_w) + b``, two FP32 operations. The values stay
+  within 4x of the FP conv's, so FP16 graphs do not overflow (a DQ of scale 1 would give the
+  raw sums, up to 3.6e5 on a Set5 image). TensorRT fuses the DQs into an INT8 conv and the Mul /
+  Add into its epilogue; a Q and its DQ are separate layers with their own scales there. Not
+  verified on a GPU here (``tools/verify_tensorrt_bundle.py`` compares built engines with
+  ONNX Runtime). With ``float_type="fp32"`` the conv that reads the image runs on the integer
+  pixels (``compiler.lower.image``) when the plan says so (cpu-x86 plans).
 - **outputs** of convs that feed no quantized conv (``requantize=True``): int8 on the symmetric
   range ``max(|lo|, |hi|)`` of the record's ``output_range`` (ReLU folded into the Clip): not in
   the papers' simulation. Same network, same crops: 42-55 dB against it (W4A4 at offset -1, with
@@ -27,8 +40,9 @@ requantized outputs, inputs) under those rules, on the simulated grids:
   output quantizers. ``requantize=False`` is exact (above).
 - DepthToSpace on a chain runs on the dequantized values (TensorRT 10 runs no op but Q/DQ on
   int8 and moves a DQ across a shuffle itself); the weights are int8 initializers on the k-bit
-  grid (``qdq.quantize_weight``) behind a DQ. Not verified on a GPU here: whether TensorRT keeps
-  a shifted conv in INT8 across the ``DQ -> Pad -> Conv`` (the engine's layer report says).
+  grid (``qdq.quantize_weight``) behind a DQ (above). Not verified on a GPU here: whether
+  TensorRT keeps a shifted conv in INT8 across the ``DQ -> Pad -> Conv`` (the engine's layer
+  report says).
 
 ``float_type="fp16"`` makes every float initializer, Q/DQ scale and float op FP16, with a Cast
 after the FP32 input and before the FP32 output: the strongly typed recipe of TensorRT 10 / 11.
@@ -40,24 +54,17 @@ scale below FP16's normal range makes that conv's weights an FP16 initializer in
 against the FP32 simulation on the crops above, HR within 0.06 dB (FP16 rounding of the 0-255
 input alone moves the head's 8-bit grid levels), so FP16 is no bit-exact proxy of the simulation.
 
-ONNX Runtime checks these graphs' numbers only with its graph optimizations off: its optimizer
+ONNX Runtime checks these graphs' numbers with its graph optimizations off: its optimizer
 rewrites a ``DQ -> Conv`` float bias to int32 on the ``s_x * s_w`` lattice (its QLinearConv
-arithmetic), which moves 2-4-bit grids by whole steps (43-54 dB instead of 61-84 dB above).
-Unoptimized, it runs each conv in FP32 on the dequantized values and adds the bias in float, as
-``compiler.parity.simulate_engine(dialect="tensorrt")`` simulates it. What differs is how FP32
-sums round: each conv's sums (ONNX Runtime's order against torch's) and, in IMDN, the means of
-its attention (gates up to 2e-5 apart, though on Set5 that alone flipped no level). Given the
-engine's own input levels, one conv differs from the simulation on 0 to 3e-5 of its output
-levels, each time by one level.
-The quantized network amplifies every such flip layer after layer. On whole Set5 images
-(``benchmarks/bundle_parity.py --dialect tensorrt``, FP32 graphs), EDSR x2 engines are
-51-59 dB from their simulation and IMDN x4 engines 33-41 dB. That is about as far as the
-simulation moves from itself when its convs sum in FP64 instead (EDSR 53-57 dB, IMDN 37-41 dB).
-Exact sums would take convs on integer levels or FP64, and TensorRT builds neither. Convs on
-integer levels need a DQ of scale 1 after a Q of scale ``s``, and their accumulators reach
-3.6e5 on one Set5 image, beyond FP16. TensorRT's INT8 kernels accumulate in int32, but
-TensorRT reorders float ops as well. So ONNX Runtime serves as a proxy at this precision only;
-it is not a bit-exact check for IMDN.
+arithmetic), which moves 2-4-bit grids by whole steps. Unoptimized, it computes the graph's ONNX
+semantics, which ``compiler.parity.simulate_engine(dialect="tensorrt")`` simulates op for op
+(``TensorRTConv2d``): the engines of ``benchmarks/bundle_parity.py --dialect tensorrt`` (EDSR x2
+and IMDN x4, both ladders, whole Set5 images) are bit-identical to their simulation. Before the
+integer levels, FP32 sums in ONNX Runtime's order against torch's flipped 0 to 3e-5 of a conv's
+output levels, which the quantized network amplified to 51-59 dB (EDSR) and 33-41 dB (IMDN).
+What still rounds in FP32 on both sides in different orders: the FP32 reference engine's convs
+(91-94 dB) and IMDN's attention statistics (TensorRT has no FP64, so they stay FP32; ORT's and
+torch's means differ by ulps, which flipped no level on Set5 but can on other images).
 
 :func:`check_tensorrt_graph` validates any graph against these rules and names the offending node.
 Every Q's stored range is in the metadata (``quantizers``), so the checker knows which Q needs a
@@ -67,7 +74,7 @@ Clip.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -75,9 +82,12 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler.lower.export import MIN_OPSET, conv_nodes, pin_ir_version
+from compiler.lower.exact import exact_epilogue, plain_constant, power_of_two_above
+from compiler.lower.export import MIN_OPSET, pin_ir_version
+from compiler.lower.image import EXACT_SUM
 from compiler.lower.qdq import (
     FLOAT_TYPES,
+    GRID_PRESERVING,
     METADATA_KEY,
     OUTPUT_BITS,
     Encoding,
@@ -86,8 +96,9 @@ from compiler.lower.qdq import (
     Grid,
     finish_engine,
     lower_graph,
+    lower_weight,
     model_opset,
-    quantize_weight,
+    weight_levels,
 )
 from runtime.errors import ConfigError, EngineError, unknown_name
 
@@ -134,21 +145,27 @@ def _attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
 
 
 class TensorRTEncoding(Encoding):
-    """Symmetric int8 Q/DQ with a float Clip before each narrower Q (module docstring).
+    """Symmetric int8 Q/DQ with a float Clip before each narrower Q (module docstring); every
+    conv with a quantized input computes on its integer levels (:meth:`feed`, :meth:`lower_conv`).
 
-    ``weights`` are the float weights of the engine's layers (by layer name), for the bias that
-    compensates a shifted input. ``quantizers`` collects each Q's stored range by node name.
+    ``quantizers`` collects each Q's stored range by node name; ``fed`` each quantized conv's
+    input grid, shift and DQ scale.
     """
 
     shares_streams = False  # not measured on TensorRT: streams stay float between Q/DQ
+    statistics_in_double = False  # TensorRT has no FP64
 
     dialect = "tensorrt"
     integer_path = False
 
-    def __init__(self, weights: Mapping[str, npt.NDArray[np.float32]]) -> None:
-        self.weights = weights
+    def __init__(self, float_type: str = "fp32") -> None:
         self.quantizers: dict[str, tuple[int, int]] = {}
-        self.shifts: dict[str, int] = {}
+        self.fed: dict[str, tuple[Grid, int, float]] = {}
+        # the integer image conv's sums reach 2^24: exact in FP32 graphs only
+        self.exact_image = float_type == "fp32"
+
+    def per_channel(self, g: GraphEditor, values: npt.NDArray[np.float32], base: str) -> str:
+        return plain_constant(g, values, base)
 
     def output_grid(self, output_range: tuple[float, float], relu: bool) -> Grid:
         alpha = max(abs(output_range[0]), abs(output_range[1]))
@@ -160,8 +177,9 @@ class TensorRTEncoding(Encoding):
 
     def quantize(self, g: GraphEditor, tensor: str, grid: Grid, base: str) -> str:
         k = int8_shift(grid)
-        if k:
-            tensor = _shifted(g, tensor, F32(k) * F32(grid.step), base)
+        if k:  # an explicit Add (TensorRT fuses it into the producer's epilogue)
+            shift = g.constant(f"{base}.shift", np.array(F32(k) * F32(grid.step), dtype=F32))
+            tensor = g.node("Add", [tensor, shift], f"{base}.shift")
         low, high = _stored(grid)
         if (low, high) != (INT8_MIN, INT8_MAX):
             bounds = [g.constant(f"{base}.{side}", np.array(v * F32(grid.step), dtype=F32))
@@ -180,54 +198,78 @@ class TensorRTEncoding(Encoding):
 
     def feed(self, g: GraphEditor, conv: onnx.NodeProto, tensor: str, grid: Grid,
              layer: EngineLayer) -> None:
-        """The conv reads ``x_q + c``: its padding becomes a Pad with value ``c``, its bias loses
-        ``c * sum(W)`` per output channel."""
+        """The conv reads the stored levels times the power of two ``2^a`` in ``[step,
+        2 step)`` (its DQ's scale): exact in FP32. A shifted grid's zero padding becomes a Pad
+        with value ``k 2^a`` (the stored level of a 0 input); :meth:`lower_conv` takes the shift
+        out of the sums again."""
         k = int8_shift(grid)
-        self.shifts[layer.name] = k
+        unit = float(power_of_two_above(grid.step))
+        dq = _dequantizer(g, tensor, layer.name)
+        dq.input[1] = g.constant(f"{layer.name}.input.unit_scale", np.array(unit, dtype=F32))
         if k:
-            shift = F32(k) * F32(grid.step)
-            tensor = _pad_outside(g, conv, tensor, shift, f"{layer.name}.input")
-            q, step = quantize_weight(self.weights[layer.name], layer)
-            per_channel = step.reshape(-1, *([1] * (q.ndim - 1))) if step.ndim else step
-            weight_sum = (q.astype(np.float64) * per_channel).reshape(q.shape[0], -1).sum(axis=1)
-            if not _add_to_bias(g, conv, -float(shift) * weight_sum, q.shape[0]):
-                raise EngineError(f"layer {layer.name!r}: its bias is not an initializer; "
-                                  "cannot compensate the int8 shift of its input")
+            tensor = _pad_outside(g, conv, tensor, F32(k * unit), f"{layer.name}.input")
         conv.input[0] = tensor
+        self.fed[layer.name] = (grid, k, unit)
 
-    def notes(self, layer: EngineLayer) -> dict[str, Any]:
-        return {"input_shift": self.shifts.get(layer.name, 0)}
-
-
-def _add_to_bias(g: GraphEditor, conv: onnx.NodeProto, delta: npt.NDArray[np.float64] | float,
-                 channels: int | None) -> bool:
-    """Add ``delta`` (per output channel or scalar) to the conv's bias; False if impossible."""
-    if len(conv.input) > 2 and conv.input[2]:
-        name = conv.input[2]
-        if name not in g.inits:
+    def lower_conv(self, g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
+                   grid: Grid | None, placement: str) -> bool:
+        """A fed conv: int8 weights behind a DQ of scale ``2^b`` in ``[s_w, 2 s_w)`` (per
+        output channel where the weights are), so the conv sums ``x_int * w_int * 2^(a+b)``
+        exactly; a bias of ``-k * sum(w_int) * 2^(a+b)`` removes a shift ``k`` of the input
+        exactly; then ``* (s_x * s_w / 2^(a+b)) + b``: ``acc * fp32(s_x * s_w) + b``, rounded as
+        the ORT dialect's integer convs are. Other convs: int8 weights on their step (FP
+        input)."""
+        fed = self.fed.get(layer.name)
+        if fed is None:
+            lower_weight(g, conv, layer)
             return False
-        bias = numpy_helper.to_array(g.inits[name]).astype(np.float64)
-        if len(g.consumers(name)) == 1:
-            g.release(name)
-    else:
-        weight = g.inits.get(conv.input[1])
-        channels = channels or (int(weight.dims[0]) if weight is not None else None)
-        if channels is None:
-            return False
-        name, bias = f"{conv.name}.bias", np.zeros(channels)
-        conv.input.extend([""] * (3 - len(conv.input)))
-    conv.input[2] = g.constant(name, (bias + delta).astype(F32))
-    return True
+        grid, k, unit = fed
+        name, w_step = weight_levels(g, conv, layer)
+        levels = numpy_helper.to_array(g.inits[name]).astype(np.int64)
+        channels = levels.shape[0]
+        w_unit = power_of_two_above(w_step)
+        conv.input[1] = g.node("DequantizeLinear", [
+            name, g.constant(f"{layer.name}.weight_scale", w_unit),
+            g.constant(f"{layer.name}.weight_zero_point", np.zeros(w_step.shape, np.int8))],
+            f"{layer.name}.weight_dq", **({"axis": 0} if w_step.ndim else {}))
+        units = F32(unit) * np.broadcast_to(w_unit, (channels,)).astype(F32)  # 2^(a+b): exact
+        bias = None
+        if len(conv.input) > 2 and conv.input[2]:
+            if conv.input[2] not in g.inits:
+                raise EngineError(f"layer {layer.name!r}: its bias is not an initializer")
+            bias = numpy_helper.to_array(g.inits[conv.input[2]]).astype(F32)
+        del conv.input[2:]
+        if k:
+            shift = -k * levels.reshape(channels, -1).sum(axis=1)
+            if np.abs(shift).max() >= EXACT_SUM:
+                raise EngineError(f"layer {layer.name!r}: the shift {k} of its input moves the "
+                                  "sums beyond FP32's exact integers")
+            conv.input.append(g.constant(f"{layer.name}.shift_bias", (shift * units).astype(F32)))
+        scale = (F32(grid.step) * np.broadcast_to(w_step, (channels,))).astype(F32)
+        exact_epilogue(g, conv, scale / units, bias, f"{layer.name}.output", plain_constant)
+        return True
+
+    def notes(self, layer: EngineLayer, input_grid: Grid | None, output_grid: Grid | None,
+              integer: bool) -> dict[str, Any]:
+        """The input shift and, for a conv on integer levels, its input grid (the Q's levels
+        before the shift) for ``compiler.parity``."""
+        fed = self.fed.get(layer.name)
+        if fed is None:
+            return {"input_shift": 0, "integer_conv": False}
+        grid, k, _ = fed
+        return {"input_shift": k, "integer_conv": integer,
+                "input_grid": {"step": grid.step, "levels": [grid.low, grid.high]}}
 
 
-def _shifted(g: GraphEditor, tensor: str, shift: np.float32, base: str) -> str:
-    """``tensor + shift``: in the producing conv's bias when only the quantizer reads it."""
-    producer = g.producer(tensor)
-    if (producer is not None and producer.op_type == "Conv" and len(g.consumers(tensor)) == 1
-            and _add_to_bias(g, producer, float(shift), None)):
-        return tensor
-    return g.node("Add", [tensor, g.constant(f"{base}.shift", np.array(shift, dtype=F32))],
-                  f"{base}.shift")
+def _dequantizer(g: GraphEditor, tensor: str, layer: str) -> onnx.NodeProto:
+    """The DQ whose values reach ``tensor`` through grid-preserving ops (a chain's path)."""
+    node = g.producer(tensor)
+    while node is not None and node.op_type in GRID_PRESERVING:
+        node = g.producer(node.input[0])
+    if node is None or node.op_type != "DequantizeLinear":
+        raise EngineError(f"layer {layer!r}: its input does not come from the DequantizeLinear "
+                          "the lowering wrote")
+    return node
 
 
 def _pad_outside(g: GraphEditor, conv: onnx.NodeProto, tensor: str, value: np.float32,
@@ -356,14 +398,7 @@ def lower_tensorrt(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], *,
         raise ConfigError(unknown_name("float type", float_type, FLOAT_TYPES))
     opset = target_opset(model_opset(fp_model), float_type, max_opset)
     fp = _convert_opset(fp_model, opset)
-    inits = {t.name: t for t in fp.graph.initializer}
-    weights = {}
-    for name, conv in conv_nodes(fp.graph, [layer.name for layer in layers]).items():
-        if conv.input[1] not in inits:
-            raise EngineError(f"layer {name!r}: conv weight {conv.input[1]!r} is not an "
-                              "initializer; export with constant weights")
-        weights[name] = numpy_helper.to_array(inits[conv.input[1]]).astype(F32)
-    encoding = TensorRTEncoding(weights)
+    encoding = TensorRTEncoding(float_type)
     model, summary = lower_graph(fp, layers, encoding, requantize=requantize)
     if float_type == "fp16":
         fp16_weights = _to_fp16(model)

@@ -116,14 +116,17 @@ class QConv2d(nn.Module):
         if self.integer_bias and bias is not None and gate is None:
             bias = self._lattice_bias(bias, x.shape[0])
         y = F.conv2d(xq, wq, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        if self.output_bounds is not None:
-            lower, upper = self.output_bounds
-            bits = torch.tensor(float(OUTPUT_BITS))
-            if self.output_symmetric:
-                y = quantize_symmetric(y, torch.tensor(max(abs(lower), abs(upper))), bits)
-            else:
-                y = quantize_asymmetric(y, torch.tensor(lower), torch.tensor(upper), bits)
-        return y
+        return self.requantize(y)
+
+    def requantize(self, y: Tensor) -> Tensor:
+        """An engine's 8-bit requantization of the conv's output (``output_bounds``), if any."""
+        if self.output_bounds is None:
+            return y
+        lower, upper = self.output_bounds
+        bits = torch.tensor(float(OUTPUT_BITS))
+        if self.output_symmetric:
+            return quantize_symmetric(y, torch.tensor(max(abs(lower), abs(upper))), bits)
+        return quantize_asymmetric(y, torch.tensor(lower), torch.tensor(upper), bits)
 
 
     def _lattice_bias(self, bias: Tensor, batch: int) -> Tensor:

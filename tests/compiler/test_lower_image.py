@@ -9,6 +9,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from compiler.lower.exact import power_of_two_above
 from compiler.lower.image import EXACT_SUM, PIXEL_LEVELS, exact_image_conv, image_conv_constants
 from compiler.lower.qdq import GraphEditor
 from runtime.engines.onnxruntime import session_options
@@ -64,6 +65,13 @@ def test_integer_form_is_exact_and_close_to_the_fp_conv() -> None:
     assert np.array_equal(form.weights, np.round(form.weights))
     assert np.abs(form.weights).max() == form.levels
     assert form.pad.tolist() == [114, 111, 103]
+    # the weight constant: the levels times a power of two in [scale, 2 scale) per channel
+    constant = numpy_helper.to_array(next(t for t in model.graph.initializer
+                                          if t.name == "head.0.weight"))
+    units = (constant.reshape(8, -1).sum(axis=1) / form.weights.reshape(8, -1).sum(axis=1))
+    assert np.array_equal(constant, form.weights * units.reshape(-1, 1, 1, 1))
+    assert np.all((form.scale <= units) & (units < 2 * form.scale))
+    assert np.array_equal(units, power_of_two_above(units))
 
     pixels = np.random.default_rng(1).integers(0, 256, (1, 3, 20, 24)).astype(np.float32)
     x = pixels / 255
@@ -92,3 +100,12 @@ def test_no_mean_shift_pads_exactly_with_zero() -> None:
     assert form.pad.tolist() == [0, 0, 0]
     assert form.levels == EXACT_SUM // (243 * PIXEL_LEVELS)  # a 9x9 conv: fewer levels
     assert np.all(form.bias == 0)
+
+
+def test_power_of_two_above() -> None:
+    values = np.array([1.0, 0.75, 3e-5, 2.0 ** -20, 1.5e3, 6e-8], dtype=np.float32)
+    units = power_of_two_above(values)
+    assert units.dtype == np.float32
+    assert np.all((values <= units) & (units < 2 * values))
+    assert np.array_equal(np.log2(units), np.round(np.log2(units)))
+    assert units[0] == 1.0 and units[3] == 2.0 ** -20 and units[1] == 1.0

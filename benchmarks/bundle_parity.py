@@ -179,7 +179,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tensorrt = args.dialect == "tensorrt"
     engines_of = _tensorrt_engines if tensorrt else _ort_engines
-    header = HEADER
     calib = shared("calibration/sun_hays8")
     rows, payload = [], []
     for key in args.models.split(","):
@@ -214,8 +213,8 @@ def main() -> None:
                            f"{entry['psnr_engine']:.3f}", f"{entry['hr_gap_db']:+.3f}"]
                     payload.append(entry)
                     rows.append(row)
-                    print(table(rows[-1:], header).splitlines()[-1], flush=True)
-    text = table(rows, header)
+                    print(table(rows[-1:], HEADER).splitlines()[-1], flush=True)
+    text = table(rows, HEADER)
     print(text)
     results = REPO / "benchmarks" / "results"
     note = (f"AdaBM W{args.wbits}A{args.abits} FQ, {args.steps} steps, {args.threads} "

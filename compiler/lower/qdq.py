@@ -531,13 +531,31 @@ def _integer_conv(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer, grid
     if len(g.consumers(dq.output[0])) == 1:
         g.drop(dq)
     conv.input[0] = g.node("DequantizeLinear", [stored, one, zero], f"{layer.name}.input.levels")
-    scale = (F32(grid.step) * np.broadcast_to(w_step, (channels,))).astype(F32)
+    bias = take_bias(g, conv, layer)
+    exact_epilogue(g, conv, integer_scale(grid, w_step, channels), bias, f"{layer.name}.output")
+    return True
+
+
+def take_bias(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer
+              ) -> npt.NDArray[np.float32] | None:
+    """Remove the conv's bias input and return its values (None without one): a conv on
+    integer levels adds it after its scale."""
     bias = None
     if len(conv.input) > 2 and conv.input[2]:
+        if conv.input[2] not in g.inits:
+            raise EngineError(f"layer {layer.name!r}: its bias is not an initializer; export "
+                              "with constant weights")
         bias = numpy_helper.to_array(g.inits[conv.input[2]]).astype(F32)
     del conv.input[2:]
-    exact_epilogue(g, conv, scale, bias, f"{layer.name}.output")
-    return True
+    return bias
+
+
+def integer_scale(grid: Grid, w_step: npt.NDArray[np.float32], channels: int
+                  ) -> npt.NDArray[np.float32]:
+    """``fp32(s_x * s_w)`` per output channel: what multiplies a conv's integer sums."""
+    scale: npt.NDArray[np.float32] = (F32(grid.step) * np.broadcast_to(w_step, (channels,))
+                                      ).astype(F32)
+    return scale
 
 
 POOLED_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Relu", "Sigmoid", "Conv")

@@ -95,9 +95,11 @@ from compiler.lower.qdq import (
     GraphEditor,
     Grid,
     finish_engine,
+    integer_scale,
     lower_graph,
     lower_weight,
     model_opset,
+    take_bias,
     weight_levels,
 )
 from runtime.errors import ConfigError, EngineError, unknown_name
@@ -233,20 +235,15 @@ class TensorRTEncoding(Encoding):
             g.constant(f"{layer.name}.weight_zero_point", np.zeros(w_step.shape, np.int8))],
             f"{layer.name}.weight_dq", **({"axis": 0} if w_step.ndim else {}))
         units = F32(unit) * np.broadcast_to(w_unit, (channels,)).astype(F32)  # 2^(a+b): exact
-        bias = None
-        if len(conv.input) > 2 and conv.input[2]:
-            if conv.input[2] not in g.inits:
-                raise EngineError(f"layer {layer.name!r}: its bias is not an initializer")
-            bias = numpy_helper.to_array(g.inits[conv.input[2]]).astype(F32)
-        del conv.input[2:]
+        bias = take_bias(g, conv, layer)
         if k:
             shift = -k * levels.reshape(channels, -1).sum(axis=1)
             if np.abs(shift).max() >= EXACT_SUM:
                 raise EngineError(f"layer {layer.name!r}: the shift {k} of its input moves the "
                                   "sums beyond FP32's exact integers")
             conv.input.append(g.constant(f"{layer.name}.shift_bias", (shift * units).astype(F32)))
-        scale = (F32(grid.step) * np.broadcast_to(w_step, (channels,))).astype(F32)
-        exact_epilogue(g, conv, scale / units, bias, f"{layer.name}.output", plain_constant)
+        exact_epilogue(g, conv, integer_scale(grid, w_step, channels) / units, bias,
+                       f"{layer.name}.output", plain_constant)
         return True
 
     def notes(self, layer: EngineLayer, input_grid: Grid | None, output_grid: Grid | None,

@@ -73,7 +73,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -475,8 +475,8 @@ def _is_thin(g: GraphEditor, conv: onnx.NodeProto) -> bool:
     return weight is not None and weight.dims[0] <= THIN_CHANNELS
 
 
-def weight_levels(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
-                  as_float: bool = False) -> tuple[str, npt.NDArray[np.float32]]:
+def _weight_levels(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
+                   as_float: bool = False) -> tuple[str, npt.NDArray[np.float32]]:
     """The conv's weight on the layer's grid, as int8 levels (or float ones) under the float
     weight's name where not shared: (initializer name, step per tensor or output channel)."""
     name = conv.input[1]
@@ -490,18 +490,22 @@ def weight_levels(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
     return g.constant(name, levels.astype(F32) if as_float else levels), step
 
 
-def lower_weight(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer
-                 ) -> npt.NDArray[np.float32]:
-    """The conv's weight becomes int8 (under the float weight's name where not shared) + DQ.
-    Returns the weight step (per tensor or per output channel).
+def lower_weight(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
+                 dq_scale: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
+                 = lambda step: step
+                 ) -> tuple[str, npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The conv's weight becomes int8 (under the float weight's name where not shared) + DQ
+    with scale ``dq_scale(step)`` (the step itself by default). Returns the int8 initializer's
+    name, the weight step and the DQ scale (per tensor or per output channel).
     """
-    weight, step = weight_levels(g, conv, layer)
-    scale = g.constant(f"{layer.name}.weight_scale", step)
+    weight, step = _weight_levels(g, conv, layer)
+    scale = dq_scale(step)
     zero = g.constant(f"{layer.name}.weight_zero_point", np.zeros(step.shape, dtype=np.int8))
     attrs = {"axis": 0} if step.ndim else {}
-    conv.input[1] = g.node("DequantizeLinear", [weight, scale, zero],
-                           f"{layer.name}.weight_dq", **attrs)
-    return step
+    conv.input[1] = g.node("DequantizeLinear", [
+        weight, g.constant(f"{layer.name}.weight_scale", scale), zero],
+        f"{layer.name}.weight_dq", **attrs)
+    return weight, step, scale
 
 
 def _integer_conv(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer, grid: Grid) -> bool:
@@ -526,7 +530,7 @@ def _integer_conv(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer, grid
         return False
     stored, zero = dq.input[0], dq.input[2]
     channels = int(g.inits[conv.input[1]].dims[0])
-    conv.input[1], w_step = weight_levels(g, conv, layer, as_float=True)  # fast NCHWc conv
+    conv.input[1], w_step = _weight_levels(g, conv, layer, as_float=True)  # fast NCHWc conv
     one = g.constant(f"{layer.name}.input.unit_scale", np.ones((), dtype=F32))
     if len(g.consumers(dq.output[0])) == 1:
         g.drop(dq)

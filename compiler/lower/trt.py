@@ -100,7 +100,6 @@ from compiler.lower.qdq import (
     lower_weight,
     model_opset,
     take_bias,
-    weight_levels,
 )
 from runtime.errors import ConfigError, EngineError, unknown_name
 
@@ -226,14 +225,9 @@ class TensorRTEncoding(Encoding):
             lower_weight(g, conv, layer)
             return False
         grid, k, unit = fed
-        name, w_step = weight_levels(g, conv, layer)
+        name, w_step, w_unit = lower_weight(g, conv, layer, power_of_two_above)
         levels = numpy_helper.to_array(g.inits[name]).astype(np.int64)
         channels = levels.shape[0]
-        w_unit = power_of_two_above(w_step)
-        conv.input[1] = g.node("DequantizeLinear", [
-            name, g.constant(f"{layer.name}.weight_scale", w_unit),
-            g.constant(f"{layer.name}.weight_zero_point", np.zeros(w_step.shape, np.int8))],
-            f"{layer.name}.weight_dq", **({"axis": 0} if w_step.ndim else {}))
         units = F32(unit) * np.broadcast_to(w_unit, (channels,)).astype(F32)  # 2^(a+b): exact
         bias = take_bias(g, conv, layer)
         if k:

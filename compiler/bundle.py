@@ -24,7 +24,8 @@ import json
 import os
 import platform
 import shutil
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,11 @@ from compiler.lower.qdq import lower_engine
 from compiler.plan import EnginePlan, PlannedEngine, plan_engines
 from compiler.zoo.base import LoadedModel
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
-from runtime.errors import BundleError, EngineError
+from runtime.errors import BundleError, EngineError, OutputError
 from runtime.fileio import atomic_write_bytes, sha256_file
 from runtime.manifest import (
+    MANIFEST_NAME,
+    SCHEMA,
     BuildInfo,
     CalibrationInfo,
     DeviceMatch,
@@ -52,10 +55,19 @@ from runtime.manifest import (
     write_manifest,
 )
 from runtime.metrics import psnr
+from runtime.outputs import (
+    deferred_signals,
+    is_marked,
+    mark_folder,
+    marker_path,
+    probe_writable,
+    same_file,
+)
 
 Progress = Callable[[str], None]
 RECORD_NAME = "calibration.json"
 TIMING_CACHE = "timing.cache"
+MARKER = marker_path(Path()).name
 WIDEN_PATCHES = 8
 
 
@@ -153,11 +165,13 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
     them widened grids are kept unmeasured and the engine note says so.
     """
     target = plan.target
-    staging = destination.parent / f".{destination.name}.building-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    (staging / "engines").mkdir(parents=True)
+    check_destination(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    # a new name (mkdtemp): never a folder of the user's
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.building-",
+                                    dir=destination.parent))
     try:
+        (staging / "engines").mkdir()
         progress("exporting the FP network to ONNX")
         if target.backend == "onnxruntime":
             fp = export_onnx(loaded.model, plan.tile, opset=options.opset, dynamic=True,
@@ -202,13 +216,16 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
             if version is not None and device is not None:
                 manifest = _build_plans(staging, manifest, target, options.batch, progress)
             else:
-                command = f"adasr build --finish {destination}"
+                # the bundle's own name: the device knows nothing of this machine's paths
+                command = f"adasr build --finish {destination.name}"
                 manifest = replace(manifest, build=replace(manifest.build,
                                                            finish_command=command))
+        mark_folder(staging, SCHEMA)
         write_manifest(staging, manifest)
         _swap_into_place(staging, destination)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        with deferred_signals(reraise=False):
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
 
@@ -239,15 +256,62 @@ def _manifest(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePlan,
                                  gpu_name=target.device_match.gpu_name))
 
 
+def is_bundle_folder(folder: Path) -> bool:
+    """Whether ``folder`` is provably a bundle adasr wrote, so a rebuild may replace it: it
+    carries the bundle marker (:func:`runtime.outputs.mark_folder`) and a manifest of this
+    schema, or (bundles written before the marker) such a manifest and nothing but bundle
+    files."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        schema = json.loads((folder / MANIFEST_NAME).read_text()).get("schema")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+    if schema != SCHEMA:
+        return False
+    if is_marked(folder, SCHEMA):
+        return True
+    entries = {entry.name for entry in folder.iterdir()}
+    engines = folder / "engines"
+    return entries <= _BUNDLE_ENTRIES and (not engines.exists() or engines.is_dir() and all(
+        path.suffix in (".onnx", ".plan", ".data") for path in engines.iterdir()))
+
+
+_BUNDLE_ENTRIES = {MANIFEST_NAME, RECORD_NAME, "engines", "profile.json", "profile",
+                   TIMING_CACHE}
+
+
+def check_destination(destination: Path, inputs: Iterable[Path] = ()) -> None:
+    """Refuse (one line, before any work) a bundle folder that cannot be (re)placed: a file or
+    symlink, a folder that is not provably an adasr bundle (see :func:`is_bundle_folder`) and not
+    empty, a folder holding one of ``inputs`` (other than its own record), or a parent folder that
+    is read-only."""
+    what = f"bundle folder -o {destination}"
+    if destination.is_symlink() or destination.exists() and not destination.is_dir():
+        raise OutputError(f"{what} is {'a symlink' if destination.is_symlink() else 'a file'}, "
+                          "not a folder: choose another -o")
+    if destination.is_dir() and any(destination.iterdir()):
+        if not is_bundle_folder(destination):
+            raise OutputError(f"{what} exists and is not a bundle adasr wrote (no {MARKER} "
+                              "marker and adasr.bundle/1 manifest): refusing to replace it; "
+                              "choose another -o")
+        inside = [path for path in inputs if path.resolve().is_relative_to(destination.resolve())
+                  and not same_file(path, destination / RECORD_NAME)]
+        if inside:
+            raise OutputError(f"{what} holds the input {inside[0]}, which a rebuild would "
+                              "delete: move it out or choose another -o")
+    probe_writable(destination, "bundle folder -o")
+
+
 def _swap_into_place(staging: Path, destination: Path) -> None:
-    """Rename the finished staging folder to ``destination``; an old bundle goes only after."""
+    """Rename the finished staging folder to ``destination``; an old bundle goes only after,
+    and only when it is provably a bundle (:func:`check_destination`, checked again here)."""
+    check_destination(destination)
     if destination.exists():
-        if not (destination / "manifest.json").is_file() and any(destination.iterdir()):
-            raise BundleError(f"{destination} exists and is not a bundle: refusing to replace it "
-                              "(choose another -o)")
-        old = destination.parent / f".{destination.name}.old-{os.getpid()}"
-        os.replace(destination, old)
-        os.replace(staging, destination)
+        old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
+        with deferred_signals():
+            os.replace(destination, old)  # onto the empty new folder: rename(2) allows it
+            os.replace(staging, destination)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, destination)

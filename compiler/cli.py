@@ -8,11 +8,17 @@ is instant and ``adasr run`` works on a device without torch.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from types import FrameType
+from typing import Any
 
 from runtime.errors import AdasrError
+from runtime.outputs import INTERRUPT_SIGNALS, one_line_os_error
 
 # name -> one-line help. The module compiler.commands.<name with - as _> implements it.
 COMMANDS: dict[str, str] = {
@@ -44,14 +50,51 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv if argv is None or list(argv) else ["quickstart"])
+    received: list[int] = []
+    previous = _handle_signals(received)
     try:
         return int(args._module.run(args))
     except AdasrError as err:
         print(f"adasr {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"adasr {args.command}: interrupted", file=sys.stderr)
-        return 130
+        signum = received[-1] if received else signal.SIGINT
+        name = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+        print(f"adasr {args.command}: interrupted{name}", file=sys.stderr)
+        return 128 + signum
+    except OSError as err:  # a write the command did not wrap: disk full, ulimit -f, read-only
+        if err.errno not in _WRITE_ERRNOS:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"adasr {args.command}: error: cannot write{where}: {one_line_os_error(err)}",
+              file=sys.stderr)
+        return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_WRITE_ERRNOS = {errno.EFBIG, errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT,
+                 errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.EPERM}
+
+
+def _handle_signals(received: list[int]) -> dict[int, Any]:
+    """SIGTERM and SIGHUP stop a command as Ctrl-C does (KeyboardInterrupt: partial output kept,
+    temp files removed; the signals are appended to ``received``); SIGXFSZ (``ulimit -f``) is
+    ignored so the write fails with EFBIG and is reported in one line. Returns the handlers
+    replaced."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in INTERRUPT_SIGNALS:
+            previous[sig] = signal.signal(sig, interrupt)
+        if hasattr(signal, "SIGXFSZ"):
+            previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return previous
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ OFFSET_WORDS = {-1: "low", 0: "mid", 1: "high"}
 LOWERED = ("int8",)
 IMAGE_CHANNELS = 4  # a conv with at most this many input channels reads the image
 FLOAT_CHOICES = ("auto", "none")  # or an explicit list of layer names
+MAX_TILE = 1024  # LR pixels: a 1024 x 1024 tile is a 4 MP image at x2
 
 
 @dataclass(frozen=True)
@@ -220,9 +221,9 @@ def plan_engines(record: Mapping[str, Any], target: Target, ladder: str = "hardw
         raise ConfigError(unknown_name("ladder", ladder, LADDERS))
     tile = target.default_tile if tile is None else tile
     overlap = target.default_overlap if overlap is None else overlap
-    if not (tile >= 8 and 0 <= overlap < tile // 2):
-        raise ConfigError(f"tile {tile} / overlap {overlap}: the tile must be >= 8 LR pixels "
-                          "and the overlap in [0, tile/2)")
+    if not (8 <= tile <= MAX_TILE and 0 <= overlap < tile // 2):
+        raise ConfigError(f"tile {tile} / overlap {overlap}: the tile must be 8..{MAX_TILE} LR "
+                          "pixels and the overlap in [0, tile/2)")
     adaptive = {layer["name"] for layer in record["layers"] if layer["kind"] == "adaptive"}
     groups: dict[tuple[EngineLayer, ...], list[int]] = {}
     built: dict[tuple[EngineLayer, ...], tuple[tuple[EngineLayer, ...] | None,

@@ -13,8 +13,8 @@
    dispatcher (``policy="threshold"``) on the same benchmark frames (:mod:`profiles.frames`).
 3. **Pareto** -- the adaptive point against the static front (:mod:`profiles.pareto`).
 
-:func:`save_profile` writes the result to ``profiles/results/<target>/<model>.json`` (or another
-results folder) and into the bundle as ``profile.json``, then points ``manifest.profile`` at it
+:func:`save_profile` writes the result to ``<results>/<target>/<model>.json`` when a results folder
+is given and into the bundle as ``profile.json``, then points ``manifest.profile`` at it
 (atomic writes; the manifest last).
 """
 
@@ -39,7 +39,7 @@ from profiles.timing import PeakMemory, Timer, latency_stats, spread, time_runs,
 from runtime.benchmark import BenchmarkImage, load_benchmark
 from runtime.bundle import Bundle, open_bundle
 from runtime.engines.base import Engine
-from runtime.errors import BundleError, ConfigError
+from runtime.errors import BundleError, ConfigError, OutputError
 from runtime.fileio import atomic_write_json
 from runtime.manifest import EngineSpec, read_manifest, write_manifest
 from runtime.policies import engine_order
@@ -293,24 +293,26 @@ def results_path(profile: Profile, results_dir: Path | None = None) -> Path:
 
 
 def save_profile(profile: Profile, bundle_root: Path, *, results_dir: Path | None = None,
-                 update_bundle: bool = True) -> Path:
-    """Write the results copy and (by default) the bundle's ``profile.json`` + manifest.
+                 update_bundle: bool = True) -> Path | None:
+    """Write the results copy (only with ``results_dir``: never into the package's own
+    committed results) and (by default) the bundle's ``profile.json`` + manifest.
 
-    Returns the results path.
+    Returns the results path (None without ``results_dir``).
     """
     data = profile.to_json()
-    path = results_path(profile, results_dir)
-    try:
-        atomic_write_json(path, data)
-    except OSError as err:
-        raise ConfigError(f"cannot write the profile to {path}: {err.strerror or err}; choose "
-                          "another folder with --results DIR") from err
+    path = None if results_dir is None else results_path(profile, results_dir)
+    if path is not None:
+        try:
+            atomic_write_json(path, data)
+        except OutputError as err:
+            raise OutputError(f"{err}; choose another folder with --results DIR") from err
     if update_bundle:
         manifest = read_manifest(bundle_root)
         try:
             atomic_write_json(bundle_root / PROFILE_NAME, data)
             write_manifest(bundle_root, replace(manifest, profile=PROFILE_NAME))
-        except OSError as err:
-            raise BundleError(f"cannot write the profile into bundle {bundle_root}: "
-                              f"{err.strerror or err} (the results copy is at {path})") from err
+        except OutputError as err:
+            copy = "" if path is None else f" (the results copy is at {path})"
+            raise BundleError(f"cannot write the profile into bundle {bundle_root}: {err}{copy}"
+                              ) from err
     return path

@@ -53,3 +53,14 @@ def unknown_name(kind: str, given: str, allowed: Iterable[str]) -> str:
     """Format the standard message for an unknown name: kind, value, suggestion, allowed list."""
     names = sorted(allowed)
     return f"unknown {kind} {given!r}{did_you_mean(given, names)}; allowed: {', '.join(names)}"
+
+
+class OutputError(AdasrError):
+    """An output cannot be written: it is an input or another output, it exists (without
+    ``--force``), something is in the way, its folder is read-only or the disk is full."""
+
+
+def check_range(option: str, value: float, low: float, high: float) -> None:
+    """ConfigError ``"{option} must be in LOW..HIGH, got VALUE"`` unless low <= value <= high."""
+    if not low <= value <= high:  # also refuses NaN
+        raise ConfigError(f"{option} must be in {low:g}..{high:g}, got {value:g}")

@@ -11,18 +11,30 @@ from typing import Any
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write ``data`` to a temp file beside ``path``, fsync it, then rename it over ``path``.
+
+    The temp name is new (``mkstemp``), so it never collides with a file; an OS failure (read-only
+    folder, disk full, ``ulimit -f``, a file in the way) is a one-line OutputError and leaves no
+    temp file."""
+    from runtime.errors import OutputError
+    from runtime.outputs import deferred_signals, one_line_os_error
+
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            with deferred_signals(reraise=False):
+                Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OutputError(f"cannot write {path}: {one_line_os_error(err)}") from err
         raise
 
 

@@ -1,7 +1,9 @@
 """Image files and pixel conventions shared by evaluation and the runtime.
 
 Images are HxWx3 ``uint8`` RGB arrays. Loading normalises every mode the benchmarks use: grayscale
-is replicated to three channels, alpha is dropped and 16-bit samples are scaled to 8 bit. The Y
+is replicated to three channels, alpha is dropped, 16-bit samples are scaled to 8 bit, float
+samples in [0, 1] are scaled by 255 (other float images are refused) and the EXIF orientation
+is applied (a phone photo comes out upright). The Y
 channel follows ITU-R BT.601 as MATLAB's ``rgb2ycbcr`` computes it, the convention of SR papers.
 """
 
@@ -14,12 +16,13 @@ from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
+from PIL import Image, ImageOps
 
 from runtime.errors import MediaError
 from runtime.fileio import atomic_write_bytes
 
-__all__ = ["load_rgb", "mod_crop", "rgb_to_y", "round_to_uint8", "save_rgb", "to_uint8"]
+__all__ = ["icc_profile", "load_rgb", "mod_crop", "rgb_to_y", "round_to_uint8", "save_rgb",
+           "to_uint8"]
 
 _Pixel = TypeVar("_Pixel", bound=np.generic)
 
@@ -46,9 +49,17 @@ def to_uint8(image: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
     return round_to_uint8(np.asarray(image, dtype=np.float64) * 255.0)
 
 
-def _pixels(image: Image.Image) -> npt.NDArray[np.uint8]:
-    """HxWx3 uint8 pixels of a decoded PIL image of any mode."""
-    if image.mode in _SIXTEEN_BIT_MODES:
+def _pixels(image: Image.Image, path: str | os.PathLike[str]) -> npt.NDArray[np.uint8]:
+    """HxWx3 uint8 pixels of a decoded PIL image of any mode (EXIF orientation applied)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "F":  # 32-bit float samples: 0..1 is the only scale that is unambiguous
+        wide = np.asarray(image, dtype=np.float64)
+        if not (np.isfinite(wide).all() and wide.min() >= 0.0 and wide.max() <= 1.0):
+            raise MediaError(f"cannot read image {path}: float samples in [{wide.min():g}, "
+                             f"{wide.max():g}]; only float images in [0, 1] (or 8/16-bit "
+                             "images) are read")
+        gray = round_to_uint8(wide * 255.0)
+    elif image.mode in _SIXTEEN_BIT_MODES:
         wide = np.asarray(image, dtype=np.float64)
         gray = round_to_uint8(wide / 257.0)  # 65535 -> 255, 257 * k -> k
     elif image.mode in ("L", "LA", "1"):
@@ -66,7 +77,7 @@ def load_rgb(path: str | os.PathLike[str]) -> npt.NDArray[np.uint8]:
     try:
         with Image.open(path) as image:
             image.load()
-            return _pixels(image)
+            return _pixels(image, path)
     except FileNotFoundError:
         raise MediaError(f"image file not found: {path}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -79,8 +90,20 @@ def _check_rgb(array: npt.NDArray[np.generic]) -> None:
         raise ValueError(f"expected an HxWx3 uint8 image, got shape {array.shape} {array.dtype}")
 
 
-def save_rgb(path: str | os.PathLike[str], array: npt.NDArray[np.uint8]) -> None:
-    """Write an HxWx3 uint8 image atomically (parent folders created); format from the suffix."""
+def icc_profile(path: str | os.PathLike[str]) -> bytes | None:
+    """The ICC colour profile embedded in an image file, if any (None when unreadable)."""
+    try:
+        with Image.open(path) as image:
+            icc = image.info.get("icc_profile")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return icc if isinstance(icc, bytes) and icc else None
+
+
+def save_rgb(path: str | os.PathLike[str], array: npt.NDArray[np.uint8], *,
+             icc: bytes | None = None) -> None:
+    """Write an HxWx3 uint8 image atomically (parent folders created); format from the suffix.
+    ``icc``: an ICC profile to embed (the input's, so colours stay as they were)."""
     _check_rgb(array)
     target = Path(path)
     image_format = Image.registered_extensions().get(target.suffix.lower())
@@ -88,7 +111,8 @@ def save_rgb(path: str | os.PathLike[str], array: npt.NDArray[np.uint8]) -> None
         raise MediaError(f"cannot write image {target}: unknown extension {target.suffix!r}")
     encoded = io.BytesIO()
     try:
-        Image.fromarray(array).save(encoded, format=image_format)
+        extra = {} if icc is None else {"icc_profile": icc}
+        Image.fromarray(array).save(encoded, format=image_format, **extra)
         atomic_write_bytes(target, encoded.getvalue(), mode=_NEW_FILE_MODE)
     except (OSError, ValueError) as error:
         raise MediaError(f"cannot write image {target}: {_one_line(error)}") from None

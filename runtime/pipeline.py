@@ -35,8 +35,9 @@ import numpy.typing as npt
 
 from runtime.dispatch import STAGES, FrameResult
 from runtime.errors import AdasrError, ConfigError, MediaError
-from runtime.imaging import load_rgb, save_rgb
+from runtime.imaging import icc_profile, load_rgb, save_rgb
 from runtime.manifest import Manifest
+from runtime.outputs import deferred_signals
 from runtime.policies import engine_order
 from runtime.video import EncoderSettings, VideoWriter, probe, read_frames
 
@@ -267,7 +268,8 @@ def run_pipeline(frames: Iterable[Frame], upscaler: Upscaler,
             if on_frame is not None:
                 on_frame(record)
     finally:
-        loop.finish(encoder, decoder)
+        with deferred_signals():  # the encoder must finish before a caller closes its files
+            loop.finish(encoder, decoder)
     if loop.encode_error is not None:
         raise loop.encode_error
     return RunStats(frames_done, fab_total, dict(histogram), dict(stages),
@@ -341,7 +343,8 @@ def is_image(path: Path) -> bool:
 
 def image_jobs(source: Path, output: Path) -> list[tuple[Path, Path]]:
     """``(input, output)`` image pairs: one image file to ``output`` (an image file name), or
-    every image of the folder ``source`` (sorted, not recursive) to ``output/<stem>.png``."""
+    every image of the folder ``source`` (sorted, not recursive) to ``output/<stem>.png``, or
+    ``output/<name>.png`` (``a.jpg.png``) when two images share a stem (``a.jpg``, ``a.png``)."""
     if source.is_dir():
         if output.exists() and not output.is_dir():
             raise ConfigError(f"the input {source} is a folder, so the output must be a folder; "
@@ -351,7 +354,9 @@ def image_jobs(source: Path, output: Path) -> list[tuple[Path, Path]]:
         images = sorted(p for p in source.iterdir() if p.is_file() and is_image(p))
         if not images:
             raise MediaError(f"folder {source} holds no image ({', '.join(IMAGE_SUFFIXES)})")
-        return [(path, output / f"{path.stem}.png") for path in images]
+        stems = Counter(path.stem.casefold() for path in images)
+        return [(path, output / f"{path.stem if stems[path.stem.casefold()] == 1 else path.name}"
+                 ".png") for path in images]
     if not is_image(output):
         raise ConfigError(f"output {output} of image {source} must be an image file "
                           f"({', '.join(IMAGE_SUFFIXES)})")
@@ -397,6 +402,8 @@ def upscale_video(source: Path, output: Path, upscaler: Upscaler, manifest: Mani
             writers.append(VideoWriter(map_path, info.fps, settings=settings))
         stats = run_pipeline(read_frames(source, limit=limit), upscaler, sink, manifest=manifest,
                              on_frame=on_frame, keep_records=keep_records)
+        for writer in writers:
+            writer.commit()
     except (Exception, KeyboardInterrupt) as error:
         kept = [path for path in (writer.abort() for writer in writers) if path is not None]
         done = writers[0].frames_written if writers else 0
@@ -407,8 +414,6 @@ def upscale_video(source: Path, output: Path, upscaler: Upscaler, manifest: Mani
         if isinstance(error, KeyboardInterrupt):
             raise KeyboardInterrupt(note) from error
         raise
-    for writer in writers:
-        writer.commit()
     return stats
 
 
@@ -419,9 +424,10 @@ def upscale_images(jobs: Sequence[tuple[Path, Path]], upscaler: Upscaler, manife
     colours = engine_colours(engine_order(manifest))
 
     def sink(index: int, result: FrameResult) -> None:
-        save_rgb(jobs[index][1], result.sr)
+        icc = icc_profile(jobs[index][0])
+        save_rgb(jobs[index][1], result.sr, icc=icc)
         if map_paths is not None:
-            save_rgb(map_paths[index], draw_engine_map(result, colours, manifest))
+            save_rgb(map_paths[index], draw_engine_map(result, colours, manifest), icc=icc)
 
     return run_pipeline((load_rgb(path) for path, _ in jobs), upscaler, sink, manifest=manifest,
                         names=[path.name for path, _ in jobs], independent=True,

@@ -11,12 +11,14 @@ stored as (W+1) x (H+1) at most. The input's audio is copied packet for packet (
 interleaved with the video and trimmed to the frames written.
 
 Fault policy (temp name + rename, plus a playable partial file): a :class:`VideoWriter` writes to
-a hidden temp file beside its output. Only a successful :meth:`VideoWriter.commit` renames it to
-the output name (and removes a stale partial file of an earlier run), so a file with that name is
-always complete. On an error or Ctrl-C, :meth:`VideoWriter.abort` finishes the frames already
-written into a valid, playable file named ``NAME.partial.EXT`` (see :func:`partial_path`) and
-returns that path; with no frame written it leaves nothing. A killed process leaves only the
-hidden ``.NAME.*.part.EXT`` temp file.
+a hidden temp file beside its output (a new name: ``mkstemp``). Only a successful
+:meth:`VideoWriter.commit` renames it to the output name, so a file with that name is always
+complete. On an error, Ctrl-C, SIGTERM or SIGHUP, :meth:`VideoWriter.abort` finishes the frames
+already written into a valid, playable file named ``NAME.partial.EXT`` (see :func:`partial_path`;
+``NAME.partial-2.EXT`` ... when that name exists: an existing file is never replaced or deleted)
+and returns that path; with no frame written it leaves nothing. Both hold further signals until
+they are done (:func:`runtime.outputs.deferred_signals`). A killed process leaves only the hidden
+``.NAME.*.part.EXT`` temp file.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.errors import ConfigError, MediaError, did_you_mean
+from runtime.outputs import deferred_signals, place_new
 
 __all__ = ["EncoderSettings", "VideoInfo", "VideoWriter", "partial_path", "probe", "read_frames",
            "video_encoder"]
@@ -74,10 +77,13 @@ class EncoderSettings:
     codec: str | None = None  # an FFmpeg video encoder (h264_nvenc ...); None: video_encoder()
 
     def __post_init__(self) -> None:
-        if self.codec is not None and _encoder_kind(self.codec) != "video":
-            raise ConfigError(f"{self.codec!r} is not a video encoder of this PyAV build"
-                              f"{did_you_mean(self.codec, av.codecs_available)}; try libx264, "
-                              "h264_nvenc (NVIDIA desktop GPUs) or mpeg4")
+        kind = None if self.codec is None else _encoder_kind(self.codec)
+        if self.codec is not None and kind != "video":
+            allowed = video_encoders()
+            what = (f"an {kind} encoder, not a video encoder" if kind is not None else
+                    f"not a video encoder of this PyAV build{did_you_mean(self.codec, allowed)}")
+            raise ConfigError(f"--codec {self.codec!r} is {what}; video encoders here: "
+                              f"{', '.join(allowed)}")
         if isinstance(self.crf, bool) or not isinstance(self.crf, int) or not 0 <= self.crf <= 51:
             raise ConfigError(f"crf must be an integer in 0..51, got {self.crf!r}")
         if self.bitrate is not None and (not isinstance(self.bitrate, int) or self.bitrate <= 0):
@@ -90,6 +96,15 @@ def _encoder_kind(name: str) -> str | None:
         return str(av.codec.Codec(name, "w").type)
     except ValueError:  # UnknownCodecError
         return None
+
+
+_COMMON_VIDEO_ENCODERS = ("libx264", "h264_nvenc", "libx265", "hevc_nvenc", "libvpx-vp9",
+                          "libsvtav1", "libaom-av1", "mpeg4")
+
+
+def video_encoders() -> tuple[str, ...]:
+    """The usual video encoders that this PyAV build has (for messages)."""
+    return tuple(name for name in _COMMON_VIDEO_ENCODERS if _encoder_kind(name) == "video")
 
 
 def video_encoder() -> str:
@@ -335,14 +350,14 @@ class VideoWriter:
         if self.frames_written == 0:
             self.abort()
             raise MediaError(f"no frame was written to {self.path}")
-        try:
-            self._finish()
-        except BaseException:
-            self._temp.unlink(missing_ok=True)
-            raise
-        os.replace(self._temp, self.path)
-        partial_path(self.path).unlink(missing_ok=True)  # a failed earlier run's, now stale
-        self.kept = self.path
+        with deferred_signals():
+            try:
+                self._finish()
+            except BaseException:
+                self._temp.unlink(missing_ok=True)
+                raise
+            os.replace(self._temp, self.path)
+            self.kept = self.path
         return self.path
 
     def abort(self) -> Path | None:
@@ -350,15 +365,19 @@ class VideoWriter:
         leave nothing when there are none or the file cannot be finished."""
         if self._closed:
             return self.kept
-        try:
-            self._finish()
-        except (OSError, MediaError):
-            self.frames_written = 0
-        if self.frames_written == 0:
-            self._temp.unlink(missing_ok=True)
-            return None
-        self.kept = partial_path(self.path)
-        os.replace(self._temp, self.kept)
+        with deferred_signals(reraise=False):
+            try:
+                self._finish()
+            except (OSError, MediaError):
+                self.frames_written = 0
+            if self.frames_written == 0:
+                self._temp.unlink(missing_ok=True)
+                return None
+            try:
+                self.kept = place_new(self._temp, partial_path(self.path))
+            except OSError:
+                self._temp.unlink(missing_ok=True)
+                return None
         return self.kept
 
     def __enter__(self) -> VideoWriter:

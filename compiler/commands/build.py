@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from compiler.commands.calibrate import add_quant_arguments, calibrate_from_args, downscale_of
+from compiler.commands.calibrate import (
+    add_quant_arguments,
+    calibrate_from_args,
+    calibration_inputs,
+    downscale_of,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finish", type=Path, metavar="BUNDLE",
                    help="on the device: build the pending TensorRT plans of BUNDLE")
     p.add_argument("-o", "--output", type=Path,
-                   help="bundle folder (default build/<model>-<target>)")
+                   help="bundle folder (default build/<model>-<target>); replaced only when it "
+                   "is a bundle adasr wrote (or empty)")
     # engines run the learned bounds widened to 8 bits, where the clipped (BaC) bounds measure
     # better than unclipped ones (EDSR x2 W8A6 FQ on bigbuckbunny: dispatch PSNR gap to FP32
     # 0.17 dB with BaC, 0.23 dB without), so the build clips at every base width
@@ -58,6 +65,7 @@ def _step(index: int, total: int, text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.finish is not None:
         return _finish(args.finish)
+    from compiler.bundle import check_destination
     from compiler.defaults import CALIBRATION_IMAGES, default_weights
     from compiler.plan import describe_plan, plan_engines
     from compiler.zoo import load_model
@@ -65,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from targets.loader import detect_target, load_target
 
     started = time.perf_counter()
+    _check_numbers(args)
     target = load_target(args.target) if args.target else detect_target()
     weights = args.weights or default_weights(args.scale or 2)
     if args.calib is None and args.weights is None:
@@ -73,13 +82,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give --calib DIR (LR images to calibrate on) or --calibration RECORD")
     total = 3 if args.dry_run else 4
     loaded = load_model(weights, scale=args.scale)
+    destination = args.output or Path("build") / f"{loaded.info.path.stem}-{target.name}"
+    if not args.dry_run:  # before calibrating: a destination that cannot be written
+        check_destination(destination, [weights, *([args.calibration] if args.calibration else
+                                                   []), *calibration_inputs(args)])
     _step(1, total, f"model {loaded.info.describe()} ({weights.name}); target {target.name}"
           + ("" if args.target else " (detected)"))
     record = _record(args, loaded)
     _step(2, total, "engine plan")
     plan = plan_engines(record, target, args.ladder, tile=args.tile, overlap=args.overlap,
                         floats=args.float_layers)
-    destination = args.output or Path("build") / f"{loaded.info.path.stem}-{target.name}"
     files = {e.name: [f"engines/{e.name}.onnx"]
              + ([f"engines/{e.name}.<key>.plan"] if target.backend == "tensorrt" else [])
              for e in plan.engines}
@@ -93,6 +105,19 @@ def run(args: argparse.Namespace) -> int:
     _step(4, total, f"bundle written in {time.perf_counter() - started:.0f} s: {destination}")
     _next_steps(destination, manifest)
     return 0
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    from compiler.commands.run import MAX_BATCH, check_threads
+    from compiler.plan import MAX_TILE
+    from runtime.errors import check_range
+
+    check_threads(args.threads)
+    check_range("--engine-batch", args.engine_batch, 1, MAX_BATCH)
+    if args.tile is not None:
+        check_range("--tile", args.tile, 8, MAX_TILE)
+    if args.overlap is not None:
+        check_range("--overlap", args.overlap, 0, MAX_TILE // 2 - 1)
 
 
 def _record(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
@@ -127,7 +152,12 @@ def _write(args: argparse.Namespace, loaded: Any, record: dict[str, Any], plan: 
                              downscale=downscale_of(args, loaded)).numpy()
     options = BuildOptions(batch=args.engine_batch, threads=args.threads)
     return write_bundle(loaded, record, plan, destination, patches=patches, options=options,
-                        progress=lambda text: print(f"      {text}", flush=True))
+                        progress=_say(args.quiet))
+
+
+def _say(quiet: bool) -> Callable[[str], None]:
+    """The build's progress lines (indented under its steps); nothing with ``quiet``."""
+    return (lambda _: None) if quiet else (lambda text: print(f"      {text}", flush=True))
 
 
 def _next_steps(destination: Path, manifest: Any) -> None:
@@ -136,7 +166,8 @@ def _next_steps(destination: Path, manifest: Any) -> None:
             print(f"      {spec.name}: {spec.note}")
     if manifest.build.finish_command:
         print(f"\nportable half written (ONNX graphs, plan, manifest): TensorRT is not here. "
-              f"On the {manifest.target}, run:\n  {manifest.build.finish_command}")
+              f"Copy the folder {destination.name} to the {manifest.target} and run, in the "
+              f"folder that holds it:\n  {manifest.build.finish_command}")
         return
     print("\nnext:\n"
           f"  adasr inspect {destination}\n"
@@ -151,8 +182,7 @@ def _finish(bundle: Path) -> int:
     from targets.loader import load_target
 
     manifest = read_manifest(bundle)
-    finished = finish_bundle(bundle, load_target(manifest.target),
-                             progress=lambda text: print(f"      {text}", flush=True))
+    finished = finish_bundle(bundle, load_target(manifest.target), progress=_say(False))
     print(f"built {len(finished.engines)} TensorRT plans into {bundle} "
           f"(TensorRT {finished.build.tensorrt}, {finished.build.device})")
     return 0

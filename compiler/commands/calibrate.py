@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from compiler.commands.progress import progress_bar
+from compiler.commands.progress import quiet_progress
+from compiler.commands.run import add_force_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="needed only for multi-scale checkpoints")
     add_quant_arguments(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="calibration record (.json)")
+    add_force_argument(p)
 
 
 def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
@@ -56,6 +58,7 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
                    "first) until the mean layer offset is <= -MARGIN, room for content busier "
                    "than the calibration patches; 0 keeps the learned offsets (default 0.15)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
 
 
 def downscale_of(args: argparse.Namespace, loaded: Any) -> int:
@@ -87,13 +90,25 @@ def calibrate_from_args(args: argparse.Namespace, loaded: Any) -> Any:
     print(f"calibrating {loaded.info.describe()} with {settings.method} "
           f"W{settings.wbits}A{settings.abits}{' FQ' if settings.fq else ''} on {args.calib}"
           + (f" (downscaled x{downscale})" if downscale > 1 else ""))
-    return calibrate(loaded, settings, config, args.calib, progress=progress_bar)
+    return calibrate(loaded, settings, config, args.calib, progress=quiet_progress(args.quiet))
+
+
+def calibration_inputs(args: argparse.Namespace) -> list[Path]:
+    """The files calibration reads: the checkpoint and every image of ``--calib``."""
+    from compiler.defaults import CALIBRATION_IMAGES
+    from compiler.quant.patches import list_images
+
+    return [*([args.weights] if args.weights else []),
+            *list_images(args.calib or CALIBRATION_IMAGES)]
 
 
 def run(args: argparse.Namespace) -> int:
     from compiler.quant.record import save_record
     from compiler.zoo import load_model
+    from runtime.outputs import Outputs
 
+    # before the long work: the record must not be an input and its folder must be writable
+    Outputs(calibration_inputs(args), args.force).claim(args.output, "-o")
     loaded = load_model(args.weights, scale=args.scale)
     result = calibrate_from_args(args, loaded)
     save_record(args.output, result.record)

@@ -1,11 +1,13 @@
 """``adasr profile``: latency per engine / tile / batch / threads, quality per engine, plots.
 
 ``adasr profile BUNDLE`` measures every engine of the bundle and the adaptive dispatcher
-(:mod:`profiles.profiler`), prints a table, writes ``profiles/results/<target>/<model>.json``
-(``--results DIR`` elsewhere) and the bundle's ``profile.json`` (referenced by its manifest),
-and writes ``latency.png``, ``pareto.png``, ``layers.png`` and ``report.md`` (``--plots DIR``,
-default ``<results>/<target>/<model>/``). ``adasr profile --compare A.json B.json`` shows two
-profiles side by side.
+(:mod:`profiles.profiler`), prints a table, writes the bundle's ``profile.json`` (referenced by
+its manifest), a copy in ``--results DIR`` (``DIR/<target>/<model>.json``) when asked, and
+``latency.png``, ``pareto.png``, ``layers.png`` and ``report.md`` into ``--plots DIR`` (default
+``BUNDLE/profile/``; with ``--no-bundle`` ``out/profile/<bundle>/``, with the JSON there too).
+Every output is checked before measuring (:mod:`runtime.outputs`): existing files are replaced
+only with ``--force``, except the default folder's own. ``adasr profile --compare A.json B.json``
+shows two profiles side by side.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from compiler.commands.run import add_force_argument
 
 if TYPE_CHECKING:
     from profiles.schema import Profile
@@ -60,14 +64,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    + f"; allows --runs < {FULL['runs']}")
     p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the profile here")
     p.add_argument("--plots", type=Path, metavar="DIR", help="plots and report.md here "
-                   "(default <results>/<target>/<model>/)")
+                   "(default BUNDLE/profile/, with --no-bundle out/profile/<bundle>/)")
     p.add_argument("--results", type=Path, metavar="DIR",
-                   help="results folder (default: profiles/results of the installed package)")
+                   help="also write the profile to DIR/<target>/<model>.json")
     p.add_argument("--no-bundle", action="store_true",
                    help="leave the bundle untouched (no profile.json, manifest unchanged)")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
                    help="show two profiles side by side (latency ratios B/A) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_force_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,9 +89,11 @@ def run(args: argparse.Namespace) -> int:
     if args.bundle is None:
         raise ConfigError("nothing to profile: give a BUNDLE folder, or --compare A.json B.json")
 
-    from profiles.profiler import ProfileOptions, profile_bundle, save_profile
+    from compiler.commands.run import check_threads
+    from profiles.profiler import PROFILE_NAME, ProfileOptions, profile_bundle, save_profile
     from runtime.fileio import atomic_write_bytes, atomic_write_json
 
+    check_threads(args.threads)
     defaults = QUICK if args.quick else FULL
     counts = {key: defaults[key] if getattr(args, key) is None else getattr(args, key)
               for key in FULL}
@@ -94,25 +101,48 @@ def run(args: argparse.Namespace) -> int:
         tiles=args.tiles or (), batches=args.batch, threads=args.threads or (),
         datasets=tuple(args.dataset or ()), max_images=args.max_images, quick=args.quick,
         **counts)
+    folder, json_path = _claim_outputs(args)
     profile = profile_bundle(args.bundle, options, progress=None if args.quiet else _progress)
     results = save_profile(profile, args.bundle, results_dir=args.results,
                            update_bundle=not args.no_bundle)
-    written = [results] + ([] if args.no_bundle else [args.bundle / "profile.json"])
-    if args.json is not None:
-        try:
-            atomic_write_json(args.json, profile.to_json())
-        except OSError as err:
-            raise ConfigError(f"cannot write {args.json}: {err.strerror or err}") from err
-        written.append(args.json)
-    folder = args.plots or results.with_suffix("")
+    written = [path for path in (results, json_path) if path is not None]
+    written += [] if args.no_bundle else [args.bundle / PROFILE_NAME]
+    if json_path is not None:
+        atomic_write_json(json_path, profile.to_json())
     plots = _plots(profile, folder)
-    report = folder / "report.md"
+    report = folder / REPORT
     atomic_write_bytes(report, markdown_report(
         profile, {title: path.name for title, path in plots.items()}).encode())
     print(terminal_report(profile))
     for path in [*written, *plots.values(), report]:
         print(f"wrote {path}")
     return 0
+
+
+REPORT = "report.md"
+
+
+def _claim_outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """Check every output before measuring; the plots folder and the JSON path (None: none)."""
+    from profiles.plots import PLOTS
+    from profiles.profiler import PROFILE_NAME
+    from runtime.outputs import Outputs
+
+    bundle: Path = args.bundle
+    own = args.plots is None  # the default folder is the command's own: replaced each run
+    folder = args.plots or (Path("out") / "profile" / bundle.resolve().name if args.no_bundle
+                            else bundle / "profile")
+    json_path = args.json or (folder / PROFILE_NAME if args.no_bundle and args.results is None
+                              else None)
+    writes_here = {bundle / PROFILE_NAME, bundle / "manifest.json"}
+    guard = Outputs([p for p in bundle.rglob("*") if p.is_file()
+                     and (p not in writes_here or args.no_bundle)
+                     and not (own and p.parent == folder)], args.force)
+    if json_path is not None:
+        guard.claim(json_path, "--json", replace=own and json_path.parent == folder)
+    for name in [*PLOTS.values(), REPORT]:
+        guard.claim(folder / name, "--plots", replace=own)
+    return folder, json_path
 
 
 def _plots(profile: Profile, folder: Path) -> dict[str, Path]:

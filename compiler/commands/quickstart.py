@@ -25,12 +25,29 @@ def run(args: argparse.Namespace) -> int:
 
     target = detect_target()
     bundle = args.bundle or Path("build") / f"default_x2-{target.name}"
+    _outputs(args.out)  # before the build: files in --out that are not quickstart's own
     parser = argparse.ArgumentParser()
     build.add_arguments(parser)
     code = build.run(parser.parse_args(["--steps", str(args.steps), "-o", str(bundle)]))
     if code:
         return code
     return _run_sample(bundle, args.out)
+
+
+QUICKSTART_MARK = "adasr.quickstart/1"  # the marker of a folder quickstart wrote
+SCALE = 2  # the default model's
+
+
+def _outputs(out: Path) -> list[Path]:
+    """The images quickstart writes into ``out``; refused (one line) when one exists and ``out``
+    is not a folder quickstart wrote (its marker): a re-run replaces only its own files."""
+    from compiler.defaults import SAMPLE_DATASET
+    from runtime.outputs import Outputs, is_marked
+
+    guard = Outputs([], force=is_marked(out, QUICKSTART_MARK))
+    names = [f"{path.stem}_x{SCALE}_adaptive.png" for path in
+             sorted((SAMPLE_DATASET / "HR").glob("*.png"))] + ["compare.png"]
+    return [guard.claim(out / name, "--out", replace=False) for name in names]
 
 
 def _run_sample(bundle_path: Path, out: Path) -> int:
@@ -42,6 +59,7 @@ def _run_sample(bundle_path: Path, out: Path) -> int:
     from runtime.dispatch import Dispatcher
     from runtime.imaging import save_rgb
     from runtime.metrics import psnr_y
+    from runtime.outputs import mark_folder
     from runtime.resize import imresize_bicubic
 
     bundle = open_bundle(bundle_path)
@@ -66,12 +84,14 @@ def _run_sample(bundle_path: Path, out: Path) -> int:
     print(f"  {'adaptive dispatch':<26}{psnr_y(result.sr, image.hr, scale):>9.2f}"
           f"{result.fab(m):>7.2f}   tiles per engine: "
           + ", ".join(f"{k} {v}" for k, v in result.histogram.items()))
-    save_rgb(out / f"{image.name}_x{scale}_adaptive.png", result.sr)
+    adaptive, compare = _outputs(out)
+    mark_folder(out, QUICKSTART_MARK)
+    save_rgb(adaptive, result.sr)
     h, w = result.sr.shape[:2]
     y, x, size = h // 4, w // 4, min(h, w) // 2
     crops = [c[y:y + size, x:x + size] for c in (bicubic, ref.sr, result.sr)]
-    save_rgb(out / "compare.png", np.concatenate(crops, axis=1))
-    print(f"\nwrote {out}/{image.name}_x{scale}_adaptive.png and {out}/compare.png "
+    save_rgb(compare, np.concatenate(crops, axis=1))
+    print(f"\nwrote {adaptive} and {compare} "
           f"(bicubic | {m.reference.name} engine | adaptive)")
     print(f"next: adasr run VIDEO.mp4 -o OUT.mp4 --bundle {bundle_path} --save-map MAP.mp4")
     return 0

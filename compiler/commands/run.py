@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from runtime.pipeline import FrameRecord, RunStats
 
-_BITRATE_UNITS = {"": 1, "k": 1_000, "m": 1_000_000}
+_BITRATE_UNITS = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
+_MIN_BITRATE, _MAX_BITRATE = 10_000, 2_000_000_000
+MAX_BATCH = 1024  # tiles per engine call
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", help="video encoder (default libx264, else mpeg4); e.g. "
                    "h264_nvenc on NVIDIA desktop GPUs (--crf/--preset apply to libx264 only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
+    add_force_argument(p)
+
+
+def add_force_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="overwrite existing output files (never an input)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     bundle = open_bundle(args.bundle)
     manifest = bundle.manifest
+    _claim_outputs(args, inputs, bundle.root)
     policy = parse_policy(args.policy)
     latencies = load_latencies(bundle.root, manifest) if isinstance(policy, BudgetPolicy) \
         else None
@@ -120,7 +130,7 @@ class _Inputs(NamedTuple):
 
 def _inputs(args: argparse.Namespace) -> _Inputs:
     """Check the input and the frame options; plan the image jobs or probe the video."""
-    from runtime.errors import ConfigError
+    from runtime.errors import ConfigError, check_range
     from runtime.pipeline import image_jobs, is_image
     from runtime.video import probe
 
@@ -129,8 +139,9 @@ def _inputs(args: argparse.Namespace) -> _Inputs:
         raise ConfigError(f"input {source} does not exist")
     if args.frames is not None and args.frames < 1:
         raise ConfigError(f"--frames must be >= 1, got {args.frames}")
-    if args.threads is not None and args.threads < 0:
-        raise ConfigError(f"--threads must be >= 0 (0: the backend's default), got {args.threads}")
+    check_threads(args.threads)
+    check_range("--batch", args.batch, 1, MAX_BATCH)
+    check_range("--crf", args.crf, 0, 51)
     if source.is_dir() or is_image(source):
         jobs = image_jobs(source, args.output)[: args.frames]
         maps = None if args.save_map is None else \
@@ -139,6 +150,34 @@ def _inputs(args: argparse.Namespace) -> _Inputs:
     info = probe(source)
     known = [count for count in (info.frames, args.frames) if count]
     return _Inputs(True, [], None, min(known) if known else 0)
+
+
+def _claim_outputs(args: argparse.Namespace, inputs: _Inputs, bundle: Path) -> None:
+    """Check every output against the inputs (media, bundle files) and each other, up front."""
+    from runtime.outputs import Outputs
+
+    sources = [path for path, _ in inputs.jobs] if inputs.jobs else [args.input]
+    guard = Outputs([*sources, *(p for p in bundle.rglob("*") if p.is_file())], args.force)
+    if inputs.video:
+        guard.claim(args.output, "-o")
+        if args.save_map is not None:
+            guard.claim(args.save_map, "--save-map")
+    else:
+        for _, output in inputs.jobs:
+            guard.claim(output, "-o")
+        for output in inputs.maps or ():
+            guard.claim(output, "--save-map")
+    if args.stats is not None:
+        guard.claim(args.stats, "--stats")
+
+
+def check_threads(threads: int | Sequence[int] | None) -> None:
+    """--threads within 0 (the backend's default) .. MAX_THREADS."""
+    from runtime.engines.onnxruntime import MAX_THREADS
+    from runtime.errors import check_range
+
+    for value in [threads] if isinstance(threads, int) else threads or ():
+        check_range("--threads", value, 0, MAX_THREADS)
 
 
 def _bitrate(text: str | None) -> int | None:
@@ -155,8 +194,8 @@ def _bitrate(text: str | None) -> int | None:
     except (KeyError, ValueError) as err:
         raise ConfigError(f"--bitrate {text!r} is not a bitrate; use bits/s like 8M, 800k or "
                           "1500000") from err
-    if value < 1:
-        raise ConfigError(f"--bitrate must be positive, got {text!r}")
+    if not _MIN_BITRATE <= value <= _MAX_BITRATE:  # also NaN and inf
+        raise ConfigError(f"--bitrate must be in 10k..2G bits/s, got {text!r}")
     return int(value)
 
 

@@ -16,6 +16,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def list_images(folder: Path) -> list[Path]:
+    if folder.is_file():
+        raise DatasetError(f"--calib {folder} is a file, not a folder: give the folder that "
+                           "holds the LR calibration images")
     if not folder.is_dir():
         raise DatasetError(f"calibration folder not found: {folder}")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -3,7 +3,8 @@ shapes alone: ``load_model(path, scale=None)``.
 
 The checkpoint is read with ``torch.load(weights_only=True)`` (no code runs), unwrapped from the
 usual containers (``{"state_dict": ...}``, ``{"model": ...}``, ``{"params": ...}``,
-``{"params_ema": ...}``, a DataParallel ``module.`` prefix), matched against every architecture
+``{"params_ema": ...}``, preferred over ``params`` with a note; a DataParallel ``module.``
+prefix), checked (floating-point, finite), matched against every architecture
 of the zoo, and loaded with ``strict=True``: a state dict that fits no architecture exactly is an
 error naming the closest one, never a network with silently random layers.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import sys
 from pathlib import Path
 
 import torch
@@ -104,10 +106,14 @@ def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
     for _ in range(4):
         if not isinstance(obj, dict):
             break
-        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
+        key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if key is None:
             break
-        obj = inner
+        if key == "params" and isinstance(obj.get("params_ema"), dict):
+            key = "params_ema"  # BasicSR: the EMA weights are the ones evaluated and released
+            print(f"note: {path.name} holds both params and params_ema; loading params_ema",
+                  file=sys.stderr)
+        obj = obj[key]
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{path.name}: holds no state dict (found {type(obj).__name__})")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
@@ -117,7 +123,23 @@ def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
                               f"{_few(others)} (wrappers understood: {', '.join(WRAPPER_KEYS)})")
     while all(k.startswith("module.") for k in tensors):
         tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    _check_values(tensors, path)
     return tensors
+
+
+def _check_values(tensors: dict[str, Tensor], path: Path) -> None:
+    """Refuse weights that are not real floating point (int64, bool, complex: a network would
+    silently run on casts) and non-finite values; BatchNorm's step counter is an integer."""
+    wrong = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in tensors.items()
+             if not v.is_floating_point() and not k.endswith("num_batches_tracked")]
+    if wrong:
+        raise CheckpointError(f"{path.name}: tensors of a non-floating dtype: {_few(wrong)}; "
+                              "weights must be float16/bfloat16/float32/float64")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(
+        torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path.name}: the checkpoint has non-finite values (NaN or inf) "
+                              f"in {_few(bad)}: it is damaged or from a diverged training run")
 
 
 def _sha256(path: Path) -> str:

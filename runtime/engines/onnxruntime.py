@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from runtime.engines.base import Batch, Engine
-from runtime.errors import EngineError
+from runtime.errors import EngineError, check_range
+
+MAX_THREADS = 256  # intra-op threads: beyond any CPU here (1000000 made ONNX Runtime hang)
 
 
 def session_options(threads: int, *, optimize: bool = True) -> Any:
@@ -23,6 +25,7 @@ def session_options(threads: int, *, optimize: bool = True) -> Any:
     semantics (FP32 convs on dequantized values) instead of ONNX Runtime's fused QLinearConv."""
     import onnxruntime as ort
 
+    check_range("threads", threads, 0, MAX_THREADS)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

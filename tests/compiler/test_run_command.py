@@ -194,7 +194,7 @@ def test_bad_inputs_and_options_exit_2_with_one_line(
         ([video, "-o", out, "--mode", "tile"], ("unknown dispatch mode 'tile'",)),
         ([video, "-o", out, "--stitch", "blend"], ("stitch mode 'blend'",)),
         ([video, "-o", out, "--frames", "0"], ("--frames must be >= 1",)),
-        ([video, "-o", out, "--crf", "70"], ("crf must be an integer in 0..51, got 70",)),
+        ([video, "-o", out, "--crf", "70"], ("--crf must be in 0..51, got 70",)),
         ([video, "-o", out, "--bitrate", "fast"], ("--bitrate 'fast'",)),
         ([video, "-o", out, "--codec", "h265"], ("'h265' is not a video encoder",)),
     ]

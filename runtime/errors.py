@@ -63,4 +63,4 @@ class OutputError(AdasrError):
 def check_range(option: str, value: float, low: float, high: float) -> None:
     """ConfigError ``"{option} must be in LOW..HIGH, got VALUE"`` unless low <= value <= high."""
     if not low <= value <= high:  # also refuses NaN
-        raise ConfigError(f"{option} must be in {low:g}..{high:g}, got {value:g}")
+        raise ConfigError(f"{option} must be in {low}..{high}, got {value}")

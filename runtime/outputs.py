@@ -110,7 +110,8 @@ class Outputs:
         path = Path(path)
         for source in self._inputs:
             if same_file(path, source):
-                same = "" if path.resolve() == source.resolve() else f" (the same file as {source})"
+                same = "" if path.absolute() == source.absolute() else \
+                    f" (the same file as {source})"
                 raise OutputError(f"{what} {path} is an input{same}: choose another name")
         for other, other_what in self._claimed:
             if same_file(path, other):

@@ -213,8 +213,8 @@ class _Progress:
         if not quiet:
             from compiler.commands.progress import progress_bar
 
-            self._bar = progress_bar(total or None, "upscaling")
-            self._bar.unit = "frame"  # the rate then reads frame/s: the fps
+            # unit frame: the rate reads frame/s, the fps
+            self._bar = progress_bar(total or None, "upscaling", unit="frame")
         self._frames = 0
         self._fab = 0.0
 

@@ -72,3 +72,31 @@ def test_bad_list_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> No
         main(["profile", "B", "--batch", "1,x"])
     assert exit_info.value.code == 2
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_profile_writes_into_the_bundle_not_the_package(
+        tiny_bundle: Path, benchmark_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 14: the default wrote into the package's own committed profiles/results."""
+    from profiles.profiler import RESULTS_DIR
+
+    committed = sorted(str(p) for p in RESULTS_DIR.rglob("*"))
+    args = ["profile", str(tiny_bundle), "--dataset", str(benchmark_dir), "--quick", "--runs",
+            "2", "--batch", "1", "--layer-runs", "0", "--quiet"]
+    assert main(args) == 0
+    assert sorted(str(p) for p in RESULTS_DIR.rglob("*")) == committed
+    assert {p.name for p in (tiny_bundle / "profile").iterdir()} == {
+        "latency.png", "pareto.png", "layers.png", "report.md"}
+    assert f"wrote {tiny_bundle / 'profile' / 'report.md'}" in capsys.readouterr().out
+    assert main(args) == 0  # its own folder: a re-run replaces it without --force
+    manifest = (tiny_bundle / "manifest.json").read_bytes()
+    assert main([*args, "--json", str(tiny_bundle / "engines" / "a4.onnx")]) == 2
+    assert _error_line(capsys) == (f"adasr profile: error: --json {tiny_bundle}/engines/a4.onnx "
+                                   "is an input: choose another name")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "report.md").write_text("my notes")
+    assert main([*args, "--plots", str(tmp_path / "plots")]) == 2
+    assert _error_line(capsys).endswith("report.md exists: give --force to overwrite it, or "
+                                        "choose another name")
+    assert (tmp_path / "plots" / "report.md").read_text() == "my notes"
+    assert (tiny_bundle / "manifest.json").read_bytes() == manifest

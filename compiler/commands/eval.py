@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from compiler.commands.run import add_force_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", type=Path, help="checkpoint (.pt/.pth)")
@@ -28,6 +30,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=int, default=6, help="tile overlap in LR pixels (default 6)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--quiet", action="store_true", help="no per-image table")
+    add_force_argument(p)
+
+
+def _claim_json(args: argparse.Namespace) -> None:
+    """``--json`` against the inputs (checkpoint, record, dataset, bundle files), before work."""
+    from runtime.outputs import Outputs
+
+    if args.json is None:
+        return
+    folders = [folder for folder in (args.dataset, args.bundle) if folder is not None]
+    files = [path for path in (args.weights, args.calibration) if path is not None]
+    files += [path for folder in folders if folder.is_dir() for path in folder.rglob("*")
+              if path.is_file()]
+    Outputs(files, args.force).claim(args.json, "--json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from runtime.benchmark import load_benchmark
     from runtime.fileio import atomic_write_json
 
+    _claim_json(args)
     if args.bundle is not None:
         return _run_bundle(args)
     if args.weights is None:

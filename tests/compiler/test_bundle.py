@@ -260,7 +260,7 @@ def test_build_inspect_eval_cli(tiny: tuple[Path, Path], records: dict[str, dict
                  "--json", str(result), "--quiet"]) == 0
     adaptive = json.loads(result.read_text())
     assert main(["eval", "--bundle", str(out), "--engine", "fp32", "--dataset", str(dataset),
-                 "--scale", "2", "--json", str(result), "--quiet"]) == 0
+                 "--scale", "2", "--json", str(result), "--quiet", "--force"]) == 0
     reference = json.loads(result.read_text())
     assert adaptive["engines"]["int8"] > 0 and reference["engines"] == {"int8": 0, "fp32": 4}
     assert reference["fab"] == 32 and adaptive["fab"] == 8

@@ -31,10 +31,11 @@ from compiler.quant.record import save_record
 from compiler.zoo import load_model
 from runtime.imaging import save_rgb
 from runtime.video import read_frames
-from tests.runtime.conftest import write_tiny_bundle
+from tests.compiler import test_run_command
 from tests.runtime.test_pipeline import frames_of, write_video
 
 REPO = Path(__file__).resolve().parents[2]
+bundle = test_run_command.bundle  # the tiny bundle fixture (engines a4 / a6 / fp32)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -52,11 +53,6 @@ def error_line(capsys: pytest.CaptureFixture[str]) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     return err
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-cpu-x86")
 
 
 @pytest.fixture(scope="module")
@@ -363,16 +359,53 @@ def test_build_never_replaces_a_folder_it_did_not_write(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["webapp"]
 
 
-def test_build_into_an_existing_file_is_refused_before_work(
-        tiny: tuple[Path, Path], record: Path, tmp_path: Path,
+def test_build_into_a_file_or_a_read_only_folder_is_refused_before_work(
+        tiny: tuple[Path, Path], record: Path, tmp_path: Path, read_only: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     existing = tmp_path / "notes.txt"
     existing.write_text("mine")
-    assert build(tiny, record, existing) == 2
-    captured = capsys.readouterr()
-    assert captured.err.strip() == (f"adasr build: error: bundle folder -o {existing} is a "
-                                    "file, not a folder: choose another -o")
-    assert "[2/4]" not in captured.out and existing.read_text() == "mine"
+    for out, message in (
+            (existing, f"bundle folder -o {existing} is a file, not a folder: choose another -o"),
+            (read_only / "b", f"cannot write bundle folder -o {read_only / 'b'}: folder "
+             f"{read_only} is not writable (")):
+        assert build(tiny, record, out) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"adasr build: error: {message}"), captured.err
+        assert len(captured.err.splitlines()) == 1 and "[2/4]" not in captured.out
+    assert existing.read_text() == "mine"
+
+
+def test_build_under_a_file_size_limit_is_one_line(tiny: tuple[Path, Path], record: Path,
+                                                   tmp_path: Path) -> None:
+    weights, calib = tiny
+    out = tmp_path / "bundle"
+    done = subprocess.run(
+        [sys.executable, "build.py", "build", "--weights", str(weights), "--calibration",
+         str(record), "--calib", str(calib), "--patch-size", "16", "--target", "cpu-x86",
+         "--tile", "16", "--overlap", "4", "-o", str(out), "--quiet"], cwd=REPO,
+        capture_output=True, text=True, preexec_fn=_file_limit(2_000), timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("adasr build: error: cannot write "), lines
+    assert lines[0].endswith(": File too large")
+    assert list(tmp_path.iterdir()) == []  # no staging folder left
+
+
+def test_only_folders_that_are_provably_bundles_are_replaced(tmp_path: Path) -> None:
+    from compiler.bundle import is_bundle_folder
+
+    legacy = tmp_path / "legacy"  # written before the marker: schema and only bundle files
+    (legacy / "engines").mkdir(parents=True)
+    (legacy / "manifest.json").write_text('{"schema": "adasr.bundle/1"}')
+    (legacy / "engines" / "int8.onnx").write_bytes(b"")
+    assert is_bundle_folder(legacy)
+    (legacy / "notes.txt").write_text("mine")
+    assert not is_bundle_folder(legacy)
+    spoof = tmp_path / "spoof"
+    spoof.mkdir()
+    (spoof / "manifest.json").write_text('{"schema": "something/1"}')
+    (spoof / ".adasr").write_text("adasr.bundle/1\n")
+    assert not is_bundle_folder(spoof)
 
 
 def test_build_replaces_its_own_bundle_and_keeps_inputs(

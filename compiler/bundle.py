@@ -60,6 +60,7 @@ from runtime.outputs import (
     is_marked,
     mark_folder,
     marker_path,
+    one_line_os_error,
     probe_writable,
     same_file,
 )
@@ -223,9 +224,13 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
         mark_folder(staging, SCHEMA)
         write_manifest(staging, manifest)
         _swap_into_place(staging, destination)
-    except BaseException:
+    except BaseException as err:
         with deferred_signals(reraise=False):
             shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OutputError) and isinstance(err.__cause__, OSError):
+            # the staging folder is gone: name the bundle (untouched) and the cause
+            raise OutputError(f"cannot write the bundle {destination}: "
+                              f"{one_line_os_error(err.__cause__)}; nothing was changed") from err
         raise
     return manifest
 

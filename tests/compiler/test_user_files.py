@@ -9,6 +9,7 @@ User files are compared by sha256 before and after.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -244,6 +245,20 @@ def _file_limit(size: int) -> Callable[[], None]:
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
+@contextlib.contextmanager
+def file_limit(size: int) -> Iterator[None]:
+    """``ulimit -f`` for this process (the soft limit, restored after). SIGXFSZ is ignored
+    meanwhile, as the CLI does, so that pytest's own writes cannot kill the process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
 def test_a_file_size_limit_is_one_line_not_a_crash(tmp_path: Path, bundle: Path,
                                                    long_clip: Path) -> None:
     """``ulimit -f``: SIGXFSZ killed the process; now the write fails with one line."""
@@ -307,17 +322,15 @@ def test_calibrate_on_a_file_says_it_is_a_file(tiny: tuple[Path, Path], tmp_path
                                   "folder: give the folder that holds the LR calibration images")
 
 
-def test_calibrate_under_a_file_size_limit_is_one_line(tiny: tuple[Path, Path],
-                                                       tmp_path: Path) -> None:
+def test_calibrate_under_a_file_size_limit_is_one_line(
+        tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     weights, calib = tiny
     record = tmp_path / "r.json"
-    done = subprocess.run(
-        [sys.executable, "build.py", "calibrate", "--weights", str(weights), "--calib",
-         str(calib), "-o", str(record), *_CALIBRATE], cwd=REPO, capture_output=True, text=True,
-        preexec_fn=_file_limit(2_000), timeout=300)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.splitlines() == [f"adasr calibrate: error: cannot write {record}: File "
-                                        "too large"]
+    with file_limit(2_000):
+        code = main(["calibrate", "--weights", str(weights), "--calib", str(calib), "-o",
+                     str(record), *_CALIBRATE])
+    assert code == 2
+    assert error_line(capsys) == f"adasr calibrate: error: cannot write {record}: File too large"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -375,19 +388,15 @@ def test_build_into_a_file_or_a_read_only_folder_is_refused_before_work(
     assert existing.read_text() == "mine"
 
 
-def test_build_under_a_file_size_limit_is_one_line(tiny: tuple[Path, Path], record: Path,
-                                                   tmp_path: Path) -> None:
-    weights, calib = tiny
+def test_build_under_a_file_size_limit_is_one_line(
+        tiny: tuple[Path, Path], record: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bundle"
-    done = subprocess.run(
-        [sys.executable, "build.py", "build", "--weights", str(weights), "--calibration",
-         str(record), "--calib", str(calib), "--patch-size", "16", "--target", "cpu-x86",
-         "--tile", "16", "--overlap", "4", "-o", str(out), "--quiet"], cwd=REPO,
-        capture_output=True, text=True, preexec_fn=_file_limit(2_000), timeout=300)
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("adasr build: error: cannot write "), lines
-    assert lines[0].endswith(": File too large")
+    with file_limit(2_000):
+        code = build(tiny, record, out)
+    assert code == 2
+    assert error_line(capsys) == (f"adasr build: error: cannot write the bundle {out}: File "
+                                  "too large; nothing was changed")
     assert list(tmp_path.iterdir()) == []  # no staging folder left
 
 

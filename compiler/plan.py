@@ -47,6 +47,7 @@ from typing import Any
 from compiler.lower.qdq import EngineLayer, engine_layers
 from runtime.errors import ConfigError, unknown_name
 from runtime.manifest import LADDERS, OFFSETS, LayerPlan
+from runtime.tiling import MAX_TILE
 from targets.loader import Target
 
 # The largest integer grid (bits) each reduced precision holds exactly: every integer level of a
@@ -60,7 +61,6 @@ OFFSET_WORDS = {-1: "low", 0: "mid", 1: "high"}
 LOWERED = ("int8",)
 IMAGE_CHANNELS = 4  # a conv with at most this many input channels reads the image
 FLOAT_CHOICES = ("auto", "none")  # or an explicit list of layer names
-MAX_TILE = 1024  # LR pixels: a 1024 x 1024 tile is a 4 MP image at x2
 
 
 @dataclass(frozen=True)

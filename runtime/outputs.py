@@ -25,7 +25,6 @@ import os
 import signal
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -41,21 +40,24 @@ INTERRUPT_SIGNALS: tuple[signal.Signals, ...] = tuple(
 _MAX_TRIES = 1000
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+Key = tuple[object, ...]
+
+
+def _keys(path: Path) -> set[Key]:
+    """What identifies a file: its resolved path and, when it exists, device + inode."""
+    keys: set[Key] = {("path", str(path.resolve()))}
     try:
         info = path.stat()  # follows symlinks
     except OSError:
-        return None
-    return info.st_dev, info.st_ino
+        return keys
+    keys.add(("inode", info.st_dev, info.st_ino))
+    return keys
 
 
 def same_file(a: Path, b: Path) -> bool:
     """Whether ``a`` and ``b`` name one file: same resolved path, or same device and inode
     (symlinks and hard links)."""
-    if a.resolve() == b.resolve():
-        return True
-    ida = _identity(a)
-    return ida is not None and ida == _identity(b)
+    return bool(_keys(a) & _keys(b))
 
 
 def _existing_parent(path: Path) -> Path:
@@ -87,45 +89,37 @@ def probe_writable(path: Path, what: str) -> None:
     os.unlink(name)
 
 
-@dataclass
 class Outputs:
     """The inputs of one command and the outputs it has claimed so far."""
 
-    inputs: Iterable[Path]
-    force: bool = False
-    _inputs: list[Path] = field(init=False)
-    _claimed: list[tuple[Path, str]] = field(init=False, default_factory=list)
+    def __init__(self, inputs: Iterable[Path], force: bool = False) -> None:
+        self.force = force
+        self._inputs: dict[Key, Path] = {key: Path(p) for p in inputs for key in _keys(Path(p))}
+        self._claimed: dict[Key, tuple[Path, str]] = {}
+        self._writable: set[Path] = set()  # folders probed already
 
-    def __post_init__(self) -> None:
-        self._inputs = [Path(p) for p in self.inputs]
-
-    def add_inputs(self, paths: Iterable[Path]) -> None:
-        self._inputs.extend(Path(p) for p in paths)
-
-    def claim(self, path: Path, what: str, *, folder: bool = False,
-              replace: bool = False) -> Path:
-        """Check ``path`` as the output ``what`` (an option like ``-o``); see the module
-        docstring. ``folder``: the output is a folder (files are written inside it).
-        ``replace``: an existing file may be replaced even without ``--force``."""
+    def claim(self, path: Path, what: str, *, replace: bool = False) -> Path:
+        """Check the output file ``path`` of option ``what`` (``-o`` ...); see the module
+        docstring. ``replace``: an existing file may be replaced even without ``--force`` (the
+        command's own output of an earlier run)."""
         path = Path(path)
-        for source in self._inputs:
-            if same_file(path, source):
-                same = "" if path.absolute() == source.absolute() else \
-                    f" (the same file as {source})"
-                raise OutputError(f"{what} {path} is an input{same}: choose another name")
-        for other, other_what in self._claimed:
-            if same_file(path, other):
-                raise OutputError(f"{what} {path} is also the {other_what} output: choose "
-                                  "another name")
-        if folder:
-            if path.exists() and not path.is_dir():
-                raise OutputError(f"{what} {path} is a file, not a folder: choose another name")
-        elif path.is_dir():
+        keys = _keys(path)
+        source = next((self._inputs[key] for key in keys if key in self._inputs), None)
+        if source is not None:
+            same = "" if path.absolute() == source.absolute() else f" (the same file as {source})"
+            raise OutputError(f"{what} {path} is an input{same}: choose another name")
+        other = next((self._claimed[key] for key in keys if key in self._claimed), None)
+        if other is not None:
+            raise OutputError(f"{what} {path} is also the {other[1]} output: choose another "
+                              "name")
+        if path.is_dir():
             raise OutputError(f"{what} {path} is a folder, not a file: choose another name")
-        elif (path.exists() or path.is_symlink()) and not (self.force or replace):
+        if (path.exists() or path.is_symlink()) and not (self.force or replace):
             raise OutputError(f"{what} {path} exists: {FORCE_HINT}")
-        probe_writable(path / "x" if folder else path, what)
-        self._claimed.append((path, what))
+        if path.absolute().parent not in self._writable:
+            probe_writable(path, what)
+            self._writable.add(path.absolute().parent)
+        self._claimed.update((key, (path, what)) for key in keys)
         return path
 
 

@@ -109,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_numbers(args: argparse.Namespace) -> None:
     from compiler.commands.run import MAX_BATCH, check_threads
-    from compiler.plan import MAX_TILE
     from runtime.errors import check_range
+    from runtime.tiling import MAX_TILE
 
     check_threads(args.threads)
     check_range("--engine-batch", args.engine_batch, 1, MAX_BATCH)

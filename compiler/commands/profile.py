@@ -89,11 +89,17 @@ def run(args: argparse.Namespace) -> int:
     if args.bundle is None:
         raise ConfigError("nothing to profile: give a BUNDLE folder, or --compare A.json B.json")
 
-    from compiler.commands.run import check_threads
+    from compiler.commands.run import MAX_BATCH, check_threads
     from profiles.profiler import PROFILE_NAME, ProfileOptions, profile_bundle, save_profile
+    from runtime.errors import check_range
     from runtime.fileio import atomic_write_bytes, atomic_write_json
+    from runtime.tiling import MAX_TILE
 
     check_threads(args.threads)
+    for tile in args.tiles or ():
+        check_range("--tiles", tile, 8, MAX_TILE)
+    for batch in args.batch:
+        check_range("--batch", batch, 1, MAX_BATCH)
     defaults = QUICK if args.quick else FULL
     counts = {key: defaults[key] if getattr(args, key) is None else getattr(args, key)
               for key in FULL}

@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from compiler.lower.qdq import EngineLayer, engine_layers
+from runtime.bundlepaths import engine_name_problem
 from runtime.errors import ConfigError, unknown_name
 from runtime.manifest import LADDERS, OFFSETS, LayerPlan
 from targets.loader import Target
@@ -78,6 +79,11 @@ class PlannedEngine:
     specs: tuple[EngineLayer, ...]
     fab: float
     exact: tuple[EngineLayer, ...] | None = None
+
+    def __post_init__(self) -> None:
+        problem = engine_name_problem(self.name)
+        if problem is not None:
+            raise ConfigError(f"planned engine name {self.name!r}: expected {problem}")
 
     @property
     def widened(self) -> bool:

@@ -100,14 +100,14 @@ def _record(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
     from runtime.errors import CalibrationError
 
     if args.calibration is not None:
-        record: dict[str, Any] = read_record(args.calibration)
-        digest = record.get("checkpoint", {}).get("sha256")
+        record = read_record(args.calibration)
+        digest = record.checkpoint.sha256
         if digest != loaded.info.sha256:
             raise CalibrationError(f"record {args.calibration} was calibrated for checkpoint "
-                                   f"{str(digest)[:12]}, not {loaded.info.path.name} "
+                                   f"{digest[:12]}, not {loaded.info.path.name} "
                                    f"({loaded.info.sha256[:12]}): calibrate this checkpoint")
         print(f"      record {args.calibration}")
-        return record
+        return dict(record.data)
     from compiler.zoo import load_model
 
     # calibration quantizes the network it is given in place: give it its own copy

@@ -75,7 +75,7 @@ def bundle_path(root: Path, relpath: str, what: str) -> Path:
                               f"{err.strerror or err}") from err
         if stat.S_ISLNK(mode):
             inside = path.relative_to(root).as_posix()
-            raise BundleError(f"{what}: {inside} in bundle {root} is a symbolic link; a bundle "
+            raise BundleError(f"{what}: {inside} is a symbolic link (bundle {root}); a bundle "
                               "is closed (its files are regular files inside it): rebuild the "
                               "bundle")
     return path

@@ -112,18 +112,19 @@ class Field:
             return v
         self.fail(f"an integer in {lo}..{hi}")
 
-    def number(self, lo: float = -math.inf, hi: float = math.inf) -> float:
-        """A finite number in ``lo..hi``."""
+    def number(self, lo: float = -math.inf, hi: float = math.inf, *,
+               infinite: bool = False) -> float:
+        """A finite number in ``lo..hi`` (``infinite``: or +-inf, as a PSNR may be; never NaN)."""
         v = self.value
         if isinstance(v, int | float) and not isinstance(v, bool):
             try:
                 number = float(v)
             except OverflowError:
                 number = math.inf
-            if math.isfinite(number) and lo <= number <= hi:
+            if (infinite or math.isfinite(number)) and lo <= number <= hi:
                 return number
         bounds = "" if (lo, hi) == (-math.inf, math.inf) else f" in {lo:g}..{hi:g}"
-        self.fail(f"a finite number{bounds}")
+        self.fail(f"a {'' if infinite else 'finite '}number{bounds}")
 
     def boolean(self) -> bool:
         if not isinstance(self.value, bool):

@@ -25,7 +25,7 @@ def _check(verify: Callable[[], object]) -> str:
     try:
         verify()
     except BundleError as err:
-        return f"FAILED: {str(err).split(': ', 1)[-1][:90]}"
+        return f"FAILED: {str(err).split(': ', 1)[-1][:120]}"
     return OK
 
 

@@ -291,7 +291,7 @@ def apply_record(loaded: LoadedModel,
                 _apply_layer(qnet, by_name[layer.name], layer)
             except RuntimeError as err:  # a tensor of the wrong shape
                 raise CalibrationError(f"record layer {layer.name!r} does not fit the network: "
-                                       f"{str(err).splitlines()[0]}") from err
+                                       f"{' '.join(str(err).split())[:300]}") from err
     qnet.eval()
     return qnet
 

@@ -6,7 +6,8 @@ no ``..``), checked when a manifest is read or made; :func:`bundle_path` is the 
 it into a path under the bundle folder, refusing a symbolic link at any component (``lstat``), so
 nothing outside the bundle is ever opened, hashed or written through a manifest. Engine names
 become file names (``engines/<name>.<key>.plan``), so they keep to :data:`ENGINE_NAME`'s
-alphabet (:func:`engine_name_problem`).
+alphabet (:func:`engine_name_problem`); so does the target's name, which ``build --finish`` looks
+up as ``targets/<name>.toml`` (:func:`target_name_problem`).
 
 Engine graphs must be single ONNX files: ONNX Runtime and TensorRT's parser load *external
 data* from paths stored inside the graph, which no checksum of the manifest covers.
@@ -25,13 +26,15 @@ from pathlib import Path
 from runtime.errors import BundleError
 
 __all__ = [
-    "ENGINE_NAME", "bundle_path", "check_single_file_onnx", "engine_name_problem",
-    "external_data_tensors", "relpath_problem",
+    "ENGINE_NAME", "TARGET_NAME", "bundle_path", "check_single_file_onnx", "engine_name_problem",
+    "external_data_tensors", "relpath_problem", "target_name_problem",
 ]
 
 ENGINE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 ENGINE_NAME_RULE = ("an engine name of 1..64 characters a-z 0-9 _ . - starting with a letter or "
                     "digit, without '..'")
+TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+TARGET_NAME_RULE = "a target name of 1..64 characters a-z 0-9 - (e.g. 'jetson-orin-nano')"
 RELPATH_RULE = ("a relative path inside the bundle ('/'-separated, no '..', '.', empty parts, "
                 "leading '/', backslash, ':' or control characters)")
 MAX_RELPATH = 512
@@ -42,6 +45,12 @@ def engine_name_problem(name: str) -> str | None:
     if ENGINE_NAME.fullmatch(name) and ".." not in name:
         return None
     return ENGINE_NAME_RULE
+
+
+def target_name_problem(name: str) -> str | None:
+    """None when ``name`` can name a shipped target (``build --finish`` loads
+    ``targets/<name>.toml``; a path there would load any file), else the rule it breaks."""
+    return None if TARGET_NAME.fullmatch(name) else TARGET_NAME_RULE
 
 
 def relpath_problem(path: str) -> str | None:

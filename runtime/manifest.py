@@ -21,16 +21,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.bundlepaths import engine_name_problem, relpath_problem
+from runtime.bundlepaths import engine_name_problem, relpath_problem, target_name_problem
 from runtime.errors import BundleError, unknown_name
 from runtime.fields import Field, root_field
 from runtime.fileio import atomic_write_json, read_bundle_json
 
 __all__ = [
     "BACKENDS", "LADDERS", "MANIFEST_NAME", "METHODS", "OFFSETS", "PRECISIONS", "QUANT_BITS",
-    "SCALES", "SCHEMA", "BuildInfo",
+    "SCALES", "SCHEMA", "THREADS", "TILES", "BuildInfo",
     "CalibrationInfo", "DeviceMatch", "EngineSpec", "FileRef", "LayerPlan", "Manifest",
-    "ModelInfo", "read_manifest", "sha256_problem", "write_manifest",
+    "ModelInfo", "max_overlap", "read_manifest", "sha256_problem", "write_manifest",
 ]
 
 SCHEMA = "adasr.bundle/1"
@@ -204,6 +204,8 @@ def _validate(m: Manifest) -> None:
         raise BundleError(unknown_name("backend", m.backend, BACKENDS))
     if m.ladder not in LADDERS:
         raise BundleError(unknown_name("ladder", m.ladder, LADDERS))
+    if target_name_problem(m.target) is not None:
+        raise BundleError(f"target {m.target!r}: expected {target_name_problem(m.target)}")
     if m.statistic != STATISTIC:
         raise BundleError(f"manifest statistic {m.statistic!r} is not computed by this adasr "
                           f"(it computes {STATISTIC!r}): rebuild the bundle with this version")
@@ -211,7 +213,7 @@ def _validate(m: Manifest) -> None:
             and SCALES[0] <= m.model.scale <= SCALES[1] and THREADS[0] <= m.threads <= THREADS[1]):
         raise BundleError(f"tile {m.tile}, overlap {m.overlap}, scale {m.model.scale}, threads "
                           f"{m.threads}: need tile in {TILES[0]}..{TILES[1]}, overlap in "
-                          f"0..tile/2 - 1, scale in {SCALES[0]}..{SCALES[1]}, threads in "
+                          f"0..tile//2 - 1, scale in {SCALES[0]}..{SCALES[1]}, threads in "
                           f"{THREADS[0]}..{THREADS[1]}")
     low, high = m.thresholds
     if not (math.isfinite(low) and math.isfinite(high) and low <= high):
@@ -242,8 +244,8 @@ def _validate(m: Manifest) -> None:
 
 
 def max_overlap(tile: int) -> int:
-    """The largest overlap a tile of ``tile`` LR pixels takes (the overlap is below tile / 2)."""
-    return max(0, (tile - 1) // 2)
+    """The largest overlap a tile of ``tile`` LR pixels takes (below ``tile // 2``)."""
+    return max(0, tile // 2 - 1)
 
 
 # ---------------------------------------------------------------- reading
@@ -332,7 +334,7 @@ def manifest_from_json(data: object) -> Manifest:
     return Manifest(
         model=ModelInfo(model["name"].text(256), model["arch"].text(256),
                         model["scale"].integer(*SCALES), _sha256(model["sha256"])),
-        target=f["target"].text(256), backend=f["backend"].choice(BACKENDS),
+        target=f["target"].check(target_name_problem), backend=f["backend"].choice(BACKENDS),
         ladder=f["ladder"].choice(LADDERS), tile=tile,
         overlap=f["overlap"].integer(0, max_overlap(tile)), threads=f["threads"].integer(*THREADS),
         thresholds=(low, high), engines=tuple(_engine(e) for e in f["engines"].items(1, 64)),

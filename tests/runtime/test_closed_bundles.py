@@ -29,6 +29,7 @@ from runtime.bundle import open_bundle
 from runtime.bundlepaths import (
     ENGINE_NAME_RULE,
     RELPATH_RULE,
+    TARGET_NAME_RULE,
     bundle_path,
     engine_name_problem,
     external_data_tensors,
@@ -487,6 +488,8 @@ CASES: list[Case] = [
      f"manifest field engines[0].onnx.path: expected {RELPATH_RULE}, got 'C:/a4.onnx'"),
     ("null engine", lambda m: m["engines"].__setitem__(0, None),
      "manifest field engines[0]: expected an object, got null"),
+    ("target given as a path", lambda m: m.__setitem__("target", "../../../tmp/evil.toml"),
+     f"manifest field target: expected {TARGET_NAME_RULE}, got '../../../tmp/evil.toml'"),
 ]
 
 
@@ -557,6 +560,29 @@ def test_bundle_path_allows_a_missing_file_and_a_symlinked_root(tmp_path: Path) 
         tmp_path / "link/engines/new.plan")
     with pytest.raises(BundleError, match=r"^x: path '\.\./y' of bundle .* is refused"):
         bundle_path(real, "../y", "x")
+
+
+def test_finish_never_loads_a_target_file_named_by_the_manifest(
+        tmp_path: Path, opened: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = tensorrt_bundle(tmp_path / "bundle")
+    evil = tmp_path / "evil.toml"
+    evil.write_text('name = "evil"\n')
+    tamper(bundle, lambda m: m.__setitem__("target", str(evil)))
+    opened.clear()
+    assert main(["build", "--finish", str(bundle)]) == 2
+    assert one_line(capsys, "build") == (f"manifest field target: expected {TARGET_NAME_RULE}, "
+                                         f"got {describe(str(evil))}")
+    assert evil.resolve() not in opened
+
+
+def test_the_planner_refuses_a_tile_the_manifest_would_refuse() -> None:
+    from compiler.plan import plan_engines
+    from runtime.errors import ConfigError
+    from targets.loader import load_target
+
+    with pytest.raises(ConfigError, match=r"^tile 1000000000 / overlap 4: the tile must be "
+                                          r"8\.\.4096 LR pixels"):
+        plan_engines({}, load_target("cpu-x86"), tile=10**9, overlap=4)
 
 
 def test_the_planner_refuses_an_unsafe_engine_name() -> None:

@@ -269,7 +269,7 @@ def profile_from_json(data: object) -> Profile:
         unit=p["unit"].text(), front=_texts(p["front"]),
         adaptive_on_front=p["adaptive_on_front"].boolean(),
         dominated_by=_texts(p["dominated_by"]), margin_db=_optional(p.get("margin_db")),
-        explanation=p["explanation"].text(1 << 16))
+        explanation=p["explanation"].text(1 << 16, lines=True))
     notes = f.get("notes")
     return Profile(
         target=f["target"].text(256), model=f["model"].text(256), backend=f["backend"].text(256),
@@ -278,7 +278,7 @@ def profile_from_json(data: object) -> Profile:
         engines=tuple(_engine(e) for e in f["engines"].items()),
         quality=tuple(_quality(q) for q in f["quality"].items()),
         adaptive=_quality(f["adaptive"]), pareto=pareto,
-        notes=() if notes is None else tuple(n.text(1 << 16) for n in notes.items()))
+        notes=() if notes is None else tuple(n.text(1 << 16, lines=True) for n in notes.items()))
 
 
 def _versions(f: Field) -> dict[str, str | None]:

@@ -131,10 +131,15 @@ class Field:
             self.fail("true or false")
         return self.value
 
-    def text(self, max_len: int = 4096) -> str:
-        if not isinstance(self.value, str) or len(self.value) > max_len:
-            self.fail(f"a string of at most {max_len} characters")
-        return self.value
+    def text(self, max_len: int = 4096, *, lines: bool = False) -> str:
+        """A string of at most ``max_len`` characters, without control characters (``lines``:
+        newlines and tabs allowed), so that a message quoting it stays one line."""
+        v = self.value
+        if not isinstance(v, str) or len(v) > max_len or any(
+                (ord(c) < 32 and not (lines and c in "\n\t")) or ord(c) == 127 for c in v):
+            self.fail(f"a string of at most {max_len} characters"
+                      + ("" if lines else " without control characters"))
+        return v
 
     def choice(self, allowed: Collection[str]) -> str:
         """One of ``allowed`` (unknown names get a did-you-mean suggestion)."""

@@ -488,6 +488,9 @@ CASES: list[Case] = [
      f"manifest field engines[0].onnx.path: expected {RELPATH_RULE}, got 'C:/a4.onnx'"),
     ("null engine", lambda m: m["engines"].__setitem__(0, None),
      "manifest field engines[0]: expected an object, got null"),
+    ("newline in a string", lambda m: m["build"].__setitem__("finish_command", "a\nb"),
+     "manifest field build.finish_command: expected a string of at most 4096 characters without "
+     "control characters, got 'a\\nb'"),
     ("target given as a path", lambda m: m.__setitem__("target", "../../../tmp/evil.toml"),
      f"manifest field target: expected {TARGET_NAME_RULE}, got '../../../tmp/evil.toml'"),
 ]
@@ -520,7 +523,8 @@ def test_device_match_with_a_null_rule_means_that_rule_is_open(tmp_path: Path) -
     tamper(bundle, lambda m: m["device_match"].__setitem__("machine", None))
     assert read_manifest(bundle).device_match.machine == ()
     with pytest.raises(BundleError, match=r"^manifest field device_match.gpu_name\[0\]: expected "
-                                          r"a string of at most 256 characters, got 3$"):
+                                          r"a string of at most 256 characters without control "
+                                          r"characters, got 3$"):
         tamper(bundle, lambda m: m["device_match"].__setitem__("gpu_name", [3]))
         read_manifest(bundle)
 

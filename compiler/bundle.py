@@ -37,7 +37,9 @@ from compiler import __version__
 from compiler.lower.export import export_onnx, save_onnx
 from compiler.lower.qdq import lower_engine
 from compiler.plan import EnginePlan, PlannedEngine, plan_engines
+from compiler.quant.record import CalibrationRecord, record_from_json
 from compiler.zoo.base import LoadedModel
+from runtime.bundlepaths import bundle_path, check_single_file_onnx
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
 from runtime.errors import BundleError, EngineError, OutputError
 from runtime.fileio import atomic_write_bytes, sha256_file
@@ -81,7 +83,10 @@ class BuildOptions:
 
 
 def _ref(root: Path, path: Path) -> FileRef:
-    return FileRef(str(path.relative_to(root)), sha256_file(path), path.stat().st_size)
+    """The manifest entry of a file the build wrote under ``root`` (ONNX graphs: single files)."""
+    if path.suffix == ".onnx":
+        check_single_file_onnx(path, f"engine graph {path.name}")
+    return FileRef(path.relative_to(root).as_posix(), sha256_file(path), path.stat().st_size)
 
 
 def _run_graph(model: onnx.ModelProto, path: Path, patches: np.ndarray, scale: int
@@ -140,14 +145,15 @@ def _build_plans(root: Path, manifest: Manifest, plan_target: Any, batch: int,
     from compiler.engines import tensorrt_build as trt_build
 
     version, device = trt_build.tensorrt_version(), trt_build.device_name()
-    cache = root / TIMING_CACHE
+    cache = bundle_path(root, TIMING_CACHE, "TensorRT timing cache")
     engines = []
     for spec in manifest.engines:
         shape = (batch, 3, manifest.tile, manifest.tile)
-        build = trt_build.spec_for_target(plan_target, root / spec.onnx.path, "lr", shape,
-                                          timing_cache=cache)
+        what = f"engine {spec.name!r}"
+        build = trt_build.spec_for_target(plan_target, bundle_path(root, spec.onnx.path, what),
+                                          "lr", shape, timing_cache=cache)
         key = trt_build.engine_cache_key(spec.onnx.sha256, build, version, device)
-        plan_path = root / "engines" / f"{spec.name}.{key[:12]}.plan"
+        plan_path = bundle_path(root, f"engines/{spec.name}.{key[:12]}.plan", what)
         if not plan_path.is_file():
             progress(f"building TensorRT plan {spec.name} ({build.recipe})")
             atomic_write_bytes(plan_path, trt_build.build_engine(build))
@@ -165,6 +171,7 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
     ``patches`` (N x 3 x h x w float32 LR calibration patches) drive the widening check; without
     them widened grids are kept unmeasured and the engine note says so.
     """
+    checked = record_from_json(record)  # a bundle carries only a valid record
     target = plan.target
     check_destination(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +217,7 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
             (staging / scratch).unlink(missing_ok=True)
         record_path = staging / RECORD_NAME
         atomic_write_bytes(record_path, (json.dumps(record, indent=1) + "\n").encode())
-        manifest = _manifest(loaded, record, plan, tuple(specs), _ref(staging, record_path),
+        manifest = _manifest(loaded, checked, plan, tuple(specs), _ref(staging, record_path),
                              options)
         if target.backend == "tensorrt":
             version, device = _device_facts()
@@ -235,22 +242,20 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
     return manifest
 
 
-def _manifest(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePlan,
+def _manifest(loaded: LoadedModel, record: CalibrationRecord, plan: EnginePlan,
               engines: tuple[EngineSpec, ...], record_ref: FileRef,
               options: BuildOptions) -> Manifest:
     import onnxruntime
 
-    target, s = plan.target, record["settings"]
+    target, s = plan.target, record.settings
     cpu = target.backend == "onnxruntime"
     return Manifest(
         model=ModelInfo(loaded.info.path.stem,
                         loaded.info.arch, loaded.info.scale, loaded.info.sha256),
         target=target.name, backend=target.backend, ladder=plan.ladder, tile=plan.tile,
         overlap=plan.overlap, threads=options.threads or (target.threads or 0),
-        thresholds=(float(record["image_thresholds"][0]), float(record["image_thresholds"][1])),
-        engines=engines,
-        calibration=CalibrationInfo(record_ref, str(s["method"]), int(s["wbits"]),
-                                    int(s["abits"]), bool(s.get("fq", False))),
+        thresholds=record.image_thresholds, engines=engines,
+        calibration=CalibrationInfo(record_ref, s.method, s.wbits, s.abits, s.fq),
         build=BuildInfo(adasr=__version__,
                         created=datetime.datetime.now(datetime.timezone.utc).isoformat(
                             timespec="seconds"),

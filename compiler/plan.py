@@ -45,9 +45,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from compiler.lower.qdq import EngineLayer, engine_layers
+from runtime.bundlepaths import engine_name_problem
 from runtime.errors import ConfigError, unknown_name
-from runtime.manifest import LADDERS, OFFSETS, LayerPlan
-from runtime.tiling import MAX_TILE
+from runtime.manifest import LADDERS, OFFSETS, TILES, LayerPlan, max_overlap
 from targets.loader import Target
 
 # The largest integer grid (bits) each reduced precision holds exactly: every integer level of a
@@ -79,6 +79,11 @@ class PlannedEngine:
     specs: tuple[EngineLayer, ...]
     fab: float
     exact: tuple[EngineLayer, ...] | None = None
+
+    def __post_init__(self) -> None:
+        problem = engine_name_problem(self.name)
+        if problem is not None:
+            raise ConfigError(f"planned engine name {self.name!r}: expected {problem}")
 
     @property
     def widened(self) -> bool:
@@ -221,9 +226,9 @@ def plan_engines(record: Mapping[str, Any], target: Target, ladder: str = "hardw
         raise ConfigError(unknown_name("ladder", ladder, LADDERS))
     tile = target.default_tile if tile is None else tile
     overlap = target.default_overlap if overlap is None else overlap
-    if not (8 <= tile <= MAX_TILE and 0 <= overlap < tile // 2):
-        raise ConfigError(f"tile {tile} / overlap {overlap}: the tile must be 8..{MAX_TILE} LR "
-                          "pixels and the overlap in [0, tile/2)")
+    if not (TILES[0] <= tile <= TILES[1] and 0 <= overlap <= max_overlap(tile)):
+        raise ConfigError(f"tile {tile} / overlap {overlap}: the tile must be {TILES[0]}.."
+                          f"{TILES[1]} LR pixels and the overlap in [0, tile/2)")
     adaptive = {layer["name"] for layer in record["layers"] if layer["kind"] == "adaptive"}
     groups: dict[tuple[EngineLayer, ...], list[int]] = {}
     built: dict[tuple[EngineLayer, ...], tuple[tuple[EngineLayer, ...] | None,

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from profiles.layers import CONV_OPS, WEIGHT_PATH
+from runtime.bundlepaths import bundle_path
 from runtime.manifest import EngineSpec
 
 __all__ = ["FLOAT_BITS", "conv_macs", "tile_gbitops"]
@@ -67,7 +68,7 @@ def conv_macs(path: Path, tile: int) -> dict[str, int] | None:
 
 def tile_gbitops(spec: EngineSpec, root: Path, tile: int) -> float | None:
     """GBitOPs of one engine call on one ``tile`` x ``tile`` LR tile (None when unknown)."""
-    macs = conv_macs(root / spec.onnx.path, tile)
+    macs = conv_macs(bundle_path(root, spec.onnx.path, f"engine {spec.name!r}"), tile)
     if macs is None:
         return None
     bits = {layer.name: layer for layer in spec.layers}

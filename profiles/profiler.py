@@ -168,13 +168,13 @@ def _measure_entry(bundle: Bundle, spec: EngineSpec, tile: int, batch: int, thre
         if gpu is not None and options.layer_runs:
             from profiles.tensorrt import tensorrt_layer_times
 
-            layers = tensorrt_layer_times(gpu, bundle.root / spec.onnx.path, x,
+            layers = tensorrt_layer_times(gpu, bundle.path(spec.onnx, spec.name), x,
                                           runs=options.layer_runs, top=options.top_layers)
     if gpu is None and options.layer_runs:
         from profiles.layers import onnxruntime_layer_times
 
         layers = onnxruntime_layer_times(
-            spec.name, bundle.root / spec.onnx.path, x, scale=bundle.scale,
+            spec.name, bundle.path(spec.onnx, spec.name), x, scale=bundle.scale,
             tile=tile if spec.input_shape[2] > 0 else None, threads=threads,
             runs=options.layer_runs, top=options.top_layers)
     stats = latency_stats(samples)

@@ -21,12 +21,13 @@ Every reader goes through :func:`profile_from_json`, which names the first bad f
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import BundleError
+from runtime.fields import Field, root_field
 from runtime.fileio import read_bundle_json
 from runtime.policies import PROFILE_SCHEMA
 
@@ -46,6 +47,7 @@ __all__ = [
 ]
 
 SCHEMA = PROFILE_SCHEMA
+MAX_COUNT = 1 << 31  # tiles, batches, threads, runs ... in a profile
 PARETO_UNIT = ("ms per frame: mean over the benchmark images of the median time of one "
                "Dispatcher.upscale (policy fixed:NAME for an engine, threshold for adaptive)")
 UNITS = {
@@ -197,75 +199,90 @@ class Profile:
 # ---------------------------------------------------------------- reading
 
 
-def _latency(d: Mapping[str, Any]) -> Latency:
-    return Latency(float(d["median"]), float(d["p10"]), float(d["p90"]), float(d["mean"]),
-                   int(d["runs"]))
+def _latency(f: Field) -> Latency:
+    return Latency(f["median"].number(0), f["p10"].number(0), f["p90"].number(0),
+                   f["mean"].number(0), f["runs"].integer(0, MAX_COUNT))
 
 
-def _optional(value: Any) -> float | None:
-    return None if value is None else float(value)
+def _optional(f: Field | None) -> float | None:
+    return None if f is None else f.number(infinite=True)
 
 
-def _engine(d: Mapping[str, Any]) -> EngineEntry:
+def _count(f: Field) -> int:
+    return f.integer(0, MAX_COUNT)
+
+
+def _engine(f: Field) -> EngineEntry:
     return EngineEntry(
-        name=str(d["name"]), tile=int(d["tile"]), batch=int(d["batch"]),
-        threads=int(d["threads"]), timer=str(d["timer"]), latency_ms=_latency(d["latency_ms"]),
-        repeat_medians_ms=tuple(float(v) for v in d["repeat_medians_ms"]),
-        spread=float(d["spread"]), throughput_mpix_s=float(d["throughput_mpix_s"]),
-        peak_rss_mb=_optional(d["peak_rss_mb"]), psnr=_optional(d["psnr"]),
-        ssim=_optional(d["ssim"]), fab=float(d["fab"]), bitops=_optional(d["bitops"]),
-        layers=tuple(LayerTime(str(x["name"]), str(x["op"]), float(x["ms"]), float(x["share"]))
-                     for x in d["layers"]))
+        name=f["name"].text(256), tile=_count(f["tile"]), batch=_count(f["batch"]),
+        threads=_count(f["threads"]), timer=f["timer"].text(256),
+        latency_ms=_latency(f["latency_ms"]),
+        repeat_medians_ms=tuple(v.number(0) for v in f["repeat_medians_ms"].items()),
+        spread=f["spread"].number(0), throughput_mpix_s=f["throughput_mpix_s"].number(0),
+        peak_rss_mb=_optional(f.get("peak_rss_mb")), psnr=_optional(f.get("psnr")),
+        ssim=_optional(f.get("ssim")), fab=f["fab"].number(0, 32),
+        bitops=_optional(f.get("bitops")),
+        layers=tuple(LayerTime(x["name"].text(), x["op"].text(256), x["ms"].number(0),
+                               x["share"].number(0, 1)) for x in f["layers"].items()))
 
 
-def _quality(d: Mapping[str, Any]) -> FrameQuality:
+def _quality(f: Field) -> FrameQuality:
     return FrameQuality(
-        name=str(d["name"]), policy=str(d["policy"]), mode=str(d["mode"]), tile=int(d["tile"]),
-        batch=int(d["batch"]), threads=int(d["threads"]), latency_ms=_latency(d["latency_ms"]),
-        throughput_mpix_s=float(d["throughput_mpix_s"]), ms_per_mpix=float(d["ms_per_mpix"]),
-        overhead_ms=_optional(d["overhead_ms"]), infer_ms=_optional(d["infer_ms"]),
-        peak_rss_mb=_optional(d["peak_rss_mb"]),
-        psnr=float(d["psnr"]), ssim=float(d["ssim"]), fab=float(d["fab"]),
-        bitops=_optional(d["bitops"]),
-        histogram={str(k): int(v) for k, v in d["histogram"].items()},
-        images=tuple(ImageResult(str(x["name"]), float(x["psnr"]), float(x["ssim"]),
-                                 float(x["frame_ms"])) for x in d["images"]))
+        name=f["name"].text(256), policy=f["policy"].text(256), mode=f["mode"].text(256),
+        tile=_count(f["tile"]), batch=_count(f["batch"]), threads=_count(f["threads"]),
+        latency_ms=_latency(f["latency_ms"]),
+        throughput_mpix_s=f["throughput_mpix_s"].number(0),
+        ms_per_mpix=f["ms_per_mpix"].number(0), overhead_ms=_optional(f.get("overhead_ms")),
+        infer_ms=_optional(f.get("infer_ms")), peak_rss_mb=_optional(f.get("peak_rss_mb")),
+        psnr=f["psnr"].number(infinite=True), ssim=f["ssim"].number(), fab=f["fab"].number(0, 32),
+        bitops=_optional(f.get("bitops")),
+        histogram={key: _count(v) for key, v in f["histogram"].members()},
+        images=tuple(ImageResult(x["name"].text(), x["psnr"].number(infinite=True),
+                                 x["ssim"].number(),
+                                 x["frame_ms"].number(0)) for x in f["images"].items()))
 
 
-def _ints(values: Sequence[Any]) -> tuple[int, ...]:
-    return tuple(int(v) for v in values)
+def _ints(f: Field) -> tuple[int, ...]:
+    return tuple(_count(v) for v in f.items())
 
 
-def profile_from_json(data: Mapping[str, Any]) -> Profile:
-    """Parse profile data; :class:`BundleError` names the schema or the first bad field."""
+def _texts(f: Field) -> tuple[str, ...]:
+    return tuple(v.text() for v in f.items())
+
+
+def profile_from_json(data: object) -> Profile:
+    """Parse profile data (any JSON value); one-line :class:`BundleError`s name the schema or
+    the first bad field (``profile field engines[0].latency_ms.median: expected ...``)."""
     schema = data.get("schema") if isinstance(data, Mapping) else None
     if schema != SCHEMA:
         raise BundleError(f"profile schema {schema!r} is not supported; this adasr reads "
                           f"{SCHEMA!r}: run `adasr profile BUNDLE` again")
-    try:
-        s, p = data["settings"], data["pareto"]
-        settings = Settings(
-            tiles=_ints(s["tiles"]), batches=_ints(s["batches"]), threads=_ints(s["threads"]),
-            runs=int(s["runs"]), warmup=int(s["warmup"]), repeat=int(s["repeat"]),
-            layer_runs=int(s["layer_runs"]), frame_batch=int(s["frame_batch"]),
-            frame_repeats=int(s["frame_repeats"]),
-            datasets=tuple(str(v) for v in s["datasets"]), images=int(s["images"]),
-            memory=str(s["memory"]))
-        pareto = ParetoVerdict(
-            unit=str(p["unit"]), front=tuple(str(v) for v in p["front"]),
-            adaptive_on_front=bool(p["adaptive_on_front"]),
-            dominated_by=tuple(str(v) for v in p["dominated_by"]),
-            margin_db=_optional(p["margin_db"]), explanation=str(p["explanation"]))
-        return Profile(
-            target=str(data["target"]), model=str(data["model"]), backend=str(data["backend"]),
-            bundle=str(data["bundle"]), created=str(data["created"]),
-            device=dict(data["device"]), versions=dict(data["versions"]), settings=settings,
-            engines=tuple(_engine(e) for e in data["engines"]),
-            quality=tuple(_quality(q) for q in data["quality"]),
-            adaptive=_quality(data["adaptive"]), pareto=pareto,
-            notes=tuple(str(n) for n in data.get("notes", ())))
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise BundleError(f"profile is malformed: {type(err).__name__}: {err}") from err
+    f = root_field(data, "profile", BundleError)
+    s, p = f["settings"], f["pareto"]
+    settings = Settings(
+        tiles=_ints(s["tiles"]), batches=_ints(s["batches"]), threads=_ints(s["threads"]),
+        runs=_count(s["runs"]), warmup=_count(s["warmup"]), repeat=_count(s["repeat"]),
+        layer_runs=_count(s["layer_runs"]), frame_batch=_count(s["frame_batch"]),
+        frame_repeats=_count(s["frame_repeats"]), datasets=_texts(s["datasets"]),
+        images=_count(s["images"]), memory=s["memory"].text())
+    pareto = ParetoVerdict(
+        unit=p["unit"].text(), front=_texts(p["front"]),
+        adaptive_on_front=p["adaptive_on_front"].boolean(),
+        dominated_by=_texts(p["dominated_by"]), margin_db=_optional(p.get("margin_db")),
+        explanation=p["explanation"].text(1 << 16, lines=True))
+    notes = f.get("notes")
+    return Profile(
+        target=f["target"].text(256), model=f["model"].text(256), backend=f["backend"].text(256),
+        bundle=f["bundle"].text(), created=f["created"].text(256),
+        device=dict(f["device"].obj()), versions=_versions(f["versions"]), settings=settings,
+        engines=tuple(_engine(e) for e in f["engines"].items()),
+        quality=tuple(_quality(q) for q in f["quality"].items()),
+        adaptive=_quality(f["adaptive"]), pareto=pareto,
+        notes=() if notes is None else tuple(n.text(1 << 16, lines=True) for n in notes.items()))
+
+
+def _versions(f: Field) -> dict[str, str | None]:
+    return {key: None if v.value is None else v.text(256) for key, v in f.members()}
 
 
 def read_profile(path: Path) -> Profile:

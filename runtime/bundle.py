@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.bundlepaths import bundle_path, check_single_file_onnx
 from runtime.engines.base import Engine
 from runtime.errors import BundleError
 from runtime.fileio import sha256_file
@@ -23,14 +24,18 @@ __all__ = ["Bundle", "open_bundle", "verify_file"]
 
 
 def verify_file(root: Path, ref: FileRef, what: str) -> Path:
-    """The path of ``ref`` under ``root`` after checking it exists and matches its sha256."""
-    path = root / ref.path
+    """The path of ``ref`` under ``root`` after checking it lies inside the bundle (no symbolic
+    link, :func:`~runtime.bundlepaths.bundle_path`), exists, matches its sha256 and, for an ONNX
+    graph, keeps no external data. Nothing outside the bundle is opened or hashed."""
+    path = bundle_path(root, ref.path, what)
     if not path.is_file():
         raise BundleError(f"{what}: {ref.path} is missing from bundle {root}; rebuild the bundle")
     digest = sha256_file(path)
     if digest != ref.sha256:
         raise BundleError(f"{what}: {ref.path} fails its checksum (manifest {ref.sha256[:12]}, "
                           f"file {digest[:12]}): it was modified or corrupted; rebuild the bundle")
+    if path.suffix == ".onnx":
+        check_single_file_onnx(path, what)
     return path
 
 
@@ -50,6 +55,10 @@ class Bundle:
     @property
     def scale(self) -> int:
         return self.manifest.model.scale
+
+    def path(self, ref: FileRef, what: str) -> Path:
+        """Where the bundle file ``ref`` is (inside the bundle; symbolic links refused)."""
+        return bundle_path(self.root, ref.path, what)
 
     def engine(self, name: str, *, threads: int | None = None, static: bool = True,
                scratch: Any = None) -> Engine:
@@ -74,13 +83,16 @@ class Bundle:
         if spec.backend == "onnxruntime":
             from runtime.engines.onnxruntime import OnnxRuntimeEngine
 
-            return OnnxRuntimeEngine(spec.name, self.root / spec.onnx.path, self.scale, tile,
-                                     threads=threads)
+            graph = self.path(spec.onnx, f"engine {spec.name!r}")
+            if graph.is_file():  # a missing one is the engine's error when it is activated
+                check_single_file_onnx(graph, f"engine {spec.name!r}")
+            return OnnxRuntimeEngine(spec.name, graph, self.scale, tile, threads=threads)
         from runtime.engines.tensorrt import TensorRTEngine
 
         if spec.plan is None:
             raise BundleError(f"engine {spec.name!r} has no TensorRT plan yet")
-        return TensorRTEngine(spec.name, self.root / spec.plan.path, self.scale, tile,
+        plan = self.path(spec.plan, f"engine {spec.name!r}")
+        return TensorRTEngine(spec.name, plan, self.scale, tile,
                               expect_device=self.manifest.build.device,
                               expect_tensorrt=self.manifest.build.tensorrt, scratch=scratch,
                               bundle=self.root)

@@ -14,18 +14,23 @@ Engine names are stable handles (``int8``, ``a6``, ``fp32`` ...); exactly one en
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.bundlepaths import engine_name_problem, relpath_problem, target_name_problem
 from runtime.errors import BundleError, unknown_name
+from runtime.fields import Field, root_field
 from runtime.fileio import atomic_write_json, read_bundle_json
 
 __all__ = [
-    "BACKENDS", "LADDERS", "MANIFEST_NAME", "OFFSETS", "PRECISIONS", "SCHEMA", "BuildInfo",
+    "BACKENDS", "LADDERS", "MANIFEST_NAME", "METHODS", "OFFSETS", "PRECISIONS", "QUANT_BITS",
+    "SCALES", "SCHEMA", "THREADS", "TILES", "BuildInfo",
     "CalibrationInfo", "DeviceMatch", "EngineSpec", "FileRef", "LayerPlan", "Manifest",
-    "ModelInfo", "read_manifest", "write_manifest",
+    "ModelInfo", "max_overlap", "read_manifest", "sha256_problem", "write_manifest",
 ]
 
 SCHEMA = "adasr.bundle/1"
@@ -35,6 +40,16 @@ LADDERS = ("hardware", "emulate")
 PRECISIONS = ("fp4", "int8", "fp8", "fp16", "fp32")  # kernel precisions, cheapest first
 OFFSETS = (-1, 0, 1)  # the image offsets of the bit mapping
 STATISTIC = "sobel-complexity/1"  # runtime.statistic's formula
+# Sane ranges of the manifest's numbers (a bundle outside them is refused when read).
+TILES = (8, 4096)  # LR tile edge
+SCALES = (1, 8)
+THREADS = (0, 256)  # 0: the backend's default
+LAYER_BITS = (1, 32)  # emulated grid / weight bits of a layer
+QUANT_BITS = (2, 8)  # a calibration's base weight / activation bits
+METHODS = ("adabm", "ddtb", "minmax", "percentile")  # calibration methods
+MAX_EDGE = 1 << 16  # an engine input dimension
+MAX_BYTES = 1 << 40
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,11 @@ class FileRef:
     path: str
     sha256: str
     bytes: int
+
+    def __post_init__(self) -> None:
+        problem = relpath_problem(self.path)
+        if problem is not None:
+            raise BundleError(f"bundle file path {self.path!r}: expected {problem}")
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,11 @@ class EngineSpec:
     input_shape: tuple[int, int, int, int]  # N, C, H, W; -1 = dynamic
     cache_key: str | None = None  # TensorRT engine cache key
     note: str = ""  # how the build decided something about this engine (e.g. grid widening)
+
+    def __post_init__(self) -> None:
+        problem = engine_name_problem(self.name)
+        if problem is not None:
+            raise BundleError(f"engine name {self.name!r}: expected {problem}")
 
     @property
     def runnable_file(self) -> FileRef | None:
@@ -179,12 +204,20 @@ def _validate(m: Manifest) -> None:
         raise BundleError(unknown_name("backend", m.backend, BACKENDS))
     if m.ladder not in LADDERS:
         raise BundleError(unknown_name("ladder", m.ladder, LADDERS))
-    if not (m.tile >= 1 and 0 <= m.overlap < m.tile) or m.model.scale < 1:
-        raise BundleError(f"tile {m.tile}, overlap {m.overlap}, scale {m.model.scale}: need "
-                          "tile >= 1, 0 <= overlap < tile, scale >= 1")
+    if target_name_problem(m.target) is not None:
+        raise BundleError(f"target {m.target!r}: expected {target_name_problem(m.target)}")
+    if m.statistic != STATISTIC:
+        raise BundleError(f"manifest statistic {m.statistic!r} is not computed by this adasr "
+                          f"(it computes {STATISTIC!r}): rebuild the bundle with this version")
+    if not (TILES[0] <= m.tile <= TILES[1] and 0 <= m.overlap <= max_overlap(m.tile)
+            and SCALES[0] <= m.model.scale <= SCALES[1] and THREADS[0] <= m.threads <= THREADS[1]):
+        raise BundleError(f"tile {m.tile}, overlap {m.overlap}, scale {m.model.scale}, threads "
+                          f"{m.threads}: need tile in {TILES[0]}..{TILES[1]}, overlap in "
+                          f"0..tile//2 - 1, scale in {SCALES[0]}..{SCALES[1]}, threads in "
+                          f"{THREADS[0]}..{THREADS[1]}")
     low, high = m.thresholds
-    if not low <= high:
-        raise BundleError(f"thresholds {m.thresholds} must be ordered (lower <= upper)")
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise BundleError(f"thresholds {m.thresholds} must be finite and ordered (lower <= upper)")
     names = [e.name for e in m.engines]
     if not names or len(set(names)) != len(names):
         raise BundleError(f"engine names must be unique and non-empty, got {names}")
@@ -206,51 +239,112 @@ def _validate(m: Manifest) -> None:
     if served != sorted(OFFSETS):
         raise BundleError(f"every image offset {OFFSETS} must map to exactly one engine; the "
                           f"engines serve {served}")
+    if m.profile is not None and relpath_problem(m.profile) is not None:
+        raise BundleError(f"profile path {m.profile!r}: expected {relpath_problem(m.profile)}")
 
 
-def _file(data: Mapping[str, Any] | None) -> FileRef | None:
-    return None if data is None else FileRef(str(data["path"]), str(data["sha256"]),
-                                             int(data["bytes"]))
+def max_overlap(tile: int) -> int:
+    """The largest overlap a tile of ``tile`` LR pixels takes (below ``tile // 2``)."""
+    return max(0, tile // 2 - 1)
 
 
-def _engine(data: Mapping[str, Any]) -> EngineSpec:
-    onnx = _file(data["onnx"])
-    if onnx is None:
-        raise BundleError(f"engine {data.get('name')!r} has no ONNX graph")
-    shape = tuple(int(v) for v in data["input_shape"])
-    if len(shape) != 4:
-        raise BundleError(f"engine {data.get('name')!r}: input_shape {shape} is not N, C, H, W")
+# ---------------------------------------------------------------- reading
+
+
+def sha256_problem(text: str) -> str | None:
+    """None when ``text`` is a sha256 hex digest, else what is expected."""
+    return None if _HEX64.fullmatch(text) else "a sha256 (64 lowercase hex digits)"
+
+
+def _sha256(f: Field) -> str:
+    return f.check(sha256_problem)
+
+
+def _file(f: Field) -> FileRef:
+    return FileRef(f["path"].check(relpath_problem), _sha256(f["sha256"]),
+                   f["bytes"].integer(0, MAX_BYTES))
+
+
+def _optional_str(f: Field | None) -> str | None:
+    return None if f is None else f.text()
+
+
+def _layer(f: Field) -> LayerPlan:
+    act, w = f.get("act_bits"), f.get("w_bits")
+    return LayerPlan(f["name"].text(256), f["precision"].choice(PRECISIONS),
+                     None if act is None else act.integer(*LAYER_BITS),
+                     None if w is None else w.integer(*LAYER_BITS))
+
+
+def _engine(f: Field) -> EngineSpec:
+    plan = f.get("plan")
+    offsets = tuple(d.integer(min(OFFSETS), max(OFFSETS)) for d in f["offsets"].items(0, 3))
+    if len(set(offsets)) != len(offsets):
+        f["offsets"].fail("distinct image offsets among -1, 0, 1")
+    n, c, h, w = (d.integer(-1, MAX_EDGE) for d in f["input_shape"].items(4, 4))
+    if 0 in (n, c, h, w):
+        f["input_shape"].fail("N, C, H, W each -1 (dynamic) or >= 1")
     return EngineSpec(
-        name=str(data["name"]), backend=str(data["backend"]), onnx=onnx, plan=_file(data["plan"]),
-        precision=str(data["precision"]), offsets=tuple(int(d) for d in data["offsets"]),
-        reference=bool(data["reference"]), fab=float(data["fab"]),
-        layers=tuple(LayerPlan(**layer) for layer in data["layers"]),
-        input_shape=(shape[0], shape[1], shape[2], shape[3]), cache_key=data.get("cache_key"),
-        note=str(data.get("note", "")))
+        name=f["name"].check(engine_name_problem), backend=f["backend"].choice(BACKENDS),
+        onnx=_file(f["onnx"]), plan=None if plan is None else _file(plan),
+        precision=f["precision"].choice((*PRECISIONS, "mixed")), offsets=offsets,
+        reference=f["reference"].boolean(), fab=f["fab"].number(0, 32),
+        layers=tuple(_layer(layer) for layer in f["layers"].items()),
+        input_shape=(n, c, h, w), cache_key=_optional_str(f.get("cache_key")),
+        note=_optional_str(f.get("note")) or "")
 
 
-def manifest_from_json(data: Mapping[str, Any]) -> Manifest:
-    """Parse manifest data; raises :class:`BundleError` naming the first bad or missing field."""
+def _names(f: Field | None) -> tuple[str, ...]:
+    """A device rule's values (absent or null: empty, i.e. any device)."""
+    return () if f is None else tuple(v.text(256) for v in f.items())
+
+
+def _device_match(f: Field | None) -> DeviceMatch:
+    if f is None:  # absent or null: no device rule (the bundle runs anywhere)
+        return DeviceMatch()
+    return DeviceMatch(machine=_names(f.get("machine")),
+                       jetson_model=_names(f.get("jetson_model")),
+                       gpu_name=_names(f.get("gpu_name")))
+
+
+def _build(f: Field) -> BuildInfo:
+    return BuildInfo(adasr=f["adasr"].text(256), created=f["created"].text(256),
+                     opset=f["opset"].integer(1, 1000),
+                     onnxruntime=_optional_str(f.get("onnxruntime")),
+                     tensorrt=_optional_str(f.get("tensorrt")),
+                     device=_optional_str(f.get("device")),
+                     finish_command=_optional_str(f.get("finish_command")))
+
+
+def manifest_from_json(data: object) -> Manifest:
+    """Parse manifest data; raises one-line :class:`BundleError`s naming the first bad field
+    (``manifest field engines[1].onnx.path: expected ..., got ...``), for any JSON value."""
     _require_schema(data.get("schema") if isinstance(data, Mapping) else None)
-    try:
-        cal = data["calibration"]
-        cal_file = _file(cal["file"])
-        if cal_file is None:
-            raise BundleError("manifest names no calibration record file")
-        return Manifest(
-            model=ModelInfo(**data["model"]), target=str(data["target"]),
-            backend=str(data["backend"]), ladder=str(data["ladder"]), tile=int(data["tile"]),
-            overlap=int(data["overlap"]), threads=int(data["threads"]),
-            thresholds=(float(data["thresholds"][0]), float(data["thresholds"][1])),
-            engines=tuple(_engine(e) for e in data["engines"]),
-            calibration=CalibrationInfo(file=cal_file, method=str(cal["method"]),
-                                        wbits=int(cal["wbits"]), abits=int(cal["abits"]),
-                                        fq=bool(cal["fq"])),
-            build=BuildInfo(**data["build"]),
-            device_match=DeviceMatch(**{k: tuple(v) for k, v in data["device_match"].items()}),
-            statistic=str(data["statistic"]), profile=data.get("profile"), schema=SCHEMA)
-    except (KeyError, TypeError, ValueError, IndexError) as err:
-        raise BundleError(f"manifest is malformed: {type(err).__name__}: {err}") from err
+    f = root_field(data, "manifest", BundleError)
+    tile = f["tile"].integer(*TILES)
+    statistic = f["statistic"].text(256)
+    if statistic != STATISTIC:
+        f["statistic"].fail(f"{STATISTIC!r} (the statistic this adasr computes; rebuild the "
+                            "bundle with this version)")
+    low, high = (t.number() for t in f["thresholds"].items(2, 2))
+    if low > high:
+        f["thresholds"].fail("two ordered numbers (lower <= upper)")
+    model, cal = f["model"], f["calibration"]
+    profile = f.get("profile")
+    return Manifest(
+        model=ModelInfo(model["name"].text(256), model["arch"].text(256),
+                        model["scale"].integer(*SCALES), _sha256(model["sha256"])),
+        target=f["target"].check(target_name_problem), backend=f["backend"].choice(BACKENDS),
+        ladder=f["ladder"].choice(LADDERS), tile=tile,
+        overlap=f["overlap"].integer(0, max_overlap(tile)), threads=f["threads"].integer(*THREADS),
+        thresholds=(low, high), engines=tuple(_engine(e) for e in f["engines"].items(1, 64)),
+        calibration=CalibrationInfo(
+            file=_file(cal["file"]), method=cal["method"].choice(METHODS),
+            wbits=cal["wbits"].integer(*QUANT_BITS), abits=cal["abits"].integer(*QUANT_BITS),
+            fq=cal["fq"].boolean()),
+        build=_build(f["build"]), device_match=_device_match(f.get("device_match")),
+        statistic=statistic, profile=None if profile is None else profile.check(relpath_problem),
+        schema=SCHEMA)
 
 
 def read_manifest(bundle: Path) -> Manifest:

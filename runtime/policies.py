@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from runtime.bundlepaths import bundle_path
 from runtime.errors import BundleError, ConfigError, unknown_name
+from runtime.fields import Field, root_field
 from runtime.fileio import read_bundle_json
 from runtime.manifest import OFFSETS, Manifest
 from runtime.statistic import image_offsets
@@ -198,10 +200,7 @@ class LatencyTable:
             schema = data.get("schema") if isinstance(data, Mapping) else type(data).__name__
             raise BundleError(f"profile schema {schema!r} is not supported; this adasr reads "
                               f"{PROFILE_SCHEMA!r}: run `adasr profile BUNDLE` again")
-        try:
-            entries = [_entry(e) for e in data["engines"]]
-        except (KeyError, TypeError, ValueError) as err:
-            raise BundleError(f"profile is malformed: {type(err).__name__}: {err}") from err
+        entries = [_entry(e) for e in root_field(data, "profile", BundleError)["engines"].items()]
         matching = [e for e in entries if e[1] == tile]
         if not matching:
             tiles = sorted({e[1] for e in entries})
@@ -215,22 +214,20 @@ class LatencyTable:
         return cls({name: -rank[2] for name, rank in best.items()})
 
 
-def _entry(data: Mapping[str, Any]) -> tuple[str, int, int, int | None, float]:
-    """(name, tile, batch, threads, median ms) of one profile entry; ValueError when invalid."""
-    name, tile, batch = str(data["name"]), int(data["tile"]), int(data["batch"])
-    median = float(data["latency_ms"]["median"])
-    threads = data.get("threads")
-    if batch < 1 or not (math.isfinite(median) and median >= 0):
-        raise ValueError(f"entry {name!r} has batch {batch} and median {median} ms; need "
-                         "batch >= 1 and a finite median >= 0")
-    return name, tile, batch, None if threads is None else int(threads), median
+def _entry(f: Field) -> tuple[str, int, int, int | None, float]:
+    """(name, tile, batch, threads, median ms) of one profile entry (BundleError when invalid)."""
+    threads = f.get("threads")
+    return (f["name"].text(256), f["tile"].integer(1, 1 << 16), f["batch"].integer(1, 1 << 16),
+            None if threads is None else threads.integer(0, 1 << 16),
+            f["latency_ms"]["median"].number(0))
 
 
 def load_latencies(bundle_root: Path, manifest: Manifest) -> LatencyTable:
     """The latency table of the bundle's profile (``manifest.profile``) at the bundle's tile."""
     if manifest.profile is None:
         raise BundleError("budget policy needs a profile: run `adasr profile BUNDLE` first")
-    data = read_bundle_json(bundle_root / manifest.profile, "the profile ",
+    path = bundle_path(bundle_root, manifest.profile, "the profile named by the manifest")
+    data = read_bundle_json(path, "the profile ",
                             "named by the manifest is missing: run `adasr profile BUNDLE` again")
     table = LatencyTable.from_profile(data, manifest.tile, threads=manifest.threads or None)
     table.require(manifest.names)

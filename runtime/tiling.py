@@ -29,9 +29,7 @@ import numpy.typing as npt
 
 from runtime.errors import ConfigError, unknown_name
 
-MAX_TILE = 1024  # LR pixels: a 1024 x 1024 tile is a 4 MP image at x2
-
-__all__ = ["MAX_TILE", "Box", "StitchMode", "Tile", "TilePlan", "extract_tiles", "plan_tiles",
+__all__ = ["Box", "StitchMode", "Tile", "TilePlan", "extract_tiles", "plan_tiles",
            "stitch"]
 
 StitchMode = Literal["crop", "feather"]

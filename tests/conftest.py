@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,3 +67,17 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         save_rgb(calib / f"img{i}.png", np.round(np.clip(smooth + noise, 0, 1) * 255).astype(
             np.uint8))
     return weights, calib
+
+
+def calibrate_tiny(tiny: tuple[Path, Path], settings: dict[str, Any], config: Any = None
+                   ) -> dict[str, dict[str, Any]]:
+    """Calibration records of the tiny checkpoint, one per ``QuantSettings`` of ``settings``
+    (``config``: a CalibrationConfig, by default a few fast steps)."""
+    from compiler.quant.calibrate import CalibrationConfig, calibrate
+    from compiler.zoo import load_model
+
+    weights, calib = tiny
+    config = config or CalibrationConfig(patches=8, patch_size=16, steps=20, batch=2, epochs=4,
+                                         validation=4)
+    return {name: calibrate(load_model(weights), s, config, calib).record
+            for name, s in settings.items()}

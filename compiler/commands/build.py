@@ -110,14 +110,14 @@ def run(args: argparse.Namespace) -> int:
 def _check_numbers(args: argparse.Namespace) -> None:
     from compiler.commands.run import MAX_BATCH, check_threads
     from runtime.errors import check_range
-    from runtime.tiling import MAX_TILE
+    from runtime.manifest import TILES, max_overlap
 
     check_threads(args.threads)
     check_range("--engine-batch", args.engine_batch, 1, MAX_BATCH)
     if args.tile is not None:
-        check_range("--tile", args.tile, 8, MAX_TILE)
+        check_range("--tile", args.tile, *TILES)
     if args.overlap is not None:
-        check_range("--overlap", args.overlap, 0, MAX_TILE // 2 - 1)
+        check_range("--overlap", args.overlap, 0, max_overlap(args.tile or TILES[1]))
 
 
 def _record(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
@@ -125,14 +125,14 @@ def _record(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
     from runtime.errors import CalibrationError
 
     if args.calibration is not None:
-        record: dict[str, Any] = read_record(args.calibration)
-        digest = record.get("checkpoint", {}).get("sha256")
+        record = read_record(args.calibration)
+        digest = record.checkpoint.sha256
         if digest != loaded.info.sha256:
             raise CalibrationError(f"record {args.calibration} was calibrated for checkpoint "
-                                   f"{str(digest)[:12]}, not {loaded.info.path.name} "
+                                   f"{digest[:12]}, not {loaded.info.path.name} "
                                    f"({loaded.info.sha256[:12]}): calibrate this checkpoint")
         print(f"      record {args.calibration}")
-        return record
+        return dict(record.data)
     from compiler.zoo import load_model
 
     # calibration quantizes the network it is given in place: give it its own copy

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 
@@ -13,9 +15,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the raw manifest JSON")
 
 
+OK = "sha256 ok"
+
+
+def _check(verify: Callable[[], object]) -> str:
+    """``OK`` when ``verify`` passes, else ``FAILED: <why>`` (its BundleError, shortened)."""
+    from runtime.errors import BundleError
+
+    try:
+        verify()
+    except BundleError as err:
+        return f"FAILED: {str(err).split(': ', 1)[-1][:120]}"
+    return OK
+
+
 def run(args: argparse.Namespace) -> int:
     from runtime.bundle import verify_file
-    from runtime.errors import BundleError
+    from runtime.bundlepaths import bundle_path
     from runtime.manifest import read_manifest
 
     m = read_manifest(args.bundle)
@@ -31,14 +47,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"  statistic  {m.statistic}; offset -1 below {m.thresholds[0]:.3f}, +1 above "
           f"{m.thresholds[1]:.3f}")
     c = m.calibration
-    print(f"  record     {c.file.path}: {c.method} W{c.wbits}A{c.abits}{' FQ' if c.fq else ''}")
+    record_check = _check(partial(verify_file, args.bundle, c.file, "calibration record"))
+    print(f"  record     {c.file.path}: {c.method} W{c.wbits}A{c.abits}{' FQ' if c.fq else ''}"
+          f"  {record_check}")
     print(f"  built      {b.created} by adasr {b.adasr}, opset {b.opset}, onnxruntime "
           f"{b.onnxruntime}, tensorrt {b.tensorrt or '-'}, device {b.device or '-'}")
+    bad = int(record_check != OK)
     if m.profile:
-        print(f"  profile    {m.profile}")
+        profile_check = _check(partial(bundle_path, args.bundle, m.profile, "profile"))
+        bad += profile_check != OK
+        print(f"  profile    {m.profile}" + ("" if profile_check == OK else f"  {profile_check}"))
     print(f"\n  {'engine':<14}{'precision':<10}{'serves':<11}{'FAB':>6}  {'file':<34}"
           f"{'MB':>7}  check")
-    bad = 0
     for e in m.engines:
         serves = "reference" if e.reference and not e.offsets else ",".join(
             f"{d:+d}" for d in e.offsets)
@@ -46,11 +66,8 @@ def run(args: argparse.Namespace) -> int:
         if ref is None:
             check, name, size = "plan pending", e.onnx.path, e.onnx.bytes
         else:
-            try:
-                verify_file(args.bundle, ref, e.name)
-                check = "sha256 ok"
-            except BundleError as err:
-                check, bad = f"FAILED: {str(err).split(': ', 1)[-1][:60]}", bad + 1
+            check = _check(partial(verify_file, args.bundle, ref, e.name))
+            bad += check != OK
             name, size = ref.path, ref.bytes
         print(f"  {e.name:<14}{e.precision:<10}{serves:<11}{e.fab:>6.2f}  {name:<34}"
               f"{size / 1e6:>7.2f}  {check}")

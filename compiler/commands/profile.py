@@ -93,11 +93,11 @@ def run(args: argparse.Namespace) -> int:
     from profiles.profiler import PROFILE_NAME, ProfileOptions, profile_bundle, save_profile
     from runtime.errors import check_range
     from runtime.fileio import atomic_write_bytes, atomic_write_json
-    from runtime.tiling import MAX_TILE
+    from runtime.manifest import TILES
 
     check_threads(args.threads)
     for tile in args.tiles or ():
-        check_range("--tiles", tile, 8, MAX_TILE)
+        check_range("--tiles", tile, *TILES)
     for batch in args.batch:
         check_range("--batch", batch, 1, MAX_BATCH)
     defaults = QUICK if args.quick else FULL

@@ -25,8 +25,8 @@ from compiler.quant.quantizers import (
 )
 from compiler.zoo.base import SRNet
 from runtime.errors import ConfigError, unknown_name
+from runtime.manifest import METHODS, QUANT_BITS
 
-METHODS = ("adabm", "ddtb", "minmax", "percentile")
 FIXED_BITS = 8  # head / upsampler / tail in the fully quantized setting
 PER_CHANNEL_BITS = 4  # default weight granularity: per channel at this many bits or fewer
 OUTPUT_BITS = 8  # an engine's requantized conv outputs (simulated only for engine parity)
@@ -47,8 +47,9 @@ class QuantSettings:
         if self.method not in METHODS:
             raise ConfigError(unknown_name("quantization method", self.method, METHODS))
         for name, bits in (("wbits", self.wbits), ("abits", self.abits)):
-            if not 2 <= bits <= 8:
-                raise ConfigError(f"--{name} {bits} is out of range: allowed 2..8")
+            if not QUANT_BITS[0] <= bits <= QUANT_BITS[1]:
+                raise ConfigError(f"--{name} {bits} is out of range: allowed "
+                                  f"{QUANT_BITS[0]}..{QUANT_BITS[1]}")
 
     def weights_per_channel(self, bits: int) -> bool:
         """Weight clips per output channel for a layer with ``bits``-bit weights: as set, or by

@@ -10,17 +10,23 @@ on the loaded model.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from compiler.quant.ddtb import DynamicGate
 from compiler.quant.qmodel import QuantizedSR, QuantSettings
+from compiler.quant.quantizers import MAX_INT_BITS
 from compiler.zoo.base import LoadedModel
 from runtime.errors import CalibrationError
+from runtime.fields import Field, root_field
 from runtime.fileio import atomic_write_json
+from runtime.manifest import METHODS, QUANT_BITS, SCALES, sha256_problem
 
 SCHEMA = "adasr.calibration/1"
 
@@ -82,57 +88,228 @@ def save_record(path: Path, record: dict[str, Any]) -> None:
     atomic_write_json(path, record)
 
 
-def read_record(path: Path) -> dict[str, Any]:
+# ---------------------------------------------------------------- the typed record
+
+LAYER_KINDS = ("fixed", "adaptive")
+MAX_VECTOR_BITS = MAX_INT_BITS + 2  # base bits + image offset + layer offset
+MAX_TENSOR_VALUES = 1 << 24
+
+
+@dataclass(frozen=True)
+class RecordCheckpoint:
+    file: str
+    sha256: str
+    arch: str
+    scale: int
+    config: Mapping[str, Any]
+
+
+@dataclass(frozen=True, eq=False)
+class RecordGate:
+    """A DDTB gate: its tensors (by record key, see ``_GATE_TENSORS``) and mean scales."""
+
+    channels: int
+    tensors: Mapping[str, np.ndarray]
+    mean_scale: tuple[float, float] | None
+
+
+@dataclass(frozen=True, eq=False)
+class RecordLayer:
+    name: str
+    kind: str  # "fixed" | "adaptive"
+    in_channels: int | None
+    w_bits: int
+    w_clip: float | tuple[float, ...]  # per tensor, or per output channel
+    a_bounds: tuple[float, float]
+    layer_offset: int
+    output_range: tuple[float, float] | None
+    input_range: tuple[float, float] | None
+    gate: RecordGate | None
+    trunk_end: bool
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationRecord:
+    """A validated calibration record. ``data`` is the same record as JSON data (what the
+    lowering and the bundle writer take), checked field by field by :func:`record_from_json`."""
+
+    settings: QuantSettings
+    checkpoint: RecordCheckpoint
+    image_thresholds: tuple[float, float]
+    bit_vectors: Mapping[int, tuple[int, ...]]
+    layers: tuple[RecordLayer, ...]
+    data: Mapping[str, Any]
+
+
+def _range(f: Field) -> tuple[float, float]:
+    low, high = (v.number() for v in f.items(2, 2))
+    if low > high:
+        f.fail("two finite numbers, lower <= upper")
+    return low, high
+
+
+def _optional_range(f: Field | None) -> tuple[float, float] | None:
+    return None if f is None else _range(f)
+
+
+def _tensor(f: Field) -> np.ndarray:
+    """A finite number or a rectangular nested list of them."""
     try:
-        record = json.loads(path.read_text())
+        array = np.asarray(f.value, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):
+        f.fail("a number or a rectangular list of numbers")
+    if (isinstance(f.value, bool) or array.dtype != np.float64 or array.ndim > 4
+            or array.size > MAX_TENSOR_VALUES or not bool(np.isfinite(array).all())):
+        f.fail("finite numbers (a scalar or a rectangular list of up to 4 dimensions)")
+    return array
+
+
+def _gate(f: Field) -> RecordGate:
+    scale = f.get("mean_scale")
+    mean_scale = None
+    if scale is not None:
+        first, second = (v.number() for v in scale.items(2, 2))
+        mean_scale = (first, second)
+    return RecordGate(channels=f["channels"].integer(1, 1 << 16),
+                      tensors={key: _tensor(f[key]) for key in _GATE_TENSORS},
+                      mean_scale=mean_scale)
+
+
+def _layer(f: Field) -> RecordLayer:
+    clip = f["w_clip"]
+    w_clip: float | tuple[float, ...] = (
+        tuple(v.number(0) for v in clip.items(1, 1 << 16)) if isinstance(clip.value, list)
+        else clip.number(0))
+    in_channels, gate, trunk_end = f.get("in_channels"), f.get("gate"), f.get("trunk_end")
+    return RecordLayer(
+        name=f["name"].text(256), kind=f["kind"].choice(LAYER_KINDS),
+        in_channels=None if in_channels is None else in_channels.integer(1, 1 << 16),
+        w_bits=f["w_bits"].integer(*QUANT_BITS), w_clip=w_clip, a_bounds=_range(f["a_bounds"]),
+        layer_offset=f["layer_offset"].integer(-1, 1),
+        output_range=_optional_range(f.get("output_range")),
+        input_range=_optional_range(f.get("input_range")),
+        gate=None if gate is None else _gate(gate),
+        trunk_end=False if trunk_end is None else trunk_end.boolean())
+
+
+def _settings(f: Field) -> QuantSettings:
+    per_channel = f.get("per_channel")
+    symmetric = f.get("symmetric")
+    fq = f.get("fq")
+    return QuantSettings(method=f["method"].choice(METHODS), wbits=f["wbits"].integer(*QUANT_BITS),
+                         abits=f["abits"].integer(*QUANT_BITS),
+                         fq=False if fq is None else fq.boolean(),
+                         per_channel=None if per_channel is None else per_channel.boolean(),
+                         symmetric=False if symmetric is None else symmetric.boolean())
+
+
+def _bit_vectors(f: Field, settings: QuantSettings,
+                 adaptive: int) -> dict[int, tuple[int, ...]]:
+    expected = ("-1", "0", "1") if settings.adaptive else ("0",)
+    members = dict(f.members())
+    if sorted(members) != sorted(expected):
+        f.fail(f"one bit vector per image offset {', '.join(expected)} ({settings.method})")
+    vectors = {}
+    for key in expected:
+        bits = tuple(b.integer(0, MAX_VECTOR_BITS) for b in members[key].items(adaptive, adaptive))
+        vectors[int(key)] = bits
+    return vectors
+
+
+def record_from_json(data: object, source: str = "calibration record") -> CalibrationRecord:
+    """Validate calibration record data (any JSON value): a :class:`CalibrationRecord`, or one
+    :class:`CalibrationError` line naming the first bad field (``source`` names the file)."""
+    if not isinstance(data, Mapping) or data.get("schema") != SCHEMA:
+        found = data.get("schema") if isinstance(data, Mapping) else type(data).__name__
+        raise CalibrationError(f"{source}: unsupported record schema {found!r}; expected "
+                               f"{SCHEMA!r}")
+    f = root_field(data, source, CalibrationError)
+    settings = _settings(f["settings"])
+    c = f["checkpoint"]
+    checkpoint = RecordCheckpoint(
+        file=c["file"].text(1024),
+        sha256=c["sha256"].check(sha256_problem),
+        arch=c["arch"].text(256), scale=c["scale"].integer(*SCALES), config=c["config"].obj())
+    layers = tuple(_layer(layer) for layer in f["layers"].items(1, 4096))
+    names = [layer.name for layer in layers]
+    if len(set(names)) != len(names):
+        f["layers"].fail("layers with distinct names")
+    adaptive = sum(layer.kind == "adaptive" for layer in layers)
+    thresholds = _range(f["image_thresholds"])
+    vectors = _bit_vectors(f["bit_vectors"], settings, adaptive)
+    calibration = f.get("calibration")
+    if calibration is not None:
+        calibration.obj()
+    return CalibrationRecord(settings, checkpoint, thresholds, vectors, layers, data)
+
+
+def read_record(path: Path) -> CalibrationRecord:
+    """The validated calibration record at ``path`` (CalibrationError naming a bad field)."""
+    try:
+        data = json.loads(path.read_text())
     except FileNotFoundError as err:
         raise CalibrationError(f"calibration record not found: {path}") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except IsADirectoryError as err:
+        raise CalibrationError(f"calibration record {path} is a folder, not a file") from err
+    except OSError as err:
+        raise CalibrationError(f"cannot read calibration record {path}: "
+                               f"{err.strerror or err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise CalibrationError(f"{path} is not a calibration record (invalid JSON: {err})") from err
-    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
-        found = record.get("schema") if isinstance(record, dict) else type(record).__name__
-        raise CalibrationError(f"{path}: unsupported record schema {found!r}; expected {SCHEMA!r}")
-    return record
+    return record_from_json(data, f"calibration record {path.name}")
 
 
-def settings_of(record: dict[str, Any]) -> QuantSettings:
-    return QuantSettings(**record["settings"])
+def settings_of(record: Mapping[str, Any] | CalibrationRecord) -> QuantSettings:
+    return as_record(record).settings
 
 
-def apply_record(loaded: LoadedModel, record: dict[str, Any]) -> QuantizedSR:
+def as_record(record: Mapping[str, Any] | CalibrationRecord) -> CalibrationRecord:
+    """``record`` validated (JSON data from ``record_of`` or a file goes through the reader)."""
+    return record if isinstance(record, CalibrationRecord) else record_from_json(record)
+
+
+def apply_record(loaded: LoadedModel,
+                 record: Mapping[str, Any] | CalibrationRecord) -> QuantizedSR:
     """Rebuild the quantized network of ``record`` on ``loaded`` (which it consumes)."""
-    expected = record["checkpoint"]["sha256"]
-    if loaded.info.sha256 != expected:
+    rec = as_record(record)
+    if loaded.info.sha256 != rec.checkpoint.sha256:
         raise CalibrationError(
-            f"the calibration record was made for {record['checkpoint']['file']} "
-            f"(sha256 {expected[:12]}...), not for {loaded.info.path.name} "
+            f"the calibration record was made for {rec.checkpoint.file} "
+            f"(sha256 {rec.checkpoint.sha256[:12]}...), not for {loaded.info.path.name} "
             f"(sha256 {loaded.info.sha256[:12]}...): calibrate this checkpoint first")
-    qnet = QuantizedSR(loaded.model, settings_of(record))
+    qnet = QuantizedSR(loaded.model, rec.settings)
     by_name = dict(qnet.qconvs())
-    names = [layer["name"] for layer in record["layers"]]
+    names = [layer.name for layer in rec.layers]
     if sorted(names) != sorted(by_name):
         raise CalibrationError(f"record layers {names[:4]}... do not match the network's quantized "
                                f"layers {list(by_name)[:4]}...")
     with torch.no_grad():
-        qnet.image_to_bit.lower.fill_(record["image_thresholds"][0])
-        qnet.image_to_bit.upper.fill_(record["image_thresholds"][1])
-        for layer in record["layers"]:
-            conv = by_name[layer["name"]]
-            conv.weight_quant.clip.copy_(torch.tensor(layer["w_clip"]))
-            conv.act_quant.lower.fill_(layer["a_bounds"][0])
-            conv.act_quant.upper.fill_(layer["a_bounds"][1])
-            if conv.layer_index is not None:
-                qnet.layer_to_bit.offsets[conv.layer_index] = float(layer["layer_offset"])
-            if layer.get("output_range"):
-                conv.output_range = tuple(layer["output_range"])
-            if layer.get("input_range"):
-                conv.input_range = tuple(layer["input_range"])
-            if layer["gate"] is not None:
-                gate = DynamicGate(int(layer["gate"]["channels"]))
-                gate.load_state_dict({src: torch.tensor(layer["gate"][key])
-                                      for key, src in _GATE_TENSORS.items()}, strict=False)
-                conv.gate = gate
-                if layer["gate"].get("mean_scale"):
-                    conv.gate_mean = tuple(layer["gate"]["mean_scale"])
+        qnet.image_to_bit.lower.fill_(rec.image_thresholds[0])
+        qnet.image_to_bit.upper.fill_(rec.image_thresholds[1])
+        for layer in rec.layers:
+            try:
+                _apply_layer(qnet, by_name[layer.name], layer)
+            except RuntimeError as err:  # a tensor of the wrong shape
+                raise CalibrationError(f"record layer {layer.name!r} does not fit the network: "
+                                       f"{' '.join(str(err).split())[:300]}") from err
     qnet.eval()
     return qnet
+
+
+def _apply_layer(qnet: QuantizedSR, conv: Any, layer: RecordLayer) -> None:
+    conv.weight_quant.clip.copy_(torch.tensor(layer.w_clip, dtype=conv.weight_quant.clip.dtype))
+    conv.act_quant.lower.fill_(layer.a_bounds[0])
+    conv.act_quant.upper.fill_(layer.a_bounds[1])
+    if conv.layer_index is not None:
+        qnet.layer_to_bit.offsets[conv.layer_index] = float(layer.layer_offset)
+    if layer.output_range:
+        conv.output_range = layer.output_range
+    if layer.input_range:
+        conv.input_range = layer.input_range
+    if layer.gate is not None:
+        gate = DynamicGate(layer.gate.channels)
+        gate.load_state_dict({src: torch.tensor(layer.gate.tensors[key], dtype=torch.float32)
+                              for key, src in _GATE_TENSORS.items()}, strict=False)
+        conv.gate = gate
+        if layer.gate.mean_scale:
+            conv.gate_mean = layer.gate.mean_scale

@@ -14,8 +14,9 @@ import numpy as np
 
 from runtime.engines.base import Batch, Engine
 from runtime.errors import EngineError, check_range
+from runtime.manifest import THREADS
 
-MAX_THREADS = 256  # intra-op threads: beyond any CPU here (1000000 made ONNX Runtime hang)
+MAX_THREADS = THREADS[1]  # intra-op threads: beyond any CPU here (1000000 made ONNX Runtime hang)
 
 
 def session_options(threads: int, *, optimize: bool = True) -> Any:

@@ -32,6 +32,7 @@ from runtime.errors import BundleError, ConfigError
 from runtime.imaging import save_rgb
 from runtime.manifest import read_manifest
 from targets.loader import load_target
+from tests.conftest import calibrate_tiny
 
 FAST = CalibrationConfig(patches=8, patch_size=16, steps=20, batch=2, epochs=4, validation=4)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,11 +40,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def records(tiny: tuple[Path, Path]) -> dict[str, dict[str, Any]]:
-    weights, calib = tiny
-    settings = {"w8a6_fq": QuantSettings(method="adabm", wbits=8, abits=6, fq=True),
-                "w8a8": QuantSettings(method="adabm", wbits=8, abits=8)}
-    return {name: calibrate(load_model(weights), s, FAST, calib).record
-            for name, s in settings.items()}
+    return calibrate_tiny(tiny, {
+        "w8a6_fq": QuantSettings(method="adabm", wbits=8, abits=6, fq=True),
+        "w8a8": QuantSettings(method="adabm", wbits=8, abits=8)}, FAST)
 
 
 @pytest.fixture(scope="module")

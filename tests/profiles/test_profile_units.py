@@ -87,7 +87,7 @@ def test_options_need_twenty_runs_unless_quick() -> None:
 def test_profile_reader_names_the_problem() -> None:
     with pytest.raises(BundleError, match="schema 'adasr.profile/0' is not supported"):
         profile_from_json({"schema": "adasr.profile/0"})
-    with pytest.raises(BundleError, match="malformed: KeyError: 'settings'"):
+    with pytest.raises(BundleError, match="^profile field settings: missing$"):
         profile_from_json({"schema": "adasr.profile/1"})
 
 

@@ -168,8 +168,9 @@ def test_latency_table_from_profile_prefers_the_largest_batch_at_the_tile() -> N
      r"--tiles 24`"),
     ({"schema": "adasr.profile/0", "engines": []}, "profile schema 'adasr.profile/0' is not"),
     ({"schema": "adasr.profile/1", "engines": [{"name": "lo", "tile": 24}]},
-     "profile is malformed: KeyError: 'batch'"),
-    (_profile(("lo", 24, 0, 1, 2.0)), "profile is malformed: ValueError: entry 'lo' has batch 0"),
+     r"^profile field engines\[0\]\.batch: missing$"),
+    (_profile(("lo", 24, 0, 1, 2.0)),
+     r"^profile field engines\[0\]\.batch: expected an integer in 1\.\.65536, got 0$"),
 ])
 def test_latency_table_errors(data: dict[str, object], message: str) -> None:
     with pytest.raises(BundleError, match=message):

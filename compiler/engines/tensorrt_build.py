@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
+from compiler.engines.tensorrt_network import check_int8_convs, inspect_network
 from runtime.errors import ConfigError, EngineError, unknown_name
 from runtime.fileio import atomic_write_bytes
 from targets.loader import Target, probe_device
@@ -221,6 +222,7 @@ def build_engine(spec: TrtBuildSpec) -> bytes:
     network = builder.create_network(_network_flags(spec, major))
     parser = trt.OnnxParser(network, logger)
     _parse_onnx(parser, spec.onnx_path)
+    check_int8_convs(inspect_network(network, trt), str(spec.onnx_path))
     config = builder.create_builder_config()
     _configure(builder, network, config, spec)
     if spec.timing_cache is not None:

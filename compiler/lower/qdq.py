@@ -364,7 +364,7 @@ def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.
 
 
 @dataclass(frozen=True)
-class _Chain:
+class Chain:
     """A conv whose output reaches another quantized conv's input through grid-preserving ops."""
 
     path: tuple[onnx.NodeProto, ...]
@@ -372,7 +372,7 @@ class _Chain:
 
 
 def _chain_of(g: GraphEditor, conv: onnx.NodeProto, targets: Mapping[str, onnx.NodeProto]
-              ) -> _Chain | None:
+              ) -> Chain | None:
     by_output = {node.output[0]: name for name, node in targets.items()}
     tensor, path = conv.output[0], []
     while tensor not in g.outputs:
@@ -386,7 +386,7 @@ def _chain_of(g: GraphEditor, conv: onnx.NodeProto, targets: Mapping[str, onnx.N
             continue
         name = by_output.get(nxt.output[0])
         if name is not None and nxt.input[0] == tensor:
-            return _Chain(tuple(path), name)
+            return Chain(tuple(path), name)
         return None
     return None
 
@@ -475,10 +475,10 @@ def _is_thin(g: GraphEditor, conv: onnx.NodeProto) -> bool:
     return weight is not None and weight.dims[0] <= THIN_CHANNELS
 
 
-def _weight_levels(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
-                   as_float: bool = False) -> tuple[str, npt.NDArray[np.float32]]:
-    """The conv's weight on the layer's grid, as int8 levels (or float ones) under the float
-    weight's name where not shared: (initializer name, step per tensor or output channel)."""
+def _take_weight(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer
+                 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
+    """The conv's weight on the layer's grid (int8 levels, step per tensor or output channel),
+    its float initializer released where no other node reads it (the name is free again)."""
     name = conv.input[1]
     source = g.inits.get(name)
     if source is None:
@@ -487,7 +487,26 @@ def _weight_levels(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
     levels, step = quantize_weight(numpy_helper.to_array(source).astype(F32), layer)
     if len(g.consumers(name)) == 1:
         g.release(name)
+    return levels, step
+
+
+def _weight_levels(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
+                   as_float: bool = False) -> tuple[str, npt.NDArray[np.float32]]:
+    """The conv's weight on the layer's grid, as int8 levels (or float ones) under the float
+    weight's name where not shared: (initializer name, step per tensor or output channel)."""
+    name = conv.input[1]
+    levels, step = _take_weight(g, conv, layer)
     return g.constant(name, levels.astype(F32) if as_float else levels), step
+
+
+def float_weight(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer) -> str:
+    """The conv's weight on the layer's grid as float values ``level * step`` (FP32, as the
+    simulation rounds them), under the float weight's name where not shared."""
+    name = conv.input[1]
+    levels, step = _take_weight(g, conv, layer)
+    shape = (-1, *([1] * (levels.ndim - 1))) if step.ndim else ()
+    conv.input[1] = g.constant(name, (levels.astype(F32) * step.reshape(shape)).astype(F32))
+    return conv.input[1]
 
 
 def lower_weight(g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
@@ -672,7 +691,6 @@ class Encoding:
     """
 
     dialect = "ort"
-    integer_path = True
     shares_streams = True  # residual streams on the 8-bit grid of the conv they feed
     exact_image = True  # the image conv on the integer pixels (compiler.lower.image)
     statistics_in_double = True  # per-image statistics in FP64 (_statistics_in_double)
@@ -712,9 +730,29 @@ class Encoding:
         return g.dequantize(stored, grid, base)
 
     def feed(self, g: GraphEditor, conv: onnx.NodeProto, tensor: str, grid: Grid,
-             layer: EngineLayer) -> None:
-        """Make the dequantized ``tensor`` (on ``grid``) the input of ``conv``."""
-        conv.input[0] = tensor
+             layer: EngineLayer, base: str) -> str:
+        """Quantize float ``tensor`` on ``grid`` and make its dequantized values the input of
+        ``conv``; returns the dequantized tensor."""
+        dequantized = self.dequantize(g, self.quantize(g, tensor, grid, base), grid, base)
+        conv.input[0] = dequantized
+        return dequantized
+
+    def chain(self, g: GraphEditor, conv: onnx.NodeProto, chain: Chain, grid: Grid,
+              target: onnx.NodeProto, target_layer: EngineLayer) -> Grid:
+        """Q right after ``conv`` on the target's grid; ReLUs become the Q's saturation and the
+        path's other ops (DepthToSpace) run on the stored integers. Returns the grid of the Q."""
+        if any(node.op_type == "Relu" for node in chain.path):
+            grid = grid.after_relu()
+        base = f"{chain.target}.input"
+        tensor = self.quantize(g, conv.output[0], grid, base)
+        for node in chain.path:
+            if node.op_type == "Relu":
+                g.drop(node)
+            else:
+                node.input[0] = tensor
+                node.output[0] = tensor = g.fresh(f"{node.output[0]}.quantized")
+        target.input[0] = self.dequantize(g, tensor, grid, base)
+        return grid
 
     def notes(self, layer: EngineLayer, input_grid: Grid | None, output_grid: Grid | None,
               integer: bool) -> dict[str, Any]:
@@ -796,8 +834,8 @@ def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encodi
     out_grids: dict[str, Grid] = {}  # the Q right after a conv's values (chains, requantized)
     for name, chain in chains.items():
         if chain is not None:
-            out_grids[name] = _lower_chain(g, encoding, convs[name], chain, grids[chain.target],
-                                           convs[chain.target], by_name[chain.target])
+            out_grids[name] = encoding.chain(g, convs[name], chain, grids[chain.target],
+                                             convs[chain.target], by_name[chain.target])
             placement[name] = f"on the input grid of {chain.target}"
     fed = {chain.target for chain in chains.values() if chain is not None}
     integer: set[str] = set()  # convs on their integer levels (Encoding.lower_conv)
@@ -807,9 +845,7 @@ def lower_graph(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], encodi
             base = f"{name}.input"
             source = conv.input[0]
             readers = [node for node in g.consumers(source) if node is not conv]
-            stored = encoding.quantize(g, source, grids[name], base)
-            dequantized = encoding.dequantize(g, stored, grids[name], base)
-            encoding.feed(g, conv, dequantized, grids[name], layer)
+            dequantized = encoding.feed(g, conv, source, grids[name], layer, base)
             if name in stream_bounds:  # the stream's other readers take the quantized values too
                 for node in readers:
                     node.input[:] = [dequantized if t == source else t for t in node.input]
@@ -855,31 +891,6 @@ def finish_engine(model: onnx.ModelProto, dialect: str, summary: list[dict[str, 
     except onnx.checker.ValidationError as err:
         raise EngineError(f"the lowered engine is not valid ONNX: {err}") from err
     return model
-
-
-def _lower_chain(g: GraphEditor, encoding: Encoding, conv: onnx.NodeProto, chain: _Chain,
-                 grid: Grid, target: onnx.NodeProto, target_layer: EngineLayer) -> Grid:
-    """Q right after ``conv`` on the target's grid; ReLUs become the Q's saturation.
-
-    The path's other ops (DepthToSpace) run on the stored integers or, when the encoding's
-    ``integer_path`` is false, on the dequantized values. Returns the grid of the Q.
-    """
-    if any(node.op_type == "Relu" for node in chain.path):
-        grid = grid.after_relu()
-    base = f"{chain.target}.input"
-    tensor = encoding.quantize(g, conv.output[0], grid, base)
-    if not encoding.integer_path:
-        tensor = encoding.dequantize(g, tensor, grid, base)
-    for node in chain.path:
-        if node.op_type == "Relu":
-            g.drop(node)
-        else:
-            node.input[0] = tensor
-            node.output[0] = tensor = g.fresh(f"{node.output[0]}.quantized")
-    if encoding.integer_path:
-        tensor = encoding.dequantize(g, tensor, grid, base)
-    encoding.feed(g, target, tensor, grid, target_layer)
-    return grid
 
 
 def _lower_output(g: GraphEditor, encoding: Encoding, conv: onnx.NodeProto, layer: EngineLayer

@@ -87,14 +87,15 @@ from compiler.lower.export import MIN_OPSET, pin_ir_version
 from compiler.lower.image import EXACT_SUM
 from compiler.lower.qdq import (
     FLOAT_TYPES,
-    GRID_PRESERVING,
     METADATA_KEY,
     OUTPUT_BITS,
+    Chain,
     Encoding,
     EngineLayer,
     GraphEditor,
     Grid,
     finish_engine,
+    float_weight,
     integer_scale,
     lower_graph,
     lower_weight,
@@ -112,16 +113,32 @@ F32 = np.float32
 
 
 def int8_shift(grid: Grid) -> int:
-    """The integer ``k`` closest to 0 with ``[low + k, high + k]`` inside [-128, 127], even
-    where the grid leaves a choice (< 256 levels): rounding half to even then commutes with the
-    shift, so even exact ties land where the simulation puts them."""
-    if grid.high - grid.low > INT8_MAX - INT8_MIN:
-        raise EngineError(f"a grid of {grid.high - grid.low + 1} levels does not fit in int8")
-    lowest, highest = INT8_MIN - grid.low, INT8_MAX - grid.high
+    """The integer ``k`` closest to 0 with ``[low + k, high + k]`` and ``k`` (the level of a 0
+    input: a conv's zero padding) inside [-128, 127], even where the grid leaves a choice:
+    rounding half to even then commutes with the shift, so even exact ties land where the
+    simulation puts them. A grid must first fit int8 with 0 (:func:`fit_int8`)."""
+    low, high = min(grid.low, 0), max(grid.high, 0)
+    if high - low > INT8_MAX - INT8_MIN:
+        raise EngineError(f"a grid of levels [{grid.low}, {grid.high}] does not fit in int8 "
+                          "together with 0")
+    lowest, highest = INT8_MIN - low, INT8_MAX - high
     k = min(max(0, lowest), highest)
     if k % 2 and lowest < highest:
         k += 1 if k == lowest else -1
     return k
+
+
+def fit_int8(grid: Grid) -> Grid:
+    """``grid`` cut to the levels int8 holds together with 0: an 8-bit grid whose bounds
+    exclude 0 (``l > 0`` after training) loses its levels farthest from 0, as the ORT dialect's
+    uint8 grid does (``truncated_grid``; the parity simulation cuts them too)."""
+    span = INT8_MAX - INT8_MIN
+    low, high = grid.low, grid.high
+    if low > 0:
+        high = min(high, span)
+    elif high < 0:
+        low = max(low, -span)
+    return Grid(grid.step, low, high) if (low, high) != (grid.low, grid.high) else grid
 
 
 def _stored(grid: Grid) -> tuple[int, int]:
@@ -157,11 +174,11 @@ class TensorRTEncoding(Encoding):
     statistics_in_double = False  # TensorRT has no FP64
 
     dialect = "tensorrt"
-    integer_path = False
 
     def __init__(self, float_type: str = "fp32") -> None:
         self.quantizers: dict[str, tuple[int, int]] = {}
-        self.fed: dict[str, tuple[Grid, int, float]] = {}
+        self.fed: dict[str, tuple[Grid, int, float, float]] = {}
+        self.cut: set[Grid] = set()  # input grids cut to fit int8 with 0 (fit_int8)
         # the integer image conv's sums reach 2^24: exact in FP32 graphs only
         self.exact_image = float_type == "fp32"
 
@@ -173,44 +190,91 @@ class TensorRTEncoding(Encoding):
         grid = Grid.of_bounds((-alpha, alpha), OUTPUT_BITS, symmetric=True)
         return grid.after_relu() if relu else grid
 
+    def input_grid(self, layer: EngineLayer) -> Grid:
+        """The simulated grid, cut to what int8 holds together with 0 (:func:`fit_int8`)."""
+        grid = super().input_grid(layer)
+        fitted = fit_int8(grid)
+        if fitted != grid:
+            self.cut.add(fitted)
+        return fitted
+
     def truncated(self, grid: Grid) -> bool:
-        return grid.high - grid.low > INT8_MAX - INT8_MIN
+        return grid in self.cut
 
     def quantize(self, g: GraphEditor, tensor: str, grid: Grid, base: str) -> str:
+        """A requantized output's symmetric grid: Clip where narrower than int8, Q of scale
+        ``step`` (its DQ has the same scale)."""
+        return self._clip_quantize(g, tensor, grid, F32(grid.step), base)
+
+    def _clip_quantize(self, g: GraphEditor, tensor: str, grid: Grid, scale: np.float32,
+                       base: str, pad: onnx.NodeProto | None = None) -> str:
+        """``tensor`` (already ``* scale / step`` and shifted by ``k scale``) clipped to the
+        grid's shifted levels times ``scale``, zero-padded for ``pad`` (a conv whose padding
+        becomes the level of a 0 input), then Q of ``scale``: the stored int8 tensor."""
         k = int8_shift(grid)
-        if k:  # an explicit Add (TensorRT fuses it into the producer's epilogue)
-            shift = g.constant(f"{base}.shift", np.array(F32(k) * F32(grid.step), dtype=F32))
-            tensor = g.node("Add", [tensor, shift], f"{base}.shift")
         low, high = _stored(grid)
         if (low, high) != (INT8_MIN, INT8_MAX):
-            bounds = [g.constant(f"{base}.{side}", np.array(v * F32(grid.step), dtype=F32))
+            bounds = [g.constant(f"{base}.{side}", np.array(v * scale, dtype=F32))
                       for side, v in (("low", low), ("high", high))]
             tensor = g.node("Clip", [tensor, *bounds], f"{base}.clip")
-        scale = g.constant(f"{base}.scale", np.array(grid.step, dtype=F32))
-        zero = g.constant(f"{base}.zero_point", np.array(0, dtype=np.int8))
-        stored = g.node("QuantizeLinear", [tensor, scale, zero], f"{base}.q")
+        if k and pad is not None:
+            tensor = _pad_outside(g, pad, tensor, F32(k * scale), base)
+        stored = g.node("QuantizeLinear", [tensor, self._scale(g, scale, base),
+                                           self._zero(g, base)], f"{base}.q")
         self.quantizers[g.graph.node[-1].name] = (low, high)
         return stored
 
+    @staticmethod
+    def _scale(g: GraphEditor, scale: np.float32, base: str) -> str:
+        return g.constant(f"{base}.scale", np.array(scale, dtype=F32))
+
+    @staticmethod
+    def _zero(g: GraphEditor, base: str) -> str:
+        return g.constant(f"{base}.zero_point", np.array(0, dtype=np.int8))
+
     def dequantize(self, g: GraphEditor, stored: str, grid: Grid, base: str) -> str:
-        scale = g.constant(f"{base}.scale", np.array(grid.step, dtype=F32))
-        zero = g.constant(f"{base}.zero_point", np.array(0, dtype=np.int8))
-        return g.node("DequantizeLinear", [stored, scale, zero], f"{base}.dq")
+        return g.node("DequantizeLinear", [stored, self._scale(g, F32(grid.step), base),
+                                           self._zero(g, base)], f"{base}.dq")
 
     def feed(self, g: GraphEditor, conv: onnx.NodeProto, tensor: str, grid: Grid,
-             layer: EngineLayer) -> None:
-        """The conv reads the stored levels times the power of two ``2^a`` in ``[step,
-        2 step)`` (its DQ's scale): exact in FP32. A shifted grid's zero padding becomes a Pad
-        with value ``k 2^a`` (the stored level of a 0 input); :meth:`lower_conv` takes the shift
-        out of the sums again."""
+             layer: EngineLayer, base: str) -> str:
+        """The conv reads its input's levels times the power of two ``u = 2^a`` in ``[step,
+        2 step)``: ``x * (u / step)`` (a Mul, none where ``step`` is a power of two), plus a
+        shift ``k u``, the Clip on the shifted levels, then ``Q`` and ``DQ`` both of scale
+        ``u``, the DQ feeding the conv directly. A shifted grid's zero padding becomes a Pad
+        between the Clip and the Q with value ``k u`` (the stored level of a 0 input):
+        :meth:`lower_conv` takes the shift out of the sums again."""
         k = int8_shift(grid)
-        unit = float(power_of_two_above(grid.step))
-        dq = _dequantizer(g, tensor, layer.name)
-        dq.input[1] = g.constant(f"{layer.name}.input.unit_scale", np.array(unit, dtype=F32))
+        unit = power_of_two_above(grid.step)
+        ratio = F32(unit / F32(grid.step))
+        if ratio != 1:
+            tensor = g.node("Mul", [tensor, g.constant(f"{base}.ratio", np.array(ratio, F32))],
+                            f"{base}.ratio")
         if k:
-            tensor = _pad_outside(g, conv, tensor, F32(k * unit), f"{layer.name}.input")
-        conv.input[0] = tensor
-        self.fed[layer.name] = (grid, k, unit)
+            shift = g.constant(f"{base}.shift", np.array(F32(k) * unit, dtype=F32))
+            tensor = g.node("Add", [tensor, shift], f"{base}.shift")
+        stored = self._clip_quantize(g, tensor, grid, unit, base, pad=conv)
+        conv.input[0] = g.node("DequantizeLinear", [stored, self._scale(g, unit, base),
+                                                    self._zero(g, base)], f"{base}.dq")
+        self.fed[layer.name] = (grid, k, float(unit), float(ratio))
+        return conv.input[0]
+
+    def chain(self, g: GraphEditor, conv: onnx.NodeProto, chain: Chain, grid: Grid,
+              target: onnx.NodeProto, target_layer: EngineLayer) -> Grid:
+        """The path's ReLUs fold into the Clip; its other ops (DepthToSpace) run on the float
+        values before the Q (TensorRT runs no op but Q/DQ on int8): the target's input is then
+        a DQ fed as any quantized input (:meth:`feed`). Returns the grid of the Q."""
+        if any(node.op_type == "Relu" for node in chain.path):
+            grid = grid.after_relu()
+        tensor = conv.output[0]
+        for node in chain.path:
+            if node.op_type == "Relu":
+                g.drop(node)
+            else:
+                node.input[0] = tensor
+                tensor = node.output[0]
+        self.feed(g, target, tensor, grid, target_layer, f"{chain.target}.input")
+        return grid
 
     def lower_conv(self, g: GraphEditor, conv: onnx.NodeProto, layer: EngineLayer,
                    grid: Grid | None, placement: str) -> bool:
@@ -221,10 +285,10 @@ class TensorRTEncoding(Encoding):
         the ORT dialect's integer convs are. Other convs: int8 weights on their step (FP
         input)."""
         fed = self.fed.get(layer.name)
-        if fed is None:
-            lower_weight(g, conv, layer)
+        if fed is None:  # a float input: TensorRT has no weight-only conv, so float weights
+            float_weight(g, conv, layer)
             return False
-        grid, k, unit = fed
+        grid, k, unit, _ = fed
         name, w_step, w_unit = lower_weight(g, conv, layer, power_of_two_above)
         levels = numpy_helper.to_array(g.inits[name]).astype(np.int64)
         channels = levels.shape[0]
@@ -247,20 +311,10 @@ class TensorRTEncoding(Encoding):
         fed = self.fed.get(layer.name)
         if fed is None:
             return {"input_shift": 0, "integer_conv": False}
-        grid, k, _ = fed
+        grid, k, unit, ratio = fed
         return {"input_shift": k, "integer_conv": integer,
-                "input_grid": {"step": grid.step, "levels": [grid.low, grid.high]}}
-
-
-def _dequantizer(g: GraphEditor, tensor: str, layer: str) -> onnx.NodeProto:
-    """The DQ whose values reach ``tensor`` through grid-preserving ops (a chain's path)."""
-    node = g.producer(tensor)
-    while node is not None and node.op_type in GRID_PRESERVING:
-        node = g.producer(node.input[0])
-    if node is None or node.op_type != "DequantizeLinear":
-        raise EngineError(f"layer {layer!r}: its input does not come from the DequantizeLinear "
-                          "the lowering wrote")
-    return node
+                "input_grid": {"step": grid.step, "levels": [grid.low, grid.high],
+                               "unit": unit, "ratio": ratio}}
 
 
 def _pad_outside(g: GraphEditor, conv: onnx.NodeProto, tensor: str, value: np.float32,
@@ -496,6 +550,8 @@ class _Checker:
         if (low, high) == (INT8_MIN, INT8_MAX):
             return
         clip = self.producers.get(node.input[0])
+        if clip is not None and clip.op_type == "Pad":  # a shifted grid's border, on the levels
+            clip = self.producers.get(clip.input[0])
         if clip is None or clip.op_type != "Clip":
             source = f"node {clip.name!r} ({clip.op_type})" if clip else "a graph input"
             raise EngineError(f"{where}: grid [{low}, {high}] is narrower than int8 but its "

@@ -33,8 +33,8 @@ import numpy as np
 import onnx
 
 from compiler import __version__
+from compiler.lower.dialects import lower_engine
 from compiler.lower.export import export_onnx, save_onnx
-from compiler.lower.qdq import lower_engine
 from compiler.plan import EnginePlan, PlannedEngine, plan_engines
 from compiler.zoo.base import LoadedModel
 from runtime.engines.onnxruntime import OnnxRuntimeEngine
@@ -105,7 +105,7 @@ def _lower(fp: onnx.ModelProto, planned: PlannedEngine, plan: EnginePlan) -> onn
     float_type = "fp16" if target.strongly_typed and target.top_precision == "fp16" else "fp32"
     model = lower_engine(fp, planned.specs, dialect="tensorrt", float_type=float_type,
                          max_opset=target.max_opset)
-    from compiler.lower.trt import check_tensorrt_graph
+    from compiler.lower.trt_check import check_tensorrt_graph
 
     check_tensorrt_graph(model, target.max_opset)
     return model

@@ -158,7 +158,7 @@ class IntegerConv2d(QConv2d):
     """A ``QConv2d`` that computes its conv as the ONNX Runtime engine does (ORT dialect).
 
     The engine accumulates a quantized conv exactly: QLinearConv in int32, a float-output conv
-    on its integer levels (``compiler.lower.qdq._integer_conv``). A simulation in FP32 rounds
+    on its integer levels (``compiler.lower.ort._integer_conv``). A simulation in FP32 rounds
     its partial sums instead, and a sum that lands on the other side of a later quantizer's
     rounding tie flips one level; each flip moves ~9 x 64 sums of the next conv and flips some
     of them, so the flips multiply layer after layer (IMDN x4: 1-2 flipped levels per million

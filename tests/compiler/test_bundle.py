@@ -298,7 +298,7 @@ def test_failed_build_keeps_the_old_bundle(tiny: tuple[Path, Path],
 def test_tensorrt_target_writes_the_portable_half(tiny: tuple[Path, Path],
                                                   records: dict[str, dict[str, Any]],
                                                   tmp_path: Path) -> None:
-    from compiler.lower.trt import check_tensorrt_graph
+    from compiler.lower.trt_check import check_tensorrt_graph
 
     weights, _ = tiny
     target = load_target("jetson-orin-nano")
@@ -321,7 +321,8 @@ def test_hardware_engine_is_int8_end_to_end(bundles: dict[str, Path]) -> None:
     """Widened 8-bit grids: residual streams shared (QLinearAdd), every conv but the trunk's ends
     a QLinearConv (the RGB tail too, on the output image's own grid), and the engine's 0..1
     output lies on the k/255 image grid exactly."""
-    from compiler.lower.qdq import IMAGE_PLACEMENT, ort_fused_layers
+    from compiler.lower.ort import ort_fused_layers
+    from compiler.lower.qdq import IMAGE_PLACEMENT
 
     root = bundles["w8a6_fq-hardware"]
     spec = read_manifest(root).engine("int8")

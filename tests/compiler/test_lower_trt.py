@@ -23,10 +23,13 @@ from onnx import TensorProto, helper, numpy_helper
 from test_lower import ENGINES, FAST, MIN_PSNR, RECORDS, TILE, _psnr, _simulation
 from torch import Tensor, nn
 
+from compiler.layers import engine_layers
+from compiler.lower.dialects import lower_engine
 from compiler.lower.exact import power_of_two_above
 from compiler.lower.export import INPUT_NAME, export_onnx
-from compiler.lower.qdq import Grid, engine_layers, lower_engine, lowering_summary
-from compiler.lower.trt import check_tensorrt_graph, fit_int8, int8_shift, target_opset
+from compiler.lower.qdq import Grid, lowering_summary
+from compiler.lower.trt import fit_int8, int8_shift, target_opset
+from compiler.lower.trt_check import check_tensorrt_graph
 from compiler.quant.calibrate import CalibrationConfig, calibrate
 from compiler.quant.qmodel import QuantSettings
 from compiler.quant.quantizers import quantize_asymmetric, quantize_symmetric

@@ -26,9 +26,10 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from compiler.lower.dialects import lower_engine
 from compiler.lower.export import INPUT_NAME, export_onnx
-from compiler.lower.qdq import lower_engine, lowering_summary
-from compiler.lower.trt import check_tensorrt_graph
+from compiler.lower.qdq import lowering_summary
+from compiler.lower.trt_check import check_tensorrt_graph
 from compiler.parity import simulate_engine
 from compiler.plan import PlannedEngine, plan_engines
 from compiler.quant.calibrate import calibrate

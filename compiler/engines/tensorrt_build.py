@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from compiler.engines.tensorrt_network import NetworkReport, check_int8_convs, inspect_network
 from runtime.errors import ConfigError, EngineError, unknown_name
 from runtime.fileio import atomic_write_bytes
-from targets.loader import Target, probe_device
+from targets.loader import DeviceFacts, Target, match_target, probe_device
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -111,6 +111,32 @@ def engine_cache_key(onnx_sha256: str, spec: TrtBuildSpec, trt_version: str,
     }
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def target_matches(target: Target, facts: DeviceFacts) -> bool:
+    """Whether ``facts`` (this machine) is a device ``target`` names in its ``device_match``."""
+    rules = ((facts.jetson_model, target.device_match.jetson_model),
+             (facts.gpu_name, target.device_match.gpu_name))
+    return any(seen and any(pattern.lower() in seen.lower() for pattern in patterns)
+               for seen, patterns in rules)
+
+
+def check_build_device(target: Target, facts: DeviceFacts, version: str, bundle: Path) -> None:
+    """Refuse to build ``target``'s plans on a device it does not name, or with a TensorRT
+    outside its range: the plans would run (and be tuned) for another device. The message has
+    the command that rebuilds the bundle for this device."""
+    here = facts.jetson_model or facts.gpu_name or facts.machine
+    own = match_target(facts)
+    rebuild = (f"adasr build --weights WEIGHTS --target {own.name} --calibration "
+               f"{bundle / 'calibration.json'} -o OUT")
+    if not target_matches(target, facts):
+        raise EngineError(f"this device ({here}) is not a {target.name} (it matches "
+                          f"{target.device_match}): plans built here would serve another GPU; "
+                          f"rebuild the bundle for this device with: {rebuild}")
+    if target.tensorrt is not None and not target.tensorrt.contains(version):
+        raise EngineError(f"TensorRT {version} is outside {target.name}'s range "
+                          f"{target.tensorrt}: install TensorRT {target.tensorrt}, or rebuild "
+                          f"the bundle for this TensorRT with: {rebuild}")
 
 
 def tensorrt_version() -> str:

@@ -369,7 +369,7 @@ def test_verify_script_help_runs_without_tensorrt() -> None:
     out = subprocess.run([sys.executable, str(REPO / "tools" / "verify_tensorrt_bundle.py"),
                           "--help"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
-    assert "--engine" in out.stdout and "--min-psnr" in out.stdout
+    assert "--engine" in out.stdout and "--max-differing" in out.stdout
 
 
 # ---------------------------------------------------------------- cache key and spec

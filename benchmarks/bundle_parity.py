@@ -44,8 +44,9 @@ import torch
 from common import REPO, shared, table
 
 from compiler.bundle import write_bundle
+from compiler.lower.dialects import lower_engine
 from compiler.lower.export import INPUT_NAME, export_onnx
-from compiler.lower.qdq import lower_engine, lowering_summary
+from compiler.lower.qdq import lowering_summary
 from compiler.parity import simulate_engine
 from compiler.plan import plan_engines
 from compiler.quant.calibrate import CalibrationConfig, calibrate
@@ -143,7 +144,7 @@ def _tensorrt_engines(weights: Path, record: dict[str, Any], ladder: str, patche
     fp = export_onnx(load_model(weights).model, plan.tile, opset=FP_OPSET, dynamic=True,
                      dynamic_batch=True)
     requantize = args.requantize == "bundle" or ladder == "hardware"
-    from compiler.lower.trt import check_tensorrt_graph
+    from compiler.lower.trt_check import check_tensorrt_graph
 
     def engines() -> Iterator[Engine]:
         for planned, spec in zip(plan.engines, manifest.engines, strict=True):

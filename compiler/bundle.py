@@ -12,9 +12,14 @@ finishes it on the device (``adasr build --finish BUNDLE``, :func:`finish_bundle
 
 Widening (hardware ladder): the first engine whose grids were widened to 8 bits is compared, on
 calibration patches through ONNX Runtime, with the same engine on the exact simulated grids: both
-against the FP graph. The widened plan is kept only when its PSNR is no worse, else the whole
-plan falls back to the exact grids (``plan_engines(widen=False)``); the measured numbers are in
-the engines' ``note``.
+against the FP graph, both lowered in the target's own dialect (a TensorRT target's FP32
+TensorRT-dialect graphs run with ONNX Runtime's optimizations off). The widened plan is kept
+only when its PSNR is no worse, else the whole plan falls back to the exact grids
+(``plan_engines(widen=False)``); the measured numbers are in the engines' ``note``.
+
+The manifest records the engines' ONNX opset (the FP16 TensorRT graphs are opset 19). A
+TensorRT target's plans are built only on a device its ``device_match`` names, with a TensorRT
+in its range (``compiler.engines.tensorrt_build.check_build_device``).
 """
 
 from __future__ import annotations
@@ -34,13 +39,15 @@ import numpy as np
 import onnx
 
 from compiler import __version__
-from compiler.lower.export import export_onnx, save_onnx
-from compiler.lower.qdq import lower_engine
+from compiler.layers import EngineLayer
+from compiler.lower.dialects import lower_engine
+from compiler.lower.export import INPUT_NAME, export_onnx, save_onnx
+from compiler.lower.qdq import model_opset
 from compiler.plan import EnginePlan, PlannedEngine, plan_engines
 from compiler.quant.record import CalibrationRecord, record_from_json
 from compiler.zoo.base import LoadedModel
 from runtime.bundlepaths import bundle_path, check_single_file_onnx
-from runtime.engines.onnxruntime import OnnxRuntimeEngine
+from runtime.engines.onnxruntime import OnnxRuntimeEngine, session_options
 from runtime.errors import BundleError, EngineError, OutputError
 from runtime.fileio import atomic_write_bytes, sha256_file
 from runtime.manifest import (
@@ -66,6 +73,7 @@ from runtime.outputs import (
     probe_writable,
     same_file,
 )
+from targets.loader import probe_device
 
 Progress = Callable[[str], None]
 RECORD_NAME = "calibration.json"
@@ -76,7 +84,7 @@ WIDEN_PATCHES = 8
 
 @dataclass(frozen=True)
 class BuildOptions:
-    opset: int = 17
+    opset: int = 17  # the FP graph's; the manifest records the engines' (FP16 TensorRT: 19)
     batch: int = 8  # TensorRT: static batch of the tile engines
     threads: int = 0
     widen_patches: int = WIDEN_PATCHES
@@ -89,27 +97,35 @@ def _ref(root: Path, path: Path) -> FileRef:
     return FileRef(path.relative_to(root).as_posix(), sha256_file(path), path.stat().st_size)
 
 
-def _run_graph(model: onnx.ModelProto, path: Path, patches: np.ndarray, scale: int
-               ) -> np.ndarray:
+def _run_graph(model: onnx.ModelProto, path: Path, patches: np.ndarray, scale: int,
+               optimize: bool = True) -> np.ndarray:
     save_onnx(model, path)
-    with OnnxRuntimeEngine(path.stem, path, scale) as engine:
+    options = session_options(0, optimize=optimize)
+    with OnnxRuntimeEngine(path.stem, path, scale, options=options) as engine:
         return engine.infer(patches)
 
 
 def _check_widening(fp: onnx.ModelProto, planned: PlannedEngine, patches: np.ndarray,
-                    scratch: Path, scale: int) -> tuple[bool, str]:
-    """Whether the widened engine is no worse than the exact one (vs FP), and the numbers."""
+                    scratch: Path, scale: int, dialect: str) -> tuple[bool, str]:
+    """Whether the widened engine is no worse than the exact one (vs FP), and the numbers,
+    measured on the target's own dialect: ORT graphs as the runtime runs them, TensorRT-dialect
+    graphs (FP32) with ONNX Runtime's optimizations off (their ONNX semantics)."""
     assert planned.exact is not None
+    tensorrt = dialect == "tensorrt"
+
+    def run(specs: tuple[EngineLayer, ...], name: str) -> np.ndarray:
+        graph = (lower_engine(fp, specs, dialect="tensorrt") if tensorrt
+                 else lower_engine(fp, specs, streams=False))
+        return _run_graph(graph, scratch / name, patches, scale, optimize=not tensorrt)
+
     reference = _run_graph(fp, scratch / "fp.onnx", patches, scale)
-    widened = _run_graph(lower_engine(fp, planned.specs, streams=False),
-                         scratch / "widened.onnx", patches, scale)
-    exact = _run_graph(lower_engine(fp, planned.exact, streams=False), scratch / "exact.onnx",
-                       patches, scale)
+    widened, exact = run(planned.specs, "widened.onnx"), run(planned.exact, "exact.onnx")
     reference = np.clip(reference, 0, 1)
     p_wide, p_exact = (psnr(np.clip(out, 0, 1), reference, 1.0) for out in (widened, exact))
     keep = p_wide >= p_exact
     note = (f"8-bit grids {'kept' if keep else 'rejected'}: PSNR vs FP on {len(patches)} "
-            f"calibration patches {p_wide:.2f} dB widened, {p_exact:.2f} dB exact grids")
+            f"calibration patches {p_wide:.2f} dB widened, {p_exact:.2f} dB exact grids "
+            f"({dialect} dialect)")
     return keep, note
 
 
@@ -123,7 +139,7 @@ def _lower(fp: onnx.ModelProto, planned: PlannedEngine, plan: EnginePlan) -> onn
     float_type = "fp16" if target.strongly_typed and target.top_precision == "fp16" else "fp32"
     model = lower_engine(fp, planned.specs, dialect="tensorrt", float_type=float_type,
                          max_opset=target.max_opset)
-    from compiler.lower.trt import check_tensorrt_graph
+    from compiler.lower.trt_check import check_tensorrt_graph
 
     check_tensorrt_graph(model, target.max_opset)
     return model
@@ -139,19 +155,31 @@ def _device_facts() -> tuple[str | None, str | None]:
         return None, None
 
 
-def _build_plans(root: Path, manifest: Manifest, plan_target: Any, batch: int,
-                 progress: Progress) -> Manifest:
-    """Build every pending TensorRT plan of ``manifest`` (files under ``root``) on this device."""
+def _builds_here(target: Any, version: str) -> bool:
+    """Whether this device and TensorRT may build ``target``'s plans."""
     from compiler.engines import tensorrt_build as trt_build
 
-    version, device = trt_build.tensorrt_version(), trt_build.device_name()
+    try:
+        trt_build.check_build_device(target, probe_device(), version, Path("."))
+    except EngineError:
+        return False
+    return True
+
+
+def _build_plans(root: Path, manifest: Manifest, plan_target: Any, batch: int,
+                 progress: Progress, version: str, device: str) -> Manifest:
+    """Build every pending TensorRT plan of ``manifest`` (files under ``root``) on this device
+    (TensorRT ``version``, named ``device``)."""
+    from compiler.engines import tensorrt_build as trt_build
+
+    trt_build.check_build_device(plan_target, probe_device(), version, root)
     cache = bundle_path(root, TIMING_CACHE, "TensorRT timing cache")
     engines = []
     for spec in manifest.engines:
         shape = (batch, 3, manifest.tile, manifest.tile)
         what = f"engine {spec.name!r}"
         build = trt_build.spec_for_target(plan_target, bundle_path(root, spec.onnx.path, what),
-                                          "lr", shape, timing_cache=cache)
+                                          INPUT_NAME, shape, timing_cache=cache)
         key = trt_build.engine_cache_key(spec.onnx.sha256, build, version, device)
         plan_path = bundle_path(root, f"engines/{spec.name}.{key[:12]}.plan", what)
         if not plan_path.is_file():
@@ -198,16 +226,19 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
             check_fp = fp if target.backend == "onnxruntime" else export_onnx(
                 loaded.model, plan.tile, opset=options.opset, dynamic=True, dynamic_batch=True)
             keep, note = _check_widening(check_fp, widened[0], patches[:options.widen_patches],
-                                         staging, loaded.info.scale)
+                                         staging, loaded.info.scale,
+                                         "ort" if target.backend == "onnxruntime" else "tensorrt")
             if not keep:
                 plan = plan_engines(record, target, plan.ladder, tile=plan.tile,
                                     overlap=plan.overlap, widen=False,
                                     floats=plan.float_layers)
-        specs = []
+        specs, opsets = [], set()
         for planned in plan.engines:
             progress(f"lowering engine {planned.name}")
             path = staging / "engines" / f"{planned.name}.onnx"
-            save_onnx(_lower(fp, planned, plan), path)
+            graph = _lower(fp, planned, plan)
+            opsets.add(model_opset(graph))
+            save_onnx(graph, path)
             specs.append(EngineSpec(
                 name=planned.name, backend=target.backend, onnx=_ref(staging, path), plan=None,
                 precision=planned.precision, offsets=planned.offsets, reference=planned.reference,
@@ -217,13 +248,17 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
             (staging / scratch).unlink(missing_ok=True)
         record_path = staging / RECORD_NAME
         atomic_write_bytes(record_path, (json.dumps(record, indent=1) + "\n").encode())
+        if len(opsets) != 1:
+            raise EngineError(f"the engines of one bundle have opsets {sorted(opsets)}; "
+                              "expected one")
         manifest = _manifest(loaded, checked, plan, tuple(specs), _ref(staging, record_path),
-                             options)
+                             replace(options, opset=opsets.pop()))
         if target.backend == "tensorrt":
             version, device = _device_facts()
-            if version is not None and device is not None:
-                manifest = _build_plans(staging, manifest, target, options.batch, progress)
-            else:
+            if version is not None and device is not None and _builds_here(target, version):
+                manifest = _build_plans(staging, manifest, target, options.batch, progress,
+                                        version, device)
+            else:  # the portable half; on another device or TensorRT, --finish says what to do
                 # the bundle's own name: the device knows nothing of this machine's paths
                 command = f"adasr build --finish {destination.name}"
                 manifest = replace(manifest, build=replace(manifest.build,
@@ -338,6 +373,6 @@ def finish_bundle(bundle: Path, target: Any, *, batch: int | None = None,
         raise EngineError(f"TensorRT and an NVIDIA GPU are needed to finish {bundle}: run this "
                           f"on the {manifest.target}")
     size = batch or manifest.engines[0].input_shape[0]
-    finished = _build_plans(bundle, manifest, target, size, progress)
+    finished = _build_plans(bundle, manifest, target, size, progress, version, device)
     write_manifest(bundle, finished)
     return finished

@@ -158,7 +158,7 @@ class IntegerConv2d(QConv2d):
     """A ``QConv2d`` that computes its conv as the ONNX Runtime engine does (ORT dialect).
 
     The engine accumulates a quantized conv exactly: QLinearConv in int32, a float-output conv
-    on its integer levels (``compiler.lower.qdq._integer_conv``). A simulation in FP32 rounds
+    on its integer levels (``compiler.lower.ort._integer_conv``). A simulation in FP32 rounds
     its partial sums instead, and a sum that lands on the other side of a later quantizer's
     rounding tie flips one level; each flip moves ~9 x 64 sums of the next conv and flips some
     of them, so the flips multiply layer after layer (IMDN x4: 1-2 flipped levels per million
@@ -255,8 +255,10 @@ class TensorRTConv2d(IntegerConv2d):
     """A ``QConv2d`` that computes as a TensorRT-dialect conv on integer levels does
     (``compiler.lower.trt.TensorRTEncoding``), run by ONNX Runtime without optimizations:
 
-    - the input Q: ``x + k * step`` in FP32 when the grid is shifted by ``k`` into int8, then
-      its levels ``round(. / step)`` clamped to the grid, minus ``k``;
+    - the input Q, whose scale is the power of two ``u`` in ``[step, 2 step)``: ``x * (u /
+      step)`` in FP32 (the ratio as the graph stores it; none when it is 1), ``+ k u`` when the
+      grid is shifted by ``k`` into int8, then its levels ``round(. / u)`` clamped to the grid,
+      minus ``k``;
     - exact sums of the input levels times the weight levels (the shift and its border Pad
       cancel exactly in the engine);
     - ``fp32(acc) * fp32(step * s_w) + b``, then the symmetric 8-bit output Q when the lowering
@@ -264,6 +266,8 @@ class TensorRTConv2d(IntegerConv2d):
     """
 
     step: float
+    unit: float
+    ratio: float
     grid_levels: tuple[int, int]
     shift: int
 
@@ -272,7 +276,7 @@ class TensorRTConv2d(IntegerConv2d):
         conv.__class__ = cls
         assert isinstance(conv, TensorRTConv2d)
         grid = entry["input_grid"]
-        conv.step = float(grid["step"])
+        conv.step, conv.unit, conv.ratio = (float(grid[key]) for key in ("step", "unit", "ratio"))
         low, high = (int(v) for v in grid["levels"])
         conv.grid_levels = (low, high)
         conv.shift = int(entry.get("input_shift", 0))
@@ -281,13 +285,16 @@ class TensorRTConv2d(IntegerConv2d):
         if not self.quantized(x):
             return QConv2d.forward(self, x)
         with torch.no_grad():
-            step = torch.tensor(self.step, dtype=torch.float32)
+            unit = torch.tensor(self.unit, dtype=torch.float32)
+            if self.ratio != 1:
+                x = x * torch.tensor(self.ratio, dtype=torch.float32)
             k = self.shift
             if k:
-                x = x + torch.tensor(float(k), dtype=torch.float32) * step
+                x = x + float(k) * unit  # exact: an integer times a power of two
             low, high = self.grid_levels
-            levels = torch.round(x / step).clamp(low + k, high + k) - k
+            levels = torch.round(x / unit).clamp(low + k, high + k) - k
             acc, s_w = self.accumulate(levels)
+            step = torch.tensor(self.step, dtype=torch.float32)
             return self.requantize(self.epilogue(acc, step * s_w))
 
 

@@ -26,7 +26,7 @@ target's real kernel precisions is the *ladder*, chosen explicitly and recorded 
   ONNX Runtime computes them exactly, so engines still match their simulation bit for bit: the
   image conv on the integer pixels with 12-bit integer weights (``compiler.lower.image``), the
   closing conv on its 8-bit input levels with its int8 weights and a float output (an exact FP32
-  conv, ``compiler.lower.qdq._integer_conv``). TensorRT runs both as its FP16 convs (it runs the
+  conv, ``compiler.lower.ort._integer_conv``). TensorRT runs both as its FP16 convs (it runs the
   image conv in FP16 anyway: EDSR's head weights fall below FP16's normal range at int8 scale).
   ``--float-layers none`` gives the all-INT8 engine, ``--float-layers NAME,...`` any set of
   quantized layers (a float output on ONNX Runtime, FP16 on TensorRT).
@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from compiler.lower.qdq import EngineLayer, engine_layers
+from compiler.layers import EngineLayer, engine_layers
 from runtime.bundlepaths import engine_name_problem
 from runtime.errors import ConfigError, unknown_name
 from runtime.manifest import LADDERS, OFFSETS, TILES, LayerPlan, max_overlap

@@ -383,17 +383,12 @@ def _tensorrt_range(t: _Table) -> TensorRTRange:
 def _check_tensorrt_rules(t: _Table, trt: TensorRTRange, arch: str, strongly_typed: bool,
                           legacy: bool, max_opset: int, dla_cores: int,
                           ladder: tuple[str, ...]) -> None:
-    if strongly_typed == legacy:
-        raise t.fail("strongly_typed", "and legacy_precision_flags: exactly one must be true "
-                     f"for a tensorrt target, got {strongly_typed} and {legacy}")
-    if legacy and trt.maximum[0] >= 11:
-        raise t.fail("legacy_precision_flags", f"is true but TensorRT {trt} includes 11+, "
-                     "which removed the precision builder flags (strongly typed only)")
-    if strongly_typed and trt.minimum[0] < 10:
-        raise t.fail("strongly_typed", f"is true but TensorRT {trt} includes versions before "
-                     "10, which lack the STRONGLY_TYPED network flag")
-    if trt.minimum[0] < 10 and max_opset > 17:
-        raise t.fail("max_opset", f"is {max_opset} but TensorRT 8.x parses ONNX opset <= 17")
+    if trt.minimum[0] < 10 or legacy or not strongly_typed:
+        raise t.fail("tensorrt", f"is {trt} with strongly_typed = {strongly_typed}, "
+                     f"legacy_precision_flags = {legacy}: adasr builds strongly typed networks "
+                     "with TensorRT >= 10 only (JetPack 6+; JetPack 5's TensorRT 8.5 and Python "
+                     "3.8 are not supported): set min >= 10, strongly_typed = true, "
+                     "legacy_precision_flags = false")
     if "fp8" in ladder and arch not in _FP8_ARCHS:
         raise t.fail("precision_ladder", f"has 'fp8' but gpu_arch {arch!r} has no FP8 kernels "
                      f"(needs {', '.join(sorted(_FP8_ARCHS))})")

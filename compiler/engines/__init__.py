@@ -5,7 +5,6 @@ functions that need it, so the compiler installs and imports on a machine withou
 """
 
 from compiler.engines.tensorrt_build import (
-    ShapeProfile,
     TrtBuildSpec,
     build_engine,
     device_name,
@@ -15,7 +14,6 @@ from compiler.engines.tensorrt_build import (
 )
 
 __all__ = [
-    "ShapeProfile",
     "TrtBuildSpec",
     "build_engine",
     "device_name",

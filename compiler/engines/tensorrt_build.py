@@ -1,20 +1,21 @@
 """TensorRT engines from ONNX engine graphs: the build spec, the engine cache key, the builder.
 
-One :class:`TrtBuildSpec` describes one engine: the Q/DQ ONNX graph, its input shape (static per
-tile size, as DLA requires, or a min/opt/max profile), the precision recipe and the device
-options. :func:`build_engine` turns it into plan bytes on the machine that will run them
-(engines are not portable across TensorRT versions or GPUs); :func:`engine_cache_key` names the
-result after everything that invalidates it.
+One :class:`TrtBuildSpec` describes one engine: the Q/DQ ONNX graph, its static input shape
+(one engine per tile size and batch) and the device options. :func:`build_engine` turns it into
+plan bytes on the machine that will run them (engines are not portable across TensorRT versions
+or GPUs); :func:`engine_cache_key` names the result after everything that invalidates it.
 
-Precision recipes (deployment.md): TensorRT 10.x/11.x build *strongly typed* networks, whose
-precision lives in the graph (FP16 casts, INT8 Q/DQ) -- TensorRT 11 has no precision builder
-flags at all. TensorRT 8.5 (Jetson Xavier) has no strongly typed networks and builds the same
-graph with the legacy ``BuilderFlag.FP16`` / ``BuilderFlag.INT8``.
+Precision recipe (deployment.md): every target builds a *strongly typed* network (TensorRT
+>= 10), whose precision lives in the graph (FP16 casts, INT8 Q/DQ); TensorRT 11 has no
+precision builder flags at all. TensorRT 8.5 (Jetson Xavier, JetPack 5, Python 3.8) is not a
+target: this package needs Python >= 3.10. After parsing, :func:`build_with` checks that every
+quantized conv reads its DQ directly (``compiler.engines.tensorrt_network``), else TensorRT
+would run it in float without a word.
 
-The builder calls the raw TensorRT API rather than Polygraphy's loaders: ``CreateConfig`` pins
-DLA to core 0, its timing-cache writes are not atomic, and testing it with a fake ``tensorrt``
-would mean faking Polygraphy's version probing and logger plumbing too; the raw calls are
-type-checked against the TensorRT stubs and tested against a small fake module.
+The builder calls the raw TensorRT API rather than Polygraphy's loaders (its timing-cache
+writes are not atomic); the calls are type-checked against the TensorRT stubs, run against the
+real TensorRT-RTX builder in the tests (``tests/compiler/test_tensorrt_rtx.py``) and against a
+small fake whose every attribute exists in the real bindings.
 
 ``tensorrt`` is imported inside the functions that need it, never at import time.
 """
@@ -26,125 +27,63 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
+from compiler.engines.tensorrt_network import NetworkReport, check_int8_convs, inspect_network
 from runtime.errors import ConfigError, EngineError, unknown_name
 from runtime.fileio import atomic_write_bytes
-from targets.loader import Target, probe_device
+from targets.loader import DeviceFacts, Target, match_target, probe_device
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 Shape = tuple[int, int, int, int]
-LegacyFlag = Literal["fp16", "int8"]
-LEGACY_FLAGS: tuple[str, ...] = get_args(LegacyFlag)
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30
-MAX_OPTIMIZATION_LEVEL = 5  # IBuilderConfig.builder_optimization_level: 0..5, TensorRT's default 3
-CACHE_KEY_SCHEMA = 1  # bump when the key's fields or their meaning change
+MIN_TENSORRT_MAJOR = 10  # strongly typed networks
+CACHE_KEY_SCHEMA = 2  # bump when the key's fields or their meaning change
 NOT_INSTALLED = "TensorRT is not installed here: run the printed command on the device"
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
-class ShapeProfile:
-    """One TensorRT optimization profile for the input: NCHW shapes, min <= opt <= max."""
-
-    min: Shape
-    opt: Shape
-    max: Shape
-
-
-@dataclass(frozen=True)
 class TrtBuildSpec:
     """Everything :func:`build_engine` needs for one engine; validated on construction.
 
-    ``shape`` is a static ``(N, C, T, T)`` input shape (one engine per tile size; DLA needs it)
-    or a :class:`ShapeProfile` for dynamic tile sizes. ``strongly_typed`` builds with the
-    STRONGLY_TYPED network flag (TensorRT >= 10); otherwise ``legacy_flags`` names the legacy
-    precision builder flags to set (TensorRT < 11). ``dla_core`` runs the engine on that DLA
-    core with per-layer GPU fallback. ``optimization_level`` None keeps TensorRT's default.
-    ``timing_cache`` is loaded before and saved after the build: share one file per
-    (device, TensorRT version) between all engines of a bundle, built one after another.
+    ``shape`` is the static ``(N, C, H, W)`` input shape (a graph with dynamic dimensions gets
+    an optimization profile of exactly that shape). ``timing_cache`` is loaded before and saved
+    after the build: share one file per (device, TensorRT version) between all engines of a
+    bundle, built one after another.
     """
 
     onnx_path: Path
     input_name: str
-    shape: Shape | ShapeProfile
-    strongly_typed: bool = True
-    legacy_flags: frozenset[LegacyFlag] = frozenset()
+    shape: Shape
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
-    dla_core: int | None = None
-    optimization_level: int | None = None
     timing_cache: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.input_name:
             raise ConfigError("input_name must be the ONNX graph's input name, got ''")
-        profile = self.profile
-        for label, shape in (("min", profile.min), ("opt", profile.opt), ("max", profile.max)):
-            _check_shape(label, shape)
-        ordered = zip(profile.min, profile.opt, profile.max, strict=True)
-        if not all(lo <= mid <= hi for lo, mid, hi in ordered):
-            raise ConfigError(f"shape profile must have min <= opt <= max in every dimension, "
-                              f"got min {profile.min}, opt {profile.opt}, max {profile.max}")
-        for flag in self.legacy_flags:
-            if flag not in LEGACY_FLAGS:
-                raise ConfigError(unknown_name("legacy precision flag", flag, LEGACY_FLAGS))
-        if self.strongly_typed and self.legacy_flags:
-            raise ConfigError(f"a strongly typed build takes its precision from the graph: "
-                              f"legacy_flags must be empty, got {sorted(self.legacy_flags)}")
+        _check_shape("the", self.shape)
         if not _is_int(self.workspace_bytes) or self.workspace_bytes <= 0:
             raise ConfigError(f"workspace_bytes must be a positive integer, "
                               f"got {self.workspace_bytes!r}")
-        if self.dla_core is not None:
-            if not _is_int(self.dla_core) or self.dla_core < 0:
-                raise ConfigError(f"dla_core must be None or a core index >= 0, "
-                                  f"got {self.dla_core!r}")
-            if not self.is_static:
-                raise ConfigError(f"DLA needs a static input shape, got the profile {profile}")
-        level = self.optimization_level
-        if level is not None and (not _is_int(level) or not 0 <= level <= MAX_OPTIMIZATION_LEVEL):
-            raise ConfigError(f"optimization_level must be None or 0..{MAX_OPTIMIZATION_LEVEL}, "
-                              f"got {level!r}")
-
-    @property
-    def is_static(self) -> bool:
-        """Whether the input has one shape (a profile with min == opt == max counts)."""
-        profile = self.profile
-        return profile.min == profile.opt == profile.max
-
-    @property
-    def profile(self) -> ShapeProfile:
-        """The input shapes as a profile (a static shape is min = opt = max)."""
-        if isinstance(self.shape, ShapeProfile):
-            return self.shape
-        return ShapeProfile(self.shape, self.shape, self.shape)
 
     @property
     def recipe(self) -> str:
-        """The precision recipe in words: 'strongly-typed', 'legacy:fp16+int8', 'legacy:fp32'."""
-        if self.strongly_typed:
-            return "strongly-typed"
-        return "legacy:" + ("+".join(sorted(self.legacy_flags)) or "fp32")
+        """The precision recipe in words (one for every target today)."""
+        return "strongly-typed"
 
 
-def spec_for_target(target: Target, onnx_path: Path, input_name: str,
-                    shape: Shape | ShapeProfile, *, dla_core: int | None = None,
+def spec_for_target(target: Target, onnx_path: Path, input_name: str, shape: Shape, *,
                     timing_cache: Path | None = None) -> TrtBuildSpec:
-    """The build spec a target calls for: its recipe, and legacy flags from its precision ladder."""
+    """The build spec of one engine graph for a TensorRT target."""
     if target.backend != "tensorrt":
         raise ConfigError(f"target {target.name!r} runs {target.backend}, not TensorRT")
-    if dla_core is not None and not 0 <= dla_core < target.dla_cores:
-        raise ConfigError(f"target {target.name!r} has {target.dla_cores} DLA cores, "
-                          f"got dla_core={dla_core}")
-    legacy: frozenset[LegacyFlag] = frozenset()
-    if target.legacy_precision_flags:
-        legacy = frozenset(p for p in target.precision_ladder if p == "fp16" or p == "int8")
     return TrtBuildSpec(onnx_path=onnx_path, input_name=input_name, shape=shape,
-                        strongly_typed=target.strongly_typed, legacy_flags=legacy,
-                        dla_core=dla_core, timing_cache=timing_cache)
+                        timing_cache=timing_cache)
 
 
 def engine_cache_key(onnx_sha256: str, spec: TrtBuildSpec, trt_version: str,
@@ -152,29 +91,52 @@ def engine_cache_key(onnx_sha256: str, spec: TrtBuildSpec, trt_version: str,
     """sha256 (hex) over a canonical JSON of everything that invalidates a built engine.
 
     The ONNX checksum stands for the graph (its path does not count), then the input name and
-    shapes, the precision recipe, the DLA core, the workspace and optimization level (they change
-    the tactics chosen), the TensorRT version and the device name. The timing cache does not count.
+    shape, the precision recipe, the workspace (it changes the tactics chosen), the TensorRT
+    version and the device name. The timing cache does not count.
     """
     if not _SHA256.match(onnx_sha256.lower()):
         raise ConfigError(f"onnx_sha256 must be 64 hex digits, got {onnx_sha256!r}")
     for label, value in (("trt_version", trt_version), ("device_name", device_name)):
         if not value.strip():
             raise ConfigError(f"{label} must be a non-empty string, got {value!r}")
-    profile = spec.profile
     fields = {
         "schema": CACHE_KEY_SCHEMA,
         "onnx_sha256": onnx_sha256.lower(),
         "input_name": spec.input_name,
-        "shapes": {"min": list(profile.min), "opt": list(profile.opt), "max": list(profile.max)},
+        "shape": list(spec.shape),
         "recipe": spec.recipe,
-        "dla_core": spec.dla_core,
         "workspace_bytes": spec.workspace_bytes,
-        "optimization_level": spec.optimization_level,
         "tensorrt": trt_version.strip(),
         "device": device_name.strip(),
     }
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def target_matches(target: Target, facts: DeviceFacts) -> bool:
+    """Whether ``facts`` (this machine) is a device ``target`` names in its ``device_match``."""
+    rules = ((facts.jetson_model, target.device_match.jetson_model),
+             (facts.gpu_name, target.device_match.gpu_name))
+    return any(seen and any(pattern.lower() in seen.lower() for pattern in patterns)
+               for seen, patterns in rules)
+
+
+def check_build_device(target: Target, facts: DeviceFacts, version: str, bundle: Path) -> None:
+    """Refuse to build ``target``'s plans on a device it does not name, or with a TensorRT
+    outside its range: the plans would run (and be tuned) for another device. The message has
+    the command that rebuilds the bundle for this device."""
+    here = facts.jetson_model or facts.gpu_name or facts.machine
+    own = match_target(facts)
+    rebuild = (f"adasr build --weights WEIGHTS --target {own.name} --calibration "
+               f"{bundle / 'calibration.json'} -o OUT")
+    if not target_matches(target, facts):
+        raise EngineError(f"this device ({here}) is not a {target.name} (it matches "
+                          f"{target.device_match}): plans built here would serve another GPU; "
+                          f"rebuild the bundle for this device with: {rebuild}")
+    if target.tensorrt is not None and not target.tensorrt.contains(version):
+        raise EngineError(f"TensorRT {version} is outside {target.name}'s range "
+                          f"{target.tensorrt}: install TensorRT {target.tensorrt}, or rebuild "
+                          f"the bundle for this TensorRT with: {rebuild}")
 
 
 def tensorrt_version() -> str:
@@ -204,35 +166,39 @@ def build_engine(spec: TrtBuildSpec) -> bytes:
     _require_tensorrt()
     import tensorrt as trt
 
+    version = tensorrt_version()
+    if _major(version) < MIN_TENSORRT_MAJOR:
+        raise EngineError(f"TensorRT {version} has no strongly typed networks: adasr builds "
+                          f"with TensorRT >= {MIN_TENSORRT_MAJOR} (JetPack 6 or later)")
+    return build_with(trt, spec)[0]
+
+
+def build_with(module: Any, spec: TrtBuildSpec) -> tuple[bytes, NetworkReport]:
+    """Parse, check and build ``spec`` with the TensorRT Python module ``module``
+    (``tensorrt``; the tests pass ``tensorrt_rtx``): the plan bytes and what the parsed
+    network holds."""
+    trt = module
     if not spec.onnx_path.is_file():
         raise EngineError(f"ONNX file not found: {spec.onnx_path}")
-    version = tensorrt_version()
-    major = _major(version)
-    if spec.strongly_typed and major < 10:
-        raise EngineError(f"TensorRT {version} has no strongly typed networks (10+ only): build "
-                          f"{spec.onnx_path.name} with legacy precision flags")
-    if spec.legacy_flags and major >= 11:
-        raise EngineError(f"TensorRT {version} removed the precision builder flags "
-                          f"{sorted(spec.legacy_flags)}: build {spec.onnx_path.name} "
-                          "strongly typed")
-
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(_network_flags(spec, major))
+    network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     _parse_onnx(parser, spec.onnx_path)
+    report = inspect_network(network, trt)
+    check_int8_convs(report, str(spec.onnx_path))
     config = builder.create_builder_config()
-    _configure(builder, network, config, spec)
+    _configure(trt, builder, network, config, spec)
     if spec.timing_cache is not None:
         _load_timing_cache(config, spec.timing_cache)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineError(f"TensorRT {version} could not build an engine from {spec.onnx_path} "
-                          f"(recipe {spec.recipe}): see its messages above")
+        raise EngineError(f"TensorRT could not build an engine from {spec.onnx_path}: see its "
+                          "messages above")
     if spec.timing_cache is not None:
         atomic_write_bytes(spec.timing_cache, bytes(config.get_timing_cache().serialize()))
-    return bytes(serialized)
+    return bytes(serialized), report
 
 
 # ---------------------------------------------------------------- build steps
@@ -244,16 +210,11 @@ def _require_tensorrt() -> None:
     require_tensorrt("Builder", NOT_INSTALLED)
 
 
-def _network_flags(spec: TrtBuildSpec, major: int) -> int:
-    import tensorrt as trt
-
+def _network_flags(trt: Any) -> int:
     creation = trt.NetworkDefinitionCreationFlag
-    flags = 0
-    if major < 10:  # explicit batch is implied (and the flag deprecated) from TensorRT 10 on
-        flags |= 1 << int(creation.EXPLICIT_BATCH)
-    if spec.strongly_typed and hasattr(creation, "STRONGLY_TYPED"):  # implied if gone (11+)
-        flags |= 1 << int(creation.STRONGLY_TYPED)
-    return flags
+    if not hasattr(creation, "STRONGLY_TYPED"):  # implied where the flag is gone (11+)
+        return 0
+    return 1 << int(creation.STRONGLY_TYPED)
 
 
 def _parse_onnx(parser: trt.OnnxParser, path: Path) -> None:
@@ -271,42 +232,19 @@ def _describe_parser_error(error: trt.ParserError) -> str:
     node = error.node()
     if node < 0:
         return f"graph: {error.desc()}"
-    # TensorRT 8.5's ParserError has only the node index; 10.x adds its name and operator.
-    name = f" {error.node_name()!r}" if hasattr(error, "node_name") else ""
-    operator = f" ({error.node_operator()})" if hasattr(error, "node_operator") else ""
-    return f"node {node}{name}{operator}: {error.desc()}"
+    return f"node {node} {error.node_name()!r} ({error.node_operator()}): {error.desc()}"
 
 
-def _configure(builder: trt.Builder, network: trt.INetworkDefinition,
+def _configure(trt: Any, builder: trt.Builder, network: trt.INetworkDefinition,
                config: trt.IBuilderConfig, spec: TrtBuildSpec) -> None:
-    import tensorrt as trt
-
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_bytes)
-    if spec.legacy_flags:
-        legacy = {"fp16": trt.BuilderFlag.FP16, "int8": trt.BuilderFlag.INT8}
-        for flag in sorted(spec.legacy_flags):
-            config.set_flag(legacy[flag])
-    if spec.dla_core is not None:
-        available = builder.num_DLA_cores
-        if spec.dla_core >= available:
-            raise EngineError(f"dla_core {spec.dla_core} requested but this device has "
-                              f"{available} DLA core(s)")
-        config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = spec.dla_core
-        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    if spec.optimization_level is not None:
-        if not hasattr(config, "builder_optimization_level"):
-            raise EngineError("this TensorRT has no builder optimization level (8.6+): "
-                              "leave optimization_level unset")
-        config.builder_optimization_level = spec.optimization_level
     if _input_is_dynamic(network, spec):
         profile = builder.create_optimization_profile()
-        shapes = spec.profile
-        profile.set_shape(spec.input_name, trt.Dims(list(shapes.min)),
-                          trt.Dims(list(shapes.opt)), trt.Dims(list(shapes.max)))
+        shape = trt.Dims(list(spec.shape))
+        profile.set_shape(spec.input_name, shape, shape, shape)
         if config.add_optimization_profile(profile) < 0:
-            raise EngineError(f"TensorRT rejected the optimization profile {shapes} for input "
-                              f"{spec.input_name!r} of {spec.onnx_path}")
+            raise EngineError(f"TensorRT rejected the optimization profile {spec.shape} for "
+                              f"input {spec.input_name!r} of {spec.onnx_path}")
 
 
 def _input_is_dynamic(network: trt.INetworkDefinition, spec: TrtBuildSpec) -> bool:
@@ -318,9 +256,8 @@ def _input_is_dynamic(network: trt.INetworkDefinition, spec: TrtBuildSpec) -> bo
         raise EngineError(f"{spec.onnx_path}: {unknown_name('input', spec.input_name, names)}")
     dims = found[0].shape
     declared = [dims[i] for i in range(len(dims))]
-    shapes = spec.profile
-    fits = len(declared) == len(shapes.min) and all(
-        d < 0 or lo == d == hi for d, lo, hi in zip(declared, shapes.min, shapes.max, strict=True))
+    fits = len(declared) == len(spec.shape) and all(
+        d < 0 or d == want for d, want in zip(declared, spec.shape, strict=True))
     if not fits:
         raise EngineError(f"{spec.onnx_path}: input {spec.input_name!r} has shape {declared} "
                           f"(-1 = dynamic) but the spec asks for {spec.shape}")

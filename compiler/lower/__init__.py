@@ -1,11 +1,7 @@
-"""Lowering: the FP network to ONNX once (``export``), then one Q/DQ engine per bit
-configuration (``qdq``: dialect ``"ort"``, ONNX Runtime's INT8 QDQ fusion on CPU, and
-``"tensorrt"``, symmetric int8 Q/DQ with Clip and shifts, FP16 casts; ``trt.check_tensorrt_graph``
-validates the latter)."""
-
-from compiler.lower.export import export_onnx, find_conv, save_onnx
-from compiler.lower.qdq import EngineLayer, engine_layers, lower_engine
-from compiler.lower.trt import check_tensorrt_graph
-
-__all__ = ["EngineLayer", "check_tensorrt_graph", "engine_layers", "export_onnx", "find_conv",
-           "lower_engine", "save_onnx"]
+"""Lowering: the FP network to ONNX once (``export``), then one Q/DQ engine graph per bit
+configuration. ``dialects.lower_engine`` is the entry point; ``qdq`` holds the shared core
+(placement, grids, weights; no dialect), ``ort`` and ``trt`` one dialect each (ONNX Runtime's
+uint8 QDQ fusion; TensorRT's symmetric int8 Q/DQ, FP16), ``trt_check`` the TensorRT graph rules,
+``graph`` the graph editor, ``exact`` / ``image`` the exact FP32 epilogues and image conv.
+Imports only flow one way: dialects -> core -> graph (``tests/compiler/test_lower_imports.py``).
+"""

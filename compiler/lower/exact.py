@@ -2,25 +2,23 @@
 
 A conv on integer values with integer weights sums exactly in FP32 (in any order, below 2^24);
 its per-channel ``* scale + bias`` then has to stay two single FP32 operations after it. Used by
-``compiler.lower.qdq._integer_conv``, ``compiler.lower.image`` and the TensorRT dialect's
+``compiler.lower.ort._integer_conv``, ``compiler.lower.image`` and the TensorRT dialect's
 integer convs (``compiler.lower.trt``, whose levels are scaled by powers of two: still exact).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 import onnx
 
-if TYPE_CHECKING:
-    from compiler.lower.qdq import GraphEditor
+from compiler.lower.graph import GraphEditor
 
 F32 = np.float32
 # (editor, values per output channel, name) -> a [1, C, 1, 1] tensor's name
-PerChannel = Callable[["GraphEditor", npt.NDArray[np.float32], str], str]
+PerChannel = Callable[[GraphEditor, npt.NDArray[np.float32], str], str]
 
 
 def power_of_two_above(values: npt.ArrayLike) -> npt.NDArray[np.float32]:

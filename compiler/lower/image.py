@@ -31,7 +31,7 @@ use it, so they compute the same numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -45,9 +45,7 @@ from compiler.lower.exact import (
     plain_constant,
     power_of_two_above,
 )
-
-if TYPE_CHECKING:
-    from compiler.lower.qdq import GraphEditor
+from compiler.lower.graph import GraphEditor
 
 PIXEL_LEVELS = 255  # an 8-bit image
 MAX_WEIGHT_LEVELS = 2047  # 12-bit weights: finer than any measurable difference from FP32

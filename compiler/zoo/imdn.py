@@ -39,7 +39,7 @@ class CCALayer(nn.Module):
 
     ``fp64_statistics`` (off by default; the exported graph never has it): the means and the
     gate are computed in FP64 and rounded once to FP32, as the ONNX Runtime lowering computes
-    them (``compiler.lower.qdq._statistics_in_double``); ``compiler.parity`` sets it.
+    them (``compiler.lower.ort._statistics_in_double``); ``compiler.parity`` sets it.
     """
 
     def __init__(self, channels: int, reduction: int = 16) -> None:

@@ -1,4 +1,4 @@
-"""CUDA for the TensorRT engine: the device, device and pinned memory, a stream, CUDA graphs.
+"""CUDA for the TensorRT engine: the device, device and pinned memory, a stream.
 
 The only module that calls a CUDA binding, so that another binding can replace it: it uses
 pycuda's driver API (``pycuda.driver``), imported on first use and never through
@@ -7,7 +7,8 @@ pycuda's driver API (``pycuda.driver``), imported on first use and never through
 one), then retains the device's *primary* context -- the one the CUDA runtime, hence TensorRT,
 uses. Work runs inside :meth:`CudaDevice.current`, which makes that context current on the
 calling thread and pops it after, so an engine may be used from any thread. To serve cuda-python
-instead, reimplement these few methods with ``cuda.bindings.driver``.
+instead, reimplement these few methods with ``cuda.bindings.driver``. No CUDA graphs: pycuda's
+``Stream`` has no capture API (``begin_capture`` / ``end_capture`` do not exist there).
 
 A device is named as the TensorRT builder names it (``compiler.engines.tensorrt_build``): the
 Jetson model from the device tree, else the GPU's name, so a plan's recorded device compares.
@@ -15,7 +16,7 @@ Jetson model from the device tree, else the GPU's name, so a plan's recorded dev
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,7 @@ import numpy.typing as npt
 from runtime.errors import EngineError
 
 __all__ = [
-    "DEVICE_TREE_MODEL", "CudaDevice", "CudaGraph", "CudaStream", "DeviceBuffer", "jetson_model",
-    "load_driver",
+    "DEVICE_TREE_MODEL", "CudaDevice", "CudaStream", "DeviceBuffer", "jetson_model", "load_driver",
 ]
 
 DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
@@ -80,16 +80,6 @@ class CudaStream:
 
     def synchronize(self) -> None:
         self.raw.synchronize()
-
-
-class CudaGraph:
-    """An instantiated CUDA graph: replays the captured work on a stream."""
-
-    def __init__(self, executable: Any) -> None:
-        self.executable = executable
-
-    def launch(self, stream: CudaStream) -> None:
-        self.executable.launch(stream.raw)
 
 
 class CudaDevice:
@@ -160,15 +150,6 @@ class CudaDevice:
         """Enqueue a copy of the start of ``src`` into the contiguous (pinned) ``dst``."""
         _check_fits(dst, src)
         self._driver.memcpy_dtoh_async(dst, src.ptr, stream.raw)
-
-    def capture(self, stream: CudaStream, work: Callable[[], None]) -> CudaGraph:
-        """Capture what ``work`` enqueues on ``stream`` (nothing runs) into a CUDA graph."""
-        stream.raw.begin_capture()
-        try:
-            work()
-        finally:
-            graph = stream.raw.end_capture()  # always leave capture mode, also when work failed
-        return CudaGraph(graph.instantiate())
 
 
 def _check_fits(host: npt.NDArray[Any], device: DeviceBuffer) -> None:

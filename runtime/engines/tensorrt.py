@@ -1,30 +1,31 @@
 """TensorRT engine: a plan run with the raw TensorRT runtime API on one CUDA stream.
 
-``activate`` finds the GPU first (never a ``trt.Runtime`` without one: TensorRT 8.6 crashes),
+``activate`` finds the GPU first (never a ``trt.Runtime`` without one: TensorRT 8.6 crashed),
 refuses a plan built on another device or TensorRT version (:class:`BundleError`), deserializes
 it, binds the context's scratch memory to a :class:`SharedScratch` and allocates device and pinned
 host buffers for the largest batch, once. ``infer`` then copies a batch in, runs
-``execute_async_v3`` (or replays the CUDA graph captured on the first run of that input shape,
-with ``cuda_graphs``) and copies the result out, without allocating. Batches larger than the
+``execute_async_v3`` and copies the result out, without allocating. Batches larger than the
 plan's batch run in chunks; a plan with a static batch gets its last chunk zero-padded.
 
-TensorRT versions: the name-based tensor API used here (``num_io_tensors``, ``get_tensor_name``,
-``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) exists from TensorRT 8.5
-(JetPack 5.1, Xavier) through 10.x and 11.x; the binding-index API it replaced is not used, and
-older TensorRT is refused. Scratch memory is user-managed: ``create_execution_context(
-USER_MANAGED)`` (10.0+) or ``create_execution_context_without_device_memory()`` (8.5, 8.6), bound
-with ``set_device_memory`` (10.1+) or the ``device_memory`` attribute (before). Every CUDA call
-goes through :mod:`runtime.engines.cuda`; ``tensorrt`` is imported inside functions only.
+TensorRT versions: 10.3 or later (every target's range): the name-based tensor API
+(``num_io_tensors``, ``get_tensor_name``, ``set_input_shape``, ``set_tensor_address``,
+``execute_async_v3``), user-managed scratch memory (``create_execution_context(USER_MANAGED)``,
+``device_memory_size_v2``, ``set_device_memory``); an older TensorRT is refused at activation.
+CUDA graphs are not used: pycuda has no stream capture (a replay would need cuda-python's
+``cudaStreamBeginCapture``; not written). Every CUDA call goes through
+:mod:`runtime.engines.cuda`; ``tensorrt`` is imported inside functions only.
 
 NOT RUN ON A GPU in this repository's CI: type-checked against the TensorRT 10 stubs and tested
-against fake ``tensorrt`` / ``pycuda.driver`` modules (tests/runtime/test_tensorrt_engine.py);
-``tools/verify_tensorrt_bundle.py`` checks it against ONNX Runtime on a device.
+against fake ``tensorrt`` / ``pycuda.driver`` modules (tests/runtime/test_tensorrt_engine.py)
+whose TensorRT names all exist in the real ``tensorrt_lean`` bindings
+(tests/test_fakes_match_real_bindings.py); ``tests/runtime/test_verify_tensorrt_gpu.py`` (marker
+``gpu``) checks it against the bundle's ONNX graphs on a device.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.engines.base import Batch, Engine
-from runtime.engines.cuda import CudaDevice, CudaGraph, CudaStream, DeviceBuffer
+from runtime.engines.cuda import CudaDevice, CudaStream, DeviceBuffer
 from runtime.errors import BundleError, ConfigError, EngineError
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ __all__ = ["NOT_INSTALLED", "SharedScratch", "TensorRTEngine", "check_plan_devic
 
 NOT_INSTALLED = ("TensorRT is not installed here: TensorRT plans run on the device they were "
                  "built on (JetPack ships TensorRT; desktop GPUs: pip install 'adasr[gpu]')")
-MIN_VERSION = "8.5"  # the name-based tensor API
+MIN_VERSION = (10, 3)  # every target's TensorRT; user-managed scratch (10.1+)
 Shape = tuple[int, ...]
 
 _LOGGERS: dict[int, Any] = {}  # one TensorRT logger per process (per tensorrt module object)
@@ -94,8 +95,8 @@ class SharedScratch:
     A TensorRT context needs its scratch ("device memory") only while it executes; the engines of
     a bundle run one batch at a time, so they share one buffer sized to the largest need.
     :meth:`reserve` grows it when a larger engine activates -- its address then changes, and
-    :attr:`generation` counts the changes so that engines rebind it (and drop CUDA graphs
-    captured with the old address); :meth:`release` frees it when the last engine deactivates.
+    :attr:`generation` counts the changes so that engines rebind it; :meth:`release` frees it
+    when the last engine deactivates.
     Not thread-safe: engines sharing it must not run concurrently.
     """
 
@@ -165,10 +166,8 @@ class _Loaded:
     shape: Shape = ()  # the input shape the context is set to
     out_shape: Shape = ()
     bound: int = -1  # the scratch generation bound to the context
-    graphs: dict[Shape, CudaGraph] = field(default_factory=dict)
 
     def free_buffers(self) -> None:
-        self.graphs.clear()
         self.device_in.free()
         self.device_out.free()
 
@@ -179,18 +178,18 @@ class TensorRTEngine(Engine):
     ``expect_device`` / ``expect_tensorrt``: what the manifest says the plans were built on and
     with (None: not checked). ``scratch``: shared with the bundle's other engines (default: one
     of its own). ``batch``: most tiles per execution when the plan's batch is dynamic (capped by
-    its profile; a static batch is the plan's). ``cuda_graphs``: capture each input shape's
-    execution once and replay it. ``bundle``: the bundle folder, for the rebuild hint.
+    its profile; a static batch is the plan's). ``bundle``: the bundle folder, for the rebuild
+    hint.
     """
 
     def __init__(self, name: str, plan: Path, scale: int, tile: int | None, *,
                  expect_device: str | None, expect_tensorrt: str | None,
                  scratch: SharedScratch | None = None, batch: int = 1,
-                 cuda_graphs: bool = False, bundle: Path | None = None) -> None:
+                 bundle: Path | None = None) -> None:
         super().__init__(name, scale, tile)
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ConfigError(f"engine {name!r}: batch must be an integer >= 1, got {batch!r}")
-        self.plan, self.batch, self.cuda_graphs, self.bundle = plan, batch, cuda_graphs, bundle
+        self.plan, self.batch, self.bundle = plan, batch, bundle
         self.expect_device, self.expect_tensorrt = expect_device, expect_tensorrt
         self.scratch = scratch if scratch is not None else SharedScratch()
         self._loaded: _Loaded | None = None
@@ -217,6 +216,10 @@ class TensorRTEngine(Engine):
         device = CudaDevice.open()  # EngineError without a GPU, before any trt.Runtime
         try:
             version = require_tensorrt()
+            if _version_tuple(version) < MIN_VERSION:
+                raise EngineError(f"TensorRT {version} is older than "
+                                  f"{'.'.join(map(str, MIN_VERSION))}: adasr runs plans with "
+                                  "TensorRT 10.3 or later (JetPack 6+)")
             check_plan_device(self.expect_device, self.expect_tensorrt, device.name, version,
                               self.bundle)
             with device.current():
@@ -266,7 +269,7 @@ class TensorRTEngine(Engine):
             raise EngineError(f"TensorRT {version} cannot deserialize {self.plan}: it was built "
                               "by another TensorRT or for another GPU, or is corrupted (see "
                               "TensorRT's message above)")
-        input_name, output_name = self._io_names(engine, version)
+        input_name, output_name = self._io_names(engine)
         in_dtype = self._dtype(engine, input_name)
         out_dtype = self._dtype(engine, output_name)
         dynamic, lowest, highest = self._input_limits(engine, input_name)
@@ -274,15 +277,10 @@ class TensorRTEngine(Engine):
         edge = (self.tile, self.tile) if self.tile is not None else (highest[2], highest[3])
         largest = (chunk, 3, *edge)
 
-        scratch_bytes = int(engine.device_memory_size_v2  # 10.1+; the v1 size is deprecated
-                            if hasattr(engine, "device_memory_size_v2")
-                            else engine.device_memory_size)
+        scratch_bytes = int(engine.device_memory_size_v2)
         self.scratch.reserve(self, scratch_bytes, device)
-        if hasattr(trt, "ExecutionContextAllocationStrategy"):
-            context = engine.create_execution_context(
-                trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        else:  # TensorRT 8.5 / 8.6
-            context = engine.create_execution_context_without_device_memory()
+        context = engine.create_execution_context(
+            trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:
             raise EngineError(f"TensorRT could not create an execution context for {self.plan}")
 
@@ -303,12 +301,9 @@ class TensorRTEngine(Engine):
         self._bind_scratch(loaded)
         return loaded
 
-    def _io_names(self, engine: trt.ICudaEngine, version: str) -> tuple[str, str]:
+    def _io_names(self, engine: trt.ICudaEngine) -> tuple[str, str]:
         import tensorrt as trt
 
-        if not hasattr(engine, "num_io_tensors"):
-            raise EngineError(f"TensorRT {version} predates the name-based tensor API: adasr "
-                              f"runs plans with TensorRT {MIN_VERSION} or later")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -388,20 +383,7 @@ class TensorRTEngine(Engine):
 
     def _execute(self, loaded: _Loaded, shape: Shape) -> None:
         self._bind_scratch(loaded)
-        if not self.cuda_graphs:
-            self._enqueue(loaded)
-            return
-        graph = loaded.graphs.get(shape)
-        if graph is not None:
-            graph.launch(loaded.stream)
-            return
-        self._enqueue(loaded)  # runs this batch and settles shape-dependent state before capture
-        try:
-            loaded.graphs[shape] = loaded.device.capture(loaded.stream,
-                                                         lambda: self._enqueue(loaded))
-        except EngineError as err:
-            raise EngineError(f"engine {self.name!r} cannot be captured in a CUDA graph "
-                              f"({err}): run it without cuda_graphs") from err
+        self._enqueue(loaded)
 
     def _enqueue(self, loaded: _Loaded) -> None:
         if not loaded.context.execute_async_v3(loaded.stream.handle):
@@ -418,12 +400,8 @@ class TensorRTEngine(Engine):
         if size < loaded.scratch_bytes:
             raise EngineError(f"engine {self.name!r} needs {loaded.scratch_bytes} bytes of "
                               f"scratch, the shared scratch holds {size}")
-        if hasattr(loaded.context, "set_device_memory"):  # TensorRT 10.1+
-            loaded.context.set_device_memory(ptr, size)
-        else:  # the stubs list this 8.5 - 10.x attribute in a docstring only
-            loaded.context.device_memory = ptr  # type: ignore[attr-defined]
+        loaded.context.set_device_memory(ptr, size)
         loaded.bound = generation
-        loaded.graphs.clear()
 
     def _require_loaded(self) -> _Loaded:
         if self._loaded is None:
@@ -438,6 +416,12 @@ def _logger() -> Any:
     if key not in _LOGGERS:
         _LOGGERS[key] = trt.Logger(trt.Logger.WARNING)
     return _LOGGERS[key]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string; (0, 0) when unreadable (refused as too old)."""
+    parts = [int(p) for p in version.split(".")[:2] if p.isdigit()]
+    return tuple(parts) if len(parts) == 2 else (0, 0)
 
 
 def _dims(dims: trt.Dims) -> Shape:

@@ -18,7 +18,7 @@ import pytest
 
 from compiler.bundle import write_bundle
 from compiler.cli import main
-from compiler.lower.qdq import lowering_summary
+from compiler.lower.qdq import lowering_summary, model_opset
 from compiler.parity import simulate_engine
 from compiler.plan import describe_plan, kernel_precision, plan_engines
 from compiler.quant.calibrate import CalibrationConfig, calibrate
@@ -28,10 +28,10 @@ from compiler.quant.record import save_record
 from compiler.simulate import TorchUpscaler
 from compiler.zoo import load_model
 from runtime.bundle import open_bundle
-from runtime.errors import BundleError, ConfigError
+from runtime.errors import BundleError, ConfigError, EngineError
 from runtime.imaging import save_rgb
 from runtime.manifest import read_manifest
-from targets.loader import load_target
+from targets.loader import DeviceFacts, load_target
 from tests.conftest import calibrate_tiny
 
 FAST = CalibrationConfig(patches=8, patch_size=16, steps=20, batch=2, epochs=4, validation=4)
@@ -179,6 +179,7 @@ def test_plan_text_lists_engines_and_layers(records: dict[str, dict[str, Any]]) 
 def test_bundle_manifest_and_checksums(bundles: dict[str, Path]) -> None:
     root = bundles["w8a6_fq-emulate"]
     manifest = read_manifest(root)
+    assert manifest.build.opset == 17
     assert manifest.names == ("int8-low", "int8-mid", "int8-high", "fp32")
     assert manifest.tile == 16 and manifest.overlap == 4 and manifest.ladder == "emulate"
     assert {d for e in manifest.engines for d in e.offsets} == {-1, 0, 1}
@@ -297,7 +298,7 @@ def test_failed_build_keeps_the_old_bundle(tiny: tuple[Path, Path],
 def test_tensorrt_target_writes_the_portable_half(tiny: tuple[Path, Path],
                                                   records: dict[str, dict[str, Any]],
                                                   tmp_path: Path) -> None:
-    from compiler.lower.trt import check_tensorrt_graph
+    from compiler.lower.trt_check import check_tensorrt_graph
 
     weights, _ = tiny
     target = load_target("jetson-orin-nano")
@@ -308,19 +309,65 @@ def test_tensorrt_target_writes_the_portable_half(tiny: tuple[Path, Path],
     assert manifest.backend == "tensorrt" and manifest.names == ("int8", "fp16")
     assert [e.plan for e in manifest.engines] == [None, None]
     assert manifest.build.finish_command == "adasr build --finish orin"  # no build-machine path
+    assert manifest.build.opset == 19  # FP16 Q/DQ scales: the graphs' opset, not the FP graph's
+    assert "(tensorrt dialect)" in manifest.engines[0].note  # widening measured on its graphs
     for spec in manifest.engines:
         graph = onnx.load(out / spec.onnx.path)
         check_tensorrt_graph(graph, target.max_opset)
+        assert model_opset(graph) == manifest.build.opset
         assert spec.input_shape == (8, 3, 16, 16)
     with pytest.raises(BundleError, match="adasr build --finish"):
         open_bundle(out)
+
+
+@pytest.mark.parametrize(("facts", "version", "message"), [
+    (DeviceFacts("x86_64", None, "NVIDIA GeForce RTX 4090"), "10.3.0.30",
+     r"this device \(NVIDIA GeForce RTX 4090\) is not a jetson-orin-nano.*--target rtx-4090"),
+    (DeviceFacts("aarch64", "NVIDIA Jetson AGX Orin Developer Kit", "Orin"), "10.3.0.30",
+     r"is not a jetson-orin-nano.*--target jetson-agx-orin --calibration B/calibration.json"),
+    (DeviceFacts("aarch64", "NVIDIA Jetson Orin Nano Developer Kit", "Orin"), "10.7.0.23",
+     r"TensorRT 10\.7\.0\.23 is outside jetson-orin-nano's range 10\.3\.x.*--target "
+     "jetson-orin-nano"),
+])
+def test_plans_are_built_only_on_the_targets_device_and_tensorrt(
+        facts: DeviceFacts, version: str, message: str) -> None:
+    from compiler.engines.tensorrt_build import check_build_device
+
+    target = load_target("jetson-orin-nano")
+    with pytest.raises(EngineError, match=message):
+        check_build_device(target, facts, version, Path("B"))
+    check_build_device(target, DeviceFacts("aarch64", "NVIDIA Jetson Orin Nano Developer Kit"),
+                       "10.3.0.30", Path("B"))
+
+
+def test_finish_refuses_another_device(tiny: tuple[Path, Path],
+                                       records: dict[str, dict[str, Any]], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Orin Nano bundle finished on an RTX 4090 gets no plans, and the manifest stays."""
+    import compiler.bundle as bundle_module
+    from compiler.bundle import finish_bundle
+
+    weights, _ = tiny
+    target = load_target("jetson-orin-nano")
+    plan = plan_engines(records["w8a6_fq"], target, "hardware", tile=16, overlap=4)
+    out = tmp_path / "orin"
+    write_bundle(load_model(weights), records["w8a6_fq"], plan, out)
+    before = (out / "manifest.json").read_bytes()
+    monkeypatch.setattr(bundle_module, "_device_facts", lambda: ("10.3.0.30", "RTX 4090"))
+    monkeypatch.setattr(bundle_module, "probe_device",
+                        lambda: DeviceFacts("x86_64", None, "NVIDIA GeForce RTX 4090"))
+    with pytest.raises(EngineError, match="is not a jetson-orin-nano.*adasr build --weights"):
+        finish_bundle(out, target)
+    assert (out / "manifest.json").read_bytes() == before
+    assert not list((out / "engines").glob("*.plan"))
 
 
 def test_hardware_engine_is_int8_end_to_end(bundles: dict[str, Path]) -> None:
     """Widened 8-bit grids: residual streams shared (QLinearAdd), every conv but the trunk's ends
     a QLinearConv (the RGB tail too, on the output image's own grid), and the engine's 0..1
     output lies on the k/255 image grid exactly."""
-    from compiler.lower.qdq import IMAGE_PLACEMENT, ort_fused_layers
+    from compiler.lower.ort import ort_fused_layers
+    from compiler.lower.qdq import IMAGE_PLACEMENT
 
     root = bundles["w8a6_fq-hardware"]
     spec = read_manifest(root).engine("int8")

@@ -16,16 +16,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from compiler.layers import EngineLayer, engine_layers
+from compiler.lower.dialects import lower_engine
 from compiler.lower.export import INPUT_NAME, export_onnx, find_conv
-from compiler.lower.qdq import (
-    EngineLayer,
-    Grid,
-    engine_layers,
-    lower_engine,
-    lowering_summary,
-    ort_fused_layers,
-    quantize_weight,
-)
+from compiler.lower.ort import ort_fused_layers
+from compiler.lower.qdq import Grid, lowering_summary, quantize_weight
 from compiler.quant.calibrate import CalibrationConfig, calibrate
 from compiler.quant.qmodel import QuantizedSR, QuantSettings
 from compiler.quant.quantizers import quantize_asymmetric, quantize_symmetric

@@ -10,8 +10,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler.lower.exact import power_of_two_above
+from compiler.lower.graph import GraphEditor
 from compiler.lower.image import EXACT_SUM, PIXEL_LEVELS, exact_image_conv, image_conv_constants
-from compiler.lower.qdq import GraphEditor
 from runtime.engines.onnxruntime import session_options
 
 MEAN = np.array([114.444, 111.4605, 103.02], dtype=np.float32)  # EDSR's MeanShift, 0..255

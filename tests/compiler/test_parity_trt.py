@@ -26,9 +26,10 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from compiler.lower.dialects import lower_engine
 from compiler.lower.export import INPUT_NAME, export_onnx
-from compiler.lower.qdq import lower_engine, lowering_summary
-from compiler.lower.trt import check_tensorrt_graph
+from compiler.lower.qdq import lowering_summary
+from compiler.lower.trt_check import check_tensorrt_graph
 from compiler.parity import simulate_engine
 from compiler.plan import PlannedEngine, plan_engines
 from compiler.quant.calibrate import calibrate
@@ -121,8 +122,10 @@ def test_tensorrt_engines_are_bit_exact_with_their_simulation(
 
 def test_integer_convs_read_levels_times_powers_of_two(
         edsr: tuple[Path, dict[str, Any], onnx.ModelProto]) -> None:
-    """Each conv on integer levels: input and weight DQ scales are powers of two within 2x of
-    the grid's steps, and a shifted input comes with a Pad whose value is its level of 0."""
+    """Each conv on integer levels reads a DQ directly (nothing between that TensorRT would not
+    fuse); that DQ and the Q before it share one scale, the power of two within 2x of the
+    grid's step, and the weight DQ's scales are powers of two. A shifted input is padded
+    between its Clip and its Q with its level of 0, so the conv itself pads nothing."""
     _, record, fp = edsr
     planned = next(p for p in plan_engines(record, load_target("cpu-x86"), "emulate", tile=16,
                                            overlap=4).engines if not p.reference)
@@ -136,19 +139,20 @@ def test_integer_convs_read_levels_times_powers_of_two(
             continue
         conv = next(c for c in engine.graph.node if c.op_type == "Conv" and c.input[1] in
                     producers and producers[c.input[1]].input[0] == f"{name}.weight")
-        source = producers[conv.input[0]]
-        if entry["input_shift"]:
-            assert source.op_type == "Pad"
-            pad_value = float(consts[source.input[2]])
-            source = producers[source.input[0]]
-        while source.op_type == "DepthToSpace":
-            source = producers[source.input[0]]
-        assert source.op_type == "DequantizeLinear"
-        unit = float(consts[source.input[1]])
+        dq = producers[conv.input[0]]
+        assert dq.op_type == "DequantizeLinear"
+        q = producers[dq.input[0]]
+        assert q.op_type == "QuantizeLinear"
+        unit = float(consts[dq.input[1]])
+        assert float(consts[q.input[1]]) == unit
         step = entry["input_grid"]["step"]
         assert unit == 2.0 ** np.ceil(np.log2(step)) and step <= unit < 2 * step
+        assert entry["input_grid"]["unit"] == unit
+        source = producers[q.input[0]]
         if entry["input_shift"]:
-            assert pad_value == entry["input_shift"] * unit
+            assert source.op_type == "Pad"
+            assert float(consts[source.input[2]]) == entry["input_shift"] * unit
+            assert not any(next((a.ints for a in conv.attribute if a.name == "pads"), []))
             shifted += 1
         w_units = consts[producers[conv.input[1]].input[1]]
         assert np.all(np.log2(w_units) == np.round(np.log2(w_units)))

@@ -18,9 +18,9 @@ from targets import loader as target_loader
 
 TARGETS_DIR = Path(targets.__file__).resolve().parent
 SHIPPED = sorted(path.stem for path in TARGETS_DIR.glob("*.toml"))
-REQUIRED = {"cpu-x86", "cpu-arm64", "jetson-orin-nano", "jetson-agx-orin", "jetson-xavier-nx",
-            "jetson-thor", "rtx-4090", "h100"}
-JETSONS = {"jetson-orin-nano", "jetson-agx-orin", "jetson-xavier-nx", "jetson-thor"}
+REQUIRED = {"cpu-x86", "cpu-arm64", "jetson-orin-nano", "jetson-agx-orin", "jetson-thor",
+            "rtx-4090", "h100"}
+JETSONS = {"jetson-orin-nano", "jetson-agx-orin", "jetson-thor"}
 
 CUSTOM = """\
 name = "my-board"
@@ -90,7 +90,7 @@ def test_every_shipped_file_loads(name: str) -> None:
     else:
         assert target.tensorrt is not None and target.gpu_arch is not None
         assert target.threads is None
-        assert target.strongly_typed != target.legacy_precision_flags
+        assert target.strongly_typed and not target.legacy_precision_flags
 
 
 def test_target_is_frozen() -> None:
@@ -101,7 +101,7 @@ def test_target_is_frozen() -> None:
 
 def test_precision_facts() -> None:
     by_name = {t.name: t for t in list_targets()}
-    for name in ("jetson-orin-nano", "jetson-agx-orin", "jetson-xavier-nx"):
+    for name in ("jetson-orin-nano", "jetson-agx-orin"):
         assert by_name[name].precision_ladder == ("int8", "fp16"), name  # never FP8 on Orin
     for name in ("rtx-4090", "h100", "jetson-thor"):
         assert "fp8" in by_name[name].precision_ladder, name
@@ -116,10 +116,6 @@ def test_precision_facts() -> None:
 
 
 def test_tensorrt_facts() -> None:
-    xavier = load_target("jetson-xavier-nx")
-    assert xavier.max_opset <= 17 and xavier.legacy_precision_flags and not xavier.strongly_typed
-    assert xavier.tensorrt is not None and xavier.tensorrt.contains("8.5.2.2")
-    assert not xavier.tensorrt.contains("10.3.0")
     thor = load_target("jetson-thor")
     assert thor.strongly_typed and not thor.legacy_precision_flags and thor.gpu_arch == "blackwell"
     assert thor.tensorrt is not None and thor.tensorrt.contains("11.4.0")
@@ -135,9 +131,9 @@ def test_tensorrt_facts() -> None:
     assert load_target("h100").gpu_arch == "hopper"
 
 
-def test_dla_only_on_agx_orin_and_xavier_nx() -> None:
+def test_dla_only_on_agx_orin() -> None:
     with_dla = {t.name: t.dla_cores for t in list_targets() if t.dla_cores}
-    assert with_dla == {"jetson-agx-orin": 2, "jetson-xavier-nx": 2}
+    assert with_dla == {"jetson-agx-orin": 2}
 
 
 # ---------------------------------------------------------------- names, paths, validation
@@ -201,7 +197,8 @@ def test_unknown_nested_keys(tmp_path: Path) -> None:
     ('gpu_arch = "ampere"', 'gpu_arch = "hopper"', "has no DLA"),
     ("default_overlap = 4", "default_overlap = 32", "twice the overlap"),
     ("strongly_typed = true", "strongly_typed = 1", "must be true or false"),
-    ("legacy_precision_flags = false", "legacy_precision_flags = true", "exactly one"),
+    ("legacy_precision_flags = false", "legacy_precision_flags = true", "TensorRT >= 10 only"),
+    ("strongly_typed = true", "strongly_typed = false", "TensorRT >= 10 only"),
     ('name = "my-board"', 'name = "other"', "must agree"),
     ('description = "a test board"', 'description = ""', "non-empty string"),
     ('min = "10.3"', 'min = "ten"', "must be a version like"),
@@ -217,21 +214,12 @@ def test_bad_values_are_one_line_errors(tmp_path: Path, old: str, new: str,
     assert "my-board.toml" in message
 
 
-def test_tensorrt_version_rules(tmp_path: Path) -> None:
-    legacy_11 = CUSTOM.replace('max = "10.3"', 'max = "11"').replace(
-        "strongly_typed = true", "strongly_typed = false").replace(
-        "legacy_precision_flags = false", "legacy_precision_flags = true")
-    with pytest.raises(ConfigError, match="removed the precision builder flags"):
-        load_target(_write(tmp_path, legacy_11))
-    typed_8 = CUSTOM.replace('min = "10.3"', 'min = "8.5"')
-    with pytest.raises(ConfigError, match="lack the STRONGLY_TYPED network flag"):
-        load_target(_write(tmp_path, typed_8))
-    opset_8 = (CUSTOM.replace('min = "10.3", max = "10.3"', 'min = "8.5", max = "8.5"')
-               .replace("strongly_typed = true", "strongly_typed = false")
-               .replace("legacy_precision_flags = false", "legacy_precision_flags = true")
-               .replace("max_opset = 17", "max_opset = 18"))
-    with pytest.raises(ConfigError, match="opset <= 17"):
-        load_target(_write(tmp_path, opset_8))
+def test_tensorrt_before_10_is_not_a_target(tmp_path: Path) -> None:
+    jetpack5 = (CUSTOM.replace('min = "10.3", max = "10.3"', 'min = "8.5", max = "8.5"')
+                .replace("strongly_typed = true", "strongly_typed = false")
+                .replace("legacy_precision_flags = false", "legacy_precision_flags = true"))
+    with pytest.raises(ConfigError, match=r"8\.5\.x .*JetPack 5's TensorRT 8\.5 and Python 3\.8"):
+        load_target(_write(tmp_path, jetpack5))
 
 
 def test_cpu_target_rules(tmp_path: Path) -> None:
@@ -280,7 +268,6 @@ def test_detect_cpu_arch(monkeypatch: pytest.MonkeyPatch, no_device: Path) -> No
     ("NVIDIA Jetson Orin Nano Developer Kit", "jetson-orin-nano"),
     ("NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super", "jetson-orin-nano"),
     ("Jetson AGX Orin Developer Kit", "jetson-agx-orin"),
-    ("NVIDIA Jetson Xavier NX Developer Kit", "jetson-xavier-nx"),
     ("NVIDIA Jetson AGX Thor Developer Kit", "jetson-thor"),
     ("Raspberry Pi 5 Model B Rev 1.0", "cpu-arm64"),
 ])
@@ -337,13 +324,13 @@ def test_cli_table(capsys: pytest.CaptureFixture[str]) -> None:
     detected = detect_target().name
     marked = [line for line in out.splitlines() if line.startswith("*  ")]
     assert len(marked) == 1 and marked[0].split()[1] == detected
-    assert "8.5.x" in out and "legacy flags" in out and "fp8 int8 fp16" in out
+    assert "10.3.x" in out and "strongly typed" in out and "fp8 int8 fp16" in out
 
 
 def test_cli_details(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert main(["targets", "jetson-xavier-nx"]) == 0
+    assert main(["targets", "jetson-thor"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("jetson-xavier-nx") and "legacy flags" in out and "17" in out
+    assert out.startswith("jetson-thor") and "strongly typed" in out and "24" in out
     assert main(["targets", str(_write(tmp_path, CUSTOM))]) == 0
     assert "my-board" in capsys.readouterr().out
 

@@ -35,7 +35,7 @@ from runtime.bundlepaths import (
     external_data_tensors,
     relpath_problem,
 )
-from runtime.errors import AdasrError, BundleError
+from runtime.errors import BundleError
 from runtime.fields import describe
 from runtime.fileio import atomic_write_bytes, sha256_file
 from runtime.manifest import read_manifest
@@ -604,10 +604,6 @@ def test_manifests_made_in_code_keep_the_rules() -> None:
         make_manifest(tile=10**9)
     with pytest.raises(BundleError, match="^profile path '/x': expected a relative path"):
         make_manifest(profile="/x")
-
-
-def test_errors_are_adasr_errors() -> None:
-    assert issubclass(BundleError, AdasrError)
 
 
 def test_machine_check_still_applies(tmp_path: Path) -> None:

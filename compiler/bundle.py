@@ -24,7 +24,7 @@ import json
 import os
 import platform
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -146,11 +146,14 @@ def _build_plans(root: Path, manifest: Manifest, plan_target: Any, batch: int,
 def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePlan,
                  destination: Path, *, patches: np.ndarray | None = None,
                  options: BuildOptions = BuildOptions(),
-                 progress: Progress = lambda _: None) -> Manifest:
+                 progress: Progress = lambda _: None,
+                 ladder_images: Sequence[np.ndarray] | None = None) -> Manifest:
     """Build ``plan`` for ``loaded`` into the bundle folder ``destination`` (replaced atomically).
 
     ``patches`` (N x 3 x h x w float32 LR calibration patches) drive the widening check; without
-    them widened grids are kept unmeasured and the engine note says so.
+    them widened grids are kept unmeasured and the engine note says so. ``ladder_images``
+    (uint8 H x W x 3 calibration images) measure the rung ladder of an ONNX Runtime bundle
+    (:func:`compiler.predictor.measure_ladder`); without them the bundle has none.
     """
     target = plan.target
     staging = destination.parent / f".{destination.name}.building-{os.getpid()}"
@@ -197,6 +200,12 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
         atomic_write_bytes(record_path, (json.dumps(record, indent=1) + "\n").encode())
         manifest = _manifest(loaded, record, plan, tuple(specs), _ref(staging, record_path),
                              options)
+        if target.backend == "onnxruntime" and ladder_images:
+            from compiler.predictor import measure_ladder
+
+            ladder, summary = measure_ladder(staging, manifest, ladder_images, progress=progress)
+            manifest = replace(manifest, rungs=ladder)
+            progress(f"rung ladder: {summary}")
         if target.backend == "tensorrt":
             version, device = _device_facts()
             if version is not None and device is not None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from runtime.errors import BundleError, unknown_name
 from runtime.fileio import atomic_write_json, read_bundle_json
+from runtime.rungs import RungLadder, ladder_from_json
 
 __all__ = [
     "BACKENDS", "LADDERS", "MANIFEST_NAME", "OFFSETS", "PRECISIONS", "SCHEMA", "BuildInfo",
@@ -137,6 +138,7 @@ class Manifest:
     statistic: str = STATISTIC
     profile: str | None = None  # relative path of the latest profile, if any
     schema: str = SCHEMA
+    rungs: RungLadder = field(default_factory=RungLadder)  # runtime.rungs; older bundles: empty
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -199,6 +201,9 @@ def _validate(m: Manifest) -> None:
         if bad:
             raise BundleError(f"engine {spec.name!r}: layers {bad} have a precision outside "
                               f"{', '.join(PRECISIONS)}")
+    strays = [r.name for r in m.rungs.rungs if r.engine is not None and r.engine not in names]
+    if strays:
+        raise BundleError(f"rungs {strays} name engines the bundle does not have ({names})")
     if sum(e.reference for e in m.engines) != 1:
         raise BundleError("a bundle needs exactly one reference engine, found "
                           f"{sum(e.reference for e in m.engines)}")
@@ -248,7 +253,8 @@ def manifest_from_json(data: Mapping[str, Any]) -> Manifest:
                                         fq=bool(cal["fq"])),
             build=BuildInfo(**data["build"]),
             device_match=DeviceMatch(**{k: tuple(v) for k, v in data["device_match"].items()}),
-            statistic=str(data["statistic"]), profile=data.get("profile"), schema=SCHEMA)
+            statistic=str(data["statistic"]), profile=data.get("profile"), schema=SCHEMA,
+            rungs=ladder_from_json(data.get("rungs")))
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise BundleError(f"manifest is malformed: {type(err).__name__}: {err}") from err
 

@@ -192,7 +192,8 @@ def run_clip(path: Path, bundle: Bundle, args: argparse.Namespace) -> dict[str, 
     policies = [f"fixed:{name}" for name in m.rungs.names] + [f"quality:{t:g}"
                                                               for t in args.targets]
     dispatchers = {p: Dispatcher(m, engines, policy=p, batch=args.batch,
-                                 hysteresis=0.0 if p.startswith("fixed") else args.hysteresis)
+                                 hysteresis=0.0 if p.startswith("fixed") else args.hysteresis,
+                                 stitch="crop" if p.startswith("fixed") else args.stitch)
                    for p in policies}
     tracks = {p: Track() for p in policies}
     deviations: dict[str, list[np.ndarray]] = {name: [] for name in m.rungs.names[:-1]}
@@ -304,6 +305,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--hysteresis", type=float, default=0.1,
                         help="of the adaptive runs (default 0.1, adasr run's default for video)")
+    parser.add_argument("--stitch", default="crop", choices=("crop", "feather"),
+                        help="stitching of the adaptive runs (static rungs: crop)")
     parser.add_argument("--targets", default="0.05,0.1",
                         help="quality targets in dB (default 0.05,0.1; the first is scored)")
     parser.add_argument("--output", default="dispatch_quality.md")
@@ -336,9 +339,12 @@ def main() -> None:
             f"{r.name} {r.cost_ms:.2f} ms/tile (excess x{r.excess:.2f})"
             for r in b.manifest.rungs.rungs) for tile, b in bundles.items()]
     s = record["settings"]
+    source = (f"record {args.calibration.name}" if args.calibration
+              else f"calibrated now, {args.steps} steps")
     head = (f"python benchmarks/dispatch.py; {s['method']} W{s['wbits']}A{s['abits']} FQ record "
-            f"({args.steps} steps unless --calibration), EDSR x2 cpu-x86 hardware bundles, "
-            f"{args.threads} threads, batch {args.batch}, hysteresis {args.hysteresis}; ladders "
+            f"({source}), {args.frames} frames per clip, EDSR x2 cpu-x86 hardware bundles, "
+            f"{args.threads} threads, batch {args.batch}, adaptive runs: hysteresis "
+            f"{args.hysteresis}, stitch {args.stitch}; ladders "
             "measured by the build: " + " | ".join(ladders) + "\n\n")
     first = args.targets[0]
     score = {k: [r[first][k] for r in results.values()] for k in results[next(iter(results))][first]

@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from runtime.errors import ConfigError, MediaError
 
-__all__ = ["MODEL", "ffmpeg_path", "vmaf_neg"]
+__all__ = ["MODEL", "ffmpeg_path", "video_scores", "vmaf_neg"]
 
 MODEL = "vmaf_v0.6.1neg"
 _Frame = npt.NDArray[np.uint8]
@@ -79,3 +79,25 @@ def vmaf_neg(distorted: Iterable[_Frame], reference: Iterable[_Frame], *,
         data = json.loads(log.read_text())
     scores = [float(frame["metrics"]["vmaf"]) for frame in data["frames"]]
     return float(data["pooled_metrics"]["vmaf"]["mean"]), scores
+
+
+def video_scores(output: Path, reference: Path, *, limit: int | None = None,
+                 threads: int = 2) -> dict[str, float | int]:
+    """VMAF NEG and mean Y-PSNR (shave = 0) of the video ``output`` against ``reference`` (the
+    original frames at the output size), over their first ``limit`` frames (both decoded)."""
+    from runtime.metrics import psnr_y
+    from runtime.video import read_frames
+
+    produced = list(read_frames(output, limit=limit))
+    original = list(read_frames(reference, limit=len(produced)))
+    if not produced:
+        raise MediaError(f"{output} has no frames to score")
+    if len(original) != len(produced) or original[0].shape != produced[0].shape:
+        size = original[0].shape[:2] if original else None
+        raise MediaError(f"--reference {reference} must have at least the {len(produced)} "
+                         f"frames of the output at its size {produced[0].shape[:2]}, got "
+                         f"{len(original)} frames of {size}")
+    score, _ = vmaf_neg(produced, original, threads=threads)
+    psnr = [psnr_y(a, b, 0) for a, b in zip(produced, original, strict=True)]
+    return {"vmaf_neg": round(score, 4), "psnr_y": round(float(np.mean(psnr)), 4),
+            "scored_frames": len(produced)}

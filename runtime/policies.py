@@ -53,6 +53,7 @@ __all__ = [
     "load_latencies",
     "parse_policy",
     "policy_engines",
+    "rung_order",
 ]
 
 PROFILE_SCHEMA = "adasr.profile/1"
@@ -148,13 +149,20 @@ def engine_order(manifest: Manifest) -> tuple[str, ...]:
     return (*(e.name for e in others), manifest.reference.name)
 
 
+def rung_order(manifest: Manifest) -> tuple[str, ...]:
+    """Every name a tile can be dispatched to: the ladder's rungs (cheapest first), then the
+    engines outside it (:func:`engine_order`)."""
+    ladder = manifest.rungs.names
+    return (*ladder, *(name for name in engine_order(manifest) if name not in ladder))
+
+
 def policy_engines(policy: Policy, manifest: Manifest) -> tuple[str, ...]:
     """The engines or rungs ``policy`` can choose, cheapest first (ConfigError for an unknown
     fixed one; BundleError for a quality policy on a bundle without a rung ladder)."""
     order = engine_order(manifest)
     ladder = manifest.rungs.names
     if isinstance(policy, FixedPolicy):
-        known = (*ladder, *(name for name in order if name not in ladder))
+        known = rung_order(manifest)
         if policy.engine not in known:
             what = "engine or rung" if ladder else "engine"
             raise ConfigError(f"policy {policy}: " + unknown_name(what, policy.engine, known))

@@ -236,3 +236,19 @@ def test_a_mix_is_the_composition_of_its_rungs(policy: str) -> None:
     mse = ((mixed.sr.astype(float) - hr) ** 2).mean()
     assert mse == pytest.approx(squared / hr.size)
     assert mse >= min(((sr.astype(float) - hr) ** 2).mean() for sr in alone.values())
+
+
+def test_engine_map_names_the_interpolation_rung() -> None:
+    from runtime.pipeline import draw_engine_map, engine_colours
+    from runtime.policies import rung_order
+
+    manifest = _quality_manifest()
+    frame = np.random.default_rng(5).integers(0, 256, (28, 40, 3)).astype(np.uint8)
+    frame[:, :16] = 90
+    with Dispatcher(manifest, _fakes(), policy="quality:0.2") as d:  # type: ignore[arg-type]
+        result = d.upscale(frame)
+    assert rung_order(manifest) == ("bicubic", "a4", "fp32")  # type: ignore[arg-type]
+    colours = engine_colours(rung_order(manifest))  # type: ignore[arg-type]
+    painted = draw_engine_map(result, colours, manifest)  # type: ignore[arg-type]
+    assert painted.shape == result.sr.shape and "bicubic" in result.engines
+    assert result.fab(manifest) < 32  # type: ignore[arg-type]

@@ -47,8 +47,9 @@ from runtime.rungs import (
 
 Progress = Callable[[str], None]
 # Default quality target of ``quality`` without a number (dB lost against the top rung per
-# frame): benchmarks/dispatch.py measures the loss it gives against the original frames
-# (benchmarks/results/dispatch_quality.md); see the README's dispatch section.
+# frame): about the loss of the INT8 engine with top-precision trunk ends, the previous default;
+# measured against the original frames of both clips of benchmarks/dispatch.py it gave 0.037 /
+# 0.038 dB, 0.1 gave 0.075 / 0.065 (benchmarks/results/dispatch_quality.md).
 DEFAULT_TARGET_DB = 0.05
 # The top rung's error against the original cannot be seen at run time and varies by domain
 # far more than the features tell (clean video errs 2-4x less than photos with the same

@@ -252,3 +252,14 @@ def test_engine_map_names_the_interpolation_rung() -> None:
     painted = draw_engine_map(result, colours, manifest)  # type: ignore[arg-type]
     assert painted.shape == result.sr.shape and "bicubic" in result.engines
     assert result.fab(manifest) < 32  # type: ignore[arg-type]
+
+
+def test_quality_in_image_mode_picks_one_rung_for_the_frame() -> None:
+    manifest = _quality_manifest()
+    frame = np.random.default_rng(6).integers(0, 256, (28, 40, 3)).astype(np.uint8)
+    # a4 loses 10 log10(1 + 0.5 / 10) = 0.21 dB of the frame, bicubic about 8 dB
+    for target, rung in ((100.0, "bicubic"), (0.25, "a4"), (0.2, "fp32"), (0.0, "fp32")):
+        with Dispatcher(manifest, _fakes(), mode="image",  # type: ignore[arg-type]
+                        policy=f"quality:{target}") as d:
+            result = d.upscale(frame)
+        assert set(result.engines) == {rung}, (target, result.histogram)

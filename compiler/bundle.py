@@ -30,7 +30,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -193,11 +193,14 @@ def _build_plans(root: Path, manifest: Manifest, plan_target: Any, batch: int,
 def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePlan,
                  destination: Path, *, patches: np.ndarray | None = None,
                  options: BuildOptions = BuildOptions(),
-                 progress: Progress = lambda _: None) -> Manifest:
+                 progress: Progress = lambda _: None,
+                 ladder_images: Sequence[np.ndarray] | None = None) -> Manifest:
     """Build ``plan`` for ``loaded`` into the bundle folder ``destination`` (replaced atomically).
 
     ``patches`` (N x 3 x h x w float32 LR calibration patches) drive the widening check; without
-    them widened grids are kept unmeasured and the engine note says so.
+    them widened grids are kept unmeasured and the engine note says so. ``ladder_images``
+    (uint8 H x W x 3 calibration images) measure the rung ladder of an ONNX Runtime bundle
+    (:func:`compiler.predictor.measure_ladder`); without them the bundle has none.
     """
     checked = record_from_json(record)  # a bundle carries only a valid record
     target = plan.target
@@ -253,6 +256,12 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
                               "expected one")
         manifest = _manifest(loaded, checked, plan, tuple(specs), _ref(staging, record_path),
                              replace(options, opset=opsets.pop()))
+        if target.backend == "onnxruntime" and ladder_images:
+            from compiler.predictor import measure_ladder
+
+            ladder, summary = measure_ladder(staging, manifest, ladder_images, progress=progress)
+            manifest = replace(manifest, rungs=ladder)
+            progress(f"rung ladder: {summary}")
         if target.backend == "tensorrt":
             version, device = _device_facts()
             if version is not None and device is not None and _builds_here(target, version):

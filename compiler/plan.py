@@ -35,7 +35,10 @@ target's real kernel precisions is the *ladder*, chosen explicitly and recorded 
 
 Whatever the mapping yields, the plan also carries the target's top-precision engine (the FP
 graph: quality reference and upgrade rung), and identical engines are planned once, serving every
-offset that maps to them.
+offset that maps to them. A hardware plan with float trunk ends on an ONNX Runtime target also
+carries the all-INT8 engine (``int8-all``, the offset-0 grids with no float layer, serving no
+offset): the cheapest engine rung of the bundle's rung ladder (``runtime.rungs``; the build
+measures every rung's cost and loss, ``compiler.predictor``), below INT8 with top-precision ends.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ OFFSET_WORDS = {-1: "low", 0: "mid", 1: "high"}
 LOWERED = ("int8",)
 IMAGE_CHANNELS = 4  # a conv with at most this many input channels reads the image
 FLOAT_CHOICES = ("auto", "none")  # or an explicit list of layer names
+ALL_INT8 = "int8-all"  # the engine with every quantized layer on INT8 (a rung of the ladder)
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,12 @@ def plan_engines(record: Mapping[str, Any], target: Target, ladder: str = "hardw
         engines.append(PlannedEngine(name=name, precision=tag, offsets=tuple(offsets),
                                      reference=False, layers=layers, specs=specs,
                                      fab=fab_of(layers, adaptive), exact=exact))
+    if ladder == "hardware" and floating and target.backend == "onnxruntime":
+        specs, exact, layers = _offset_engine(record, 0, target, ladder, widen, set())
+        if specs not in groups:
+            engines.append(PlannedEngine(name=ALL_INT8, precision=_summary_precision(layers, set()),
+                                         offsets=(), reference=False, layers=layers, specs=specs,
+                                         fab=fab_of(layers, adaptive), exact=exact))
     top = target.top_precision
     reference_name = top if top not in {e.name for e in engines} else f"{top}-reference"
     ref_layers = tuple(LayerPlan(layer["name"], top, None, None) for layer in record["layers"])
@@ -276,7 +286,7 @@ def describe_plan(plan: EnginePlan, files: Mapping[str, Sequence[str]] | None = 
              f"{'engine':<14} {'precision':<9} {'offsets':<9} {'FAB':>6}  files"]
     for e in plan.engines:
         served = ("reference" if e.reference
-                  else ",".join(f"{d:+d}" for d in e.offsets))
+                  else ",".join(f"{d:+d}" for d in e.offsets) or "rung")
         listed = ", ".join(files.get(e.name, ())) if files else ""
         lines.append(f"{e.name:<14} {e.precision:<9} {served:<9} {e.fab:>6.2f}  {listed}"
                      + ("  (grids widened to 8 bits if measured no worse)" if e.widened else ""))

@@ -25,6 +25,7 @@ from runtime.bundlepaths import engine_name_problem, relpath_problem, target_nam
 from runtime.errors import BundleError, unknown_name
 from runtime.fields import Field, root_field
 from runtime.fileio import atomic_write_json, read_bundle_json
+from runtime.rungs import RungLadder, ladder_from_json
 
 __all__ = [
     "BACKENDS", "LADDERS", "MANIFEST_NAME", "METHODS", "OFFSETS", "PRECISIONS", "QUANT_BITS",
@@ -162,6 +163,7 @@ class Manifest:
     statistic: str = STATISTIC
     profile: str | None = None  # relative path of the latest profile, if any
     schema: str = SCHEMA
+    rungs: RungLadder = field(default_factory=RungLadder)  # runtime.rungs; older bundles: empty
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -232,6 +234,9 @@ def _validate(m: Manifest) -> None:
         if bad:
             raise BundleError(f"engine {spec.name!r}: layers {bad} have a precision outside "
                               f"{', '.join(PRECISIONS)}")
+    strays = [r.name for r in m.rungs.rungs if r.engine is not None and r.engine not in names]
+    if strays:
+        raise BundleError(f"rungs {strays} name engines the bundle does not have ({names})")
     if sum(e.reference for e in m.engines) != 1:
         raise BundleError("a bundle needs exactly one reference engine, found "
                           f"{sum(e.reference for e in m.engines)}")
@@ -344,7 +349,7 @@ def manifest_from_json(data: object) -> Manifest:
             fq=cal["fq"].boolean()),
         build=_build(f["build"]), device_match=_device_match(f.get("device_match")),
         statistic=statistic, profile=None if profile is None else profile.check(relpath_problem),
-        schema=SCHEMA)
+        schema=SCHEMA, rungs=ladder_from_json(f.get("rungs")))
 
 
 def read_manifest(bundle: Path) -> Manifest:

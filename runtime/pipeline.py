@@ -33,12 +33,12 @@ from typing import Any, Protocol, cast
 import numpy as np
 import numpy.typing as npt
 
-from runtime.dispatch import STAGES, FrameResult
+from runtime.dispatch import STAGES, FrameResult, rung_fab
 from runtime.errors import AdasrError, ConfigError, MediaError
 from runtime.imaging import icc_profile, load_rgb, save_rgb
 from runtime.manifest import Manifest
 from runtime.outputs import deferred_signals
-from runtime.policies import engine_order
+from runtime.policies import rung_order
 from runtime.video import EncoderSettings, VideoWriter, probe, read_frames
 
 __all__ = ["IMAGE_SUFFIXES", "QUEUE_SIZE", "STATS_SCHEMA", "FrameRecord", "RunStats", "Upscaler",
@@ -319,7 +319,7 @@ def draw_engine_map(result: FrameResult, colours: Mapping[str, RGB], manifest: M
     font = ImageFont.load_default(size=size)
     counts = result.histogram
     lines: list[tuple[str | None, str]] = [(None, f"FAB {result.fab(manifest):.2f}")]
-    lines += [(name, f"{name} (FAB {manifest.engine(name).fab:g}): {counts.get(name, 0)} tiles")
+    lines += [(name, f"{name} (FAB {rung_fab(manifest, name):g}): {counts.get(name, 0)} tiles")
               for name in names]
     width = max(draw.textlength(text, font=font) for _, text in lines)
     pad = max(2, size // 4)
@@ -388,7 +388,7 @@ def upscale_video(source: Path, output: Path, upscaler: Upscaler, manifest: Mani
             _check_video_output(source, path)
     info = probe(source)
     upscaler.reset()
-    colours = engine_colours(engine_order(manifest))
+    colours = engine_colours(rung_order(manifest))
     writers: list[VideoWriter] = []
 
     def sink(index: int, result: FrameResult) -> None:
@@ -421,7 +421,7 @@ def upscale_images(jobs: Sequence[tuple[Path, Path]], upscaler: Upscaler, manife
                    map_paths: Sequence[Path] | None = None, keep_records: bool = True,
                    on_frame: Callable[[FrameRecord], None] | None = None) -> RunStats:
     """Upscale each ``(input, output)`` image file; ``map_paths``: an engine map PNG per job."""
-    colours = engine_colours(engine_order(manifest))
+    colours = engine_colours(rung_order(manifest))
 
     def sink(index: int, result: FrameResult) -> None:
         icc = icc_profile(jobs[index][0])

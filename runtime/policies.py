@@ -1,13 +1,17 @@
 """Dispatch policies: which engine runs each tile (or frame).
 
-Three policies, each a small frozen dataclass; :func:`parse_policy` reads the CLI spelling:
+Four policies, each a small frozen dataclass; :func:`parse_policy` reads the CLI spelling:
+
+* ``quality:DB`` (``quality``: the bundle's default target) -- lose at most ``DB`` dB of PSNR
+  against the top rung per frame, predicted by the ladder's loss models (:mod:`runtime.rungs`),
+  with the cheapest rungs: :func:`allocate_rungs` over all tiles of the frame.
+* ``budget:MS`` -- the same allocation under a predicted latency of ``MS`` per frame (rung costs
+  from the ladder, or the profile); bundles without a ladder rank tiles by ``g`` instead
+  (:func:`budget_assignment`).
 
 * ``threshold`` -- the calibrated bit mapping: the tile's image offset
   ``image_offsets(g, *manifest.thresholds)`` selects ``manifest.engine_for_offset(offset)``.
 * ``fixed:NAME`` -- every tile on engine ``NAME``.
-* ``budget:MS`` -- meet a per-frame latency budget predicted from the bundle's profile
-  (:class:`LatencyTable`): every tile starts on the cheapest engine of :func:`engine_order`, then
-  tiles are upgraded one rung at a time, most complex first (:func:`budget_assignment`).
 
 Temporal hysteresis (video) lives here too, so that it is testable without engines:
 :func:`hysteresis_offsets` keeps a tile's previous offset unless its ``g`` crosses the threshold
@@ -36,6 +40,9 @@ from runtime.statistic import image_offsets
 __all__ = [
     "PROFILE_SCHEMA",
     "BudgetPolicy",
+    "QualityPolicy",
+    "allocate_rungs",
+    "sticky_choices",
     "FixedPolicy",
     "LatencyTable",
     "Policy",
@@ -48,10 +55,12 @@ __all__ = [
     "load_latencies",
     "parse_policy",
     "policy_engines",
+    "rung_order",
 ]
 
 PROFILE_SCHEMA = "adasr.profile/1"
-POLICY_FORMS = "threshold, fixed:NAME (an engine of the bundle), budget:MS (ms per frame, > 0)"
+POLICY_FORMS = ("quality[:DB] (dB of PSNR lost against the top rung, >= 0), threshold, "
+                "fixed:NAME (an engine or rung of the bundle), budget:MS (ms per frame, > 0)")
 
 
 @dataclass(frozen=True)
@@ -91,14 +100,39 @@ class BudgetPolicy:
         return f"budget:{self.budget_ms:g}"
 
 
-Policy = ThresholdPolicy | FixedPolicy | BudgetPolicy
+@dataclass(frozen=True)
+class QualityPolicy:
+    """Lose at most ``target_db`` (None: the bundle's default) dB against the top rung per frame."""
+
+    target_db: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.target_db is not None and not (math.isfinite(self.target_db)
+                                               and self.target_db >= 0):
+            raise ConfigError(f"quality target must be a finite number of dB >= 0, got "
+                              f"{self.target_db!r}; allowed forms: {POLICY_FORMS}")
+
+    def __str__(self) -> str:
+        return "quality" if self.target_db is None else f"quality:{self.target_db:g}"
+
+
+Policy = ThresholdPolicy | FixedPolicy | BudgetPolicy | QualityPolicy
 
 
 def parse_policy(text: str) -> Policy:
-    """Read ``"threshold"``, ``"fixed:NAME"`` or ``"budget:MS"`` (ConfigError otherwise)."""
+    """Read ``"quality[:DB]"``, ``"threshold"``, ``"fixed:NAME"`` or ``"budget:MS"``."""
     kind, sep, value = text.strip().partition(":")
     if kind == "threshold" and not sep:
         return ThresholdPolicy()
+    if kind == "quality":
+        if not sep:
+            return QualityPolicy()
+        try:
+            target = float(value)
+        except ValueError as err:
+            raise ConfigError(f"policy {text!r}: target {value!r} is not a number of dB; "
+                              f"allowed forms: {POLICY_FORMS}") from err
+        return QualityPolicy(target)
     if kind == "fixed" and sep:
         return FixedPolicy(value.strip())
     if kind == "budget" and sep:
@@ -117,15 +151,32 @@ def engine_order(manifest: Manifest) -> tuple[str, ...]:
     return (*(e.name for e in others), manifest.reference.name)
 
 
+def rung_order(manifest: Manifest) -> tuple[str, ...]:
+    """Every name a tile can be dispatched to: the ladder's rungs (cheapest first), then the
+    engines outside it (:func:`engine_order`)."""
+    ladder = manifest.rungs.names
+    return (*ladder, *(name for name in engine_order(manifest) if name not in ladder))
+
+
 def policy_engines(policy: Policy, manifest: Manifest) -> tuple[str, ...]:
-    """The engines ``policy`` can choose, cheapest first (ConfigError for an unknown fixed one)."""
+    """The engines or rungs ``policy`` can choose, cheapest first (ConfigError for an unknown
+    fixed one; BundleError for a quality policy on a bundle without a rung ladder)."""
     order = engine_order(manifest)
+    ladder = manifest.rungs.names
     if isinstance(policy, FixedPolicy):
-        if policy.engine not in order:
-            raise ConfigError(f"policy {policy}: " + unknown_name("engine", policy.engine, order))
+        known = rung_order(manifest)
+        if policy.engine not in known:
+            what = "engine or rung" if ladder else "engine"
+            raise ConfigError(f"policy {policy}: " + unknown_name(what, policy.engine, known))
         return (policy.engine,)
+    if isinstance(policy, QualityPolicy):
+        if not ladder:
+            raise BundleError(f"policy {policy} needs the bundle's rung ladder (cost and loss "
+                              "model per rung), which this bundle predates: rebuild it with "
+                              "`adasr build`, or use --policy threshold")
+        return ladder
     if isinstance(policy, BudgetPolicy):
-        return order
+        return ladder or order
     chosen = {manifest.engine_for_offset(offset).name for offset in OFFSETS}
     return tuple(name for name in order if name in chosen)
 
@@ -270,3 +321,94 @@ def budget_rungs(keys: npt.ArrayLike, costs: Sequence[float],
         total += fits * delta
         upgraded = fits
     return rungs
+
+
+def sticky_choices(excess: npt.NDArray[np.float64], costs: npt.NDArray[np.float64],
+                   previous: npt.NDArray[np.intp] | None, margin: float,
+                   ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Hysteresis for :func:`allocate_rungs`: per tile (rows), the rungs below its previous
+    rung look ``1 + margin`` times lossier and those above it ``1 + margin`` times costlier, so
+    a tile changes rung between frames only for a clear gain."""
+    if previous is None or margin == 0:
+        return excess, costs
+    columns = np.arange(excess.shape[1])[np.newaxis, :]
+    below = columns < previous[:, np.newaxis]
+    above = columns > previous[:, np.newaxis]
+    costs = np.broadcast_to(costs, excess.shape)
+    return (np.where(below, excess * (1.0 + margin), excess),
+            np.where(above, costs * (1.0 + margin), costs))
+
+
+def allocate_rungs(excess: npt.ArrayLike, costs: npt.ArrayLike, *,
+                   max_excess: float | None = None,
+                   max_cost: float | None = None) -> npt.NDArray[np.intp]:
+    """The rung of each tile: the cheapest allocation whose summed ``excess`` stays within
+    ``max_excess`` (quality), or the least-loss one whose summed cost stays within ``max_cost``
+    (budget). Exactly one limit is given.
+
+    ``excess`` is N tiles x R rungs (the predicted loss of each rung on each tile, the top rung 0),
+    ``costs`` R or N x R. Every tile starts on rung 0; its possible upgrades are the segments of
+    the lower convex hull of its (cost, excess) points, and all tiles' segments are taken in
+    decreasing loss saved per cost (the Lagrangian order: the best marginal buy over the whole
+    frame first) until the limit is met (quality) or the next one would break it (budget).
+    """
+    loss = np.asarray(excess, dtype=np.float64)
+    if loss.ndim != 2 or loss.shape[1] < 1:
+        raise ConfigError(f"excess must be tiles x rungs, got shape {loss.shape}")
+    count, levels = loss.shape
+    cost = np.broadcast_to(np.asarray(costs, dtype=np.float64), loss.shape)
+    if (max_excess is None) == (max_cost is None):
+        raise ConfigError("give exactly one of max_excess and max_cost")
+    tiles, targets, gains, extras, slopes = _hull_segments(loss, cost)
+    order = np.argsort(-slopes, kind="stable")
+    if max_excess is not None:
+        left = loss[:, 0].sum() - np.cumsum(gains[order])
+        met = np.flatnonzero(left <= max_excess)
+        taken = order if met.size == 0 else order[: met[0] + 1]
+        if loss[:, 0].sum() <= max_excess:
+            taken = order[:0]
+    else:
+        assert max_cost is not None
+        spent = cost[:, 0].sum() + np.cumsum(extras[order])
+        over = np.flatnonzero(spent > max_cost)
+        taken = order if over.size == 0 else order[: over[0]]
+    rungs = np.zeros(count, dtype=np.intp)
+    np.maximum.at(rungs, tiles[taken], targets[taken])
+    return rungs
+
+
+def _hull_segments(loss: npt.NDArray[np.float64], cost: npt.NDArray[np.float64],
+                   ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp],
+                              npt.NDArray[np.float64], npt.NDArray[np.float64],
+                              npt.NDArray[np.float64]]:
+    """(tile, target rung, loss saved, extra cost, saved per cost) of every upgrade segment of
+    each tile's lower convex hull, tile by tile in increasing rung (decreasing slope)."""
+    count, levels = loss.shape
+    index = np.arange(count)
+    columns = np.arange(levels)[np.newaxis, :]
+    current = np.zeros(count, dtype=np.intp)
+    active = np.ones(count, dtype=bool)
+    parts: list[tuple[npt.NDArray[np.intp], ...]] = []
+    values: list[tuple[npt.NDArray[np.float64], ...]] = []
+    for _ in range(levels - 1):
+        gain = loss[index, current][:, np.newaxis] - loss
+        extra = cost - cost[index, current][:, np.newaxis]
+        valid = (columns > current[:, np.newaxis]) & (gain > 0) & active[:, np.newaxis]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slope = np.where(extra > 0, gain / np.where(extra > 0, extra, 1.0), np.inf)
+        slope = np.where(valid, slope, -np.inf)
+        best = slope.argmax(axis=1)
+        ok = valid[index, best]
+        if not ok.any():
+            break
+        chosen = index[ok]
+        parts.append((chosen, best[ok]))
+        values.append((gain[chosen, best[ok]], extra[chosen, best[ok]], slope[chosen, best[ok]]))
+        current = np.where(ok, best, current)
+        active &= ok
+    if not parts:
+        empty_i, empty_f = np.zeros(0, dtype=np.intp), np.zeros(0)
+        return empty_i, empty_i, empty_f, empty_f, empty_f
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            np.concatenate([v[0] for v in values]), np.concatenate([v[1] for v in values]),
+            np.concatenate([v[2] for v in values]))

@@ -29,6 +29,7 @@ __all__ = [
     "SOBEL_X",
     "SOBEL_Y",
     "complexity",
+    "complexity_and_luma",
     "complexity_batch",
     "image_offset",
     "image_offsets",
@@ -82,15 +83,21 @@ def _sobel_x(padded: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return result
 
 
-def complexity_batch(patches: Patches) -> npt.NDArray[np.float64]:
-    """Complexity ``g`` of each of N equal-size RGB patches (N x H x W x 3): float64, shape N."""
+def complexity_and_luma(patches: Patches) -> tuple[npt.NDArray[np.float64],
+                                                   npt.NDArray[np.float64]]:
+    """``g`` of each of N equal-size RGB patches and their N x H x W luma in [0, 1] (float64)."""
     gray = _gray(patches)
     padded = np.pad(gray, ((0, 0), (1, 1), (1, 1)), mode="edge")
     # SOBEL_Y on the image is SOBEL_X on its transpose (the response comes out transposed).
     mean_x = np.abs(_sobel_x(padded)).mean(axis=(1, 2))
     mean_y = np.abs(_sobel_x(padded.swapaxes(1, 2))).mean(axis=(1, 2))
     result: npt.NDArray[np.float64] = _SCALE * (mean_x + mean_y) / 2.0
-    return result
+    return result, gray
+
+
+def complexity_batch(patches: Patches) -> npt.NDArray[np.float64]:
+    """Complexity ``g`` of each of N equal-size RGB patches (N x H x W x 3): float64, shape N."""
+    return complexity_and_luma(patches)[0]
 
 
 def complexity(patch: Patches) -> float:

@@ -151,8 +151,12 @@ def _write(args: argparse.Namespace, loaded: Any, record: dict[str, Any], plan: 
     patches = sample_patches(folder, 8, args.patch_size, seed=args.seed,
                              downscale=downscale_of(args, loaded)).numpy()
     options = BuildOptions(batch=args.engine_batch, threads=args.threads)
+    from compiler.quant.patches import list_images
+    from runtime.imaging import load_rgb
+
+    images = [load_rgb(path) for path in list_images(folder)]  # the rung ladder's measurements
     return write_bundle(loaded, record, plan, destination, patches=patches, options=options,
-                        progress=_say(args.quiet))
+                        progress=_say(args.quiet), ladder_images=images)
 
 
 def _say(quiet: bool) -> Callable[[str], None]:

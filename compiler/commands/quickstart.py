@@ -1,8 +1,10 @@
 """``adasr quickstart`` (what ``python build.py`` runs with no arguments): the default job.
 
 Builds the bundle of the default x2 model for this machine's target (``adasr build``: AdaBM W8A6
-calibration on the shipped images, engine plan, lowering, engines, manifest), then runs the
-runtime's adaptive dispatcher on the shipped sample image and writes the upscaled image plus a
+calibration on the shipped images, engine plan, lowering, engines, the rung ladder's costs and
+loss models, manifest), then runs the runtime's adaptive dispatcher with its default policy
+(``quality`` at the bundle's default target; ``threshold`` for a bundle without a ladder) on the
+shipped sample image, prints the tiles per rung, and writes the upscaled image plus a labelled
 side-by-side picture (bicubic | reference engine | adaptive) to ``--out``.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,7 +75,8 @@ def _run_sample(bundle_path: Path, out: Path) -> int:
     print(f"\nsample image {image.name}: {image.lr.shape[1]}x{image.lr.shape[0]} LR -> x{scale}, "
           f"tiles {m.tile} px (overlap {m.overlap})")
     engines = bundle.engines()
-    with Dispatcher(m, engines, policy="threshold") as adaptive:
+    policy = "quality" if m.rungs.rungs else "threshold"
+    with Dispatcher(m, engines, policy=policy) as adaptive:
         result = adaptive.upscale(image.lr)
     with Dispatcher(m, engines, policy=f"fixed:{m.reference.name}") as reference:
         ref = reference.upscale(image.lr)
@@ -81,17 +85,36 @@ def _run_sample(bundle_path: Path, out: Path) -> int:
     print(f"  {'bicubic':<26}{psnr_y(bicubic, image.hr, scale):>9.2f}{'-':>7}")
     print(f"  {'reference engine ' + m.reference.name:<26}"
           f"{psnr_y(ref.sr, image.hr, scale):>9.2f}{m.reference.fab:>7.2f}")
-    print(f"  {'adaptive dispatch':<26}{psnr_y(result.sr, image.hr, scale):>9.2f}"
-          f"{result.fab(m):>7.2f}   tiles per engine: "
-          + ", ".join(f"{k} {v}" for k, v in result.histogram.items()))
-    adaptive, compare = _outputs(out)
+    label = f"adaptive ({adaptive.policy})"
+    print(f"  {label:<26}{psnr_y(result.sr, image.hr, scale):>9.2f}{result.fab(m):>7.2f}")
+    counts = result.histogram
+    print(f"  tiles per rung ({len(result.engines)} tiles): "
+          + ", ".join(f"{name} {counts.get(name, 0)}" for name in adaptive.names)
+          + ("" if result.predicted_db is None
+             else f"; predicted loss vs {m.reference.name} {result.predicted_db:.3f} dB"))
+    adaptive_path, compare_path = _outputs(out)
     mark_folder(out, QUICKSTART_MARK)
-    save_rgb(adaptive, result.sr)
+    save_rgb(adaptive_path, result.sr)
     h, w = result.sr.shape[:2]
     y, x, size = h // 4, w // 4, min(h, w) // 2
-    crops = [c[y:y + size, x:x + size] for c in (bicubic, ref.sr, result.sr)]
-    save_rgb(compare, np.concatenate(crops, axis=1))
-    print(f"\nwrote {adaptive} and {compare} "
-          f"(bicubic | {m.reference.name} engine | adaptive)")
+    labels = ("bicubic", f"{m.reference.name} engine", label)
+    crops = [_labelled(c[y:y + size, x:x + size], text)
+             for c, text in zip((bicubic, ref.sr, result.sr), labels, strict=True)]
+    save_rgb(compare_path, np.concatenate(crops, axis=1))
+    print(f"\nwrote {adaptive_path} and {compare_path} ({' | '.join(labels)}, labelled)")
     print(f"next: adasr run VIDEO.mp4 -o OUT.mp4 --bundle {bundle_path} --save-map MAP.mp4")
     return 0
+
+
+def _labelled(crop: Any, text: str) -> Any:
+    """``crop`` (H x W x 3 uint8) with ``text`` on a dark band at its top."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    picture = Image.fromarray(np.ascontiguousarray(crop))
+    draw = ImageDraw.Draw(picture)
+    size = max(10, picture.width // 16)
+    font = ImageFont.load_default(size=size)
+    draw.rectangle((0, 0, picture.width, size + 6), fill=(0, 0, 0))
+    draw.text((4, 3), text, fill=(255, 255, 255), font=font)
+    return np.asarray(picture)

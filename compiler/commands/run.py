@@ -31,11 +31,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", type=Path, required=True, metavar="DIR", help="bundle folder")
     p.add_argument("--mode", default="patch", metavar="patch|image",
                    help="one engine per tile (patch, default) or per frame (image)")
-    p.add_argument("--policy", default="threshold", metavar="POLICY",
-                   help="threshold (calibrated bit mapping, default), fixed:NAME (one engine) or "
-                   "budget:MS (per-frame latency budget; needs `adasr profile`)")
+    p.add_argument("--policy", metavar="POLICY",
+                   help="quality[:DB] (lose at most DB dB against the top rung per frame, the "
+                   "cheapest rung per tile; default, at the bundle's default target), threshold "
+                   "(calibrated bit mapping; the default for bundles without a rung ladder), "
+                   "fixed:NAME (one engine or rung) or budget:MS (per-frame latency budget)")
     p.add_argument("--stats", type=Path, metavar="STATS.json",
                    help="write per-frame engine histograms, FAB and stage times here")
+    p.add_argument("--reference", type=Path, metavar="VIDEO",
+                   help="with --stats and a video: the original frames at the output size; "
+                   "the stats gain VMAF NEG and Y-PSNR of the output against them")
     p.add_argument("--save-map", type=Path, metavar="MAP",
                    help="write the engine chosen per tile as an overlay: a video for a video "
                    "input, a PNG (a folder of PNGs for a folder) for images")
@@ -83,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
     bundle = open_bundle(args.bundle)
     manifest = bundle.manifest
     _claim_outputs(args, inputs, bundle.root)
-    policy = parse_policy(args.policy)
+    policy = parse_policy(args.policy or ("quality" if manifest.rungs.rungs else "threshold"))
     latencies = load_latencies(bundle.root, manifest) if isinstance(policy, BudgetPolicy) \
-        else None
+        and not manifest.rungs.rungs else None
     video = inputs.video
     hysteresis = args.hysteresis if args.hysteresis is not None else 0.1 if video else 0.0
     dispatcher = Dispatcher(manifest, bundle.engines(threads=args.threads), mode=args.mode,
@@ -115,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
             "input": str(source), "output": str(args.output), "bundle": str(args.bundle),
             "mode": args.mode, "policy": str(policy), "hysteresis": hysteresis,
             "batch": args.batch, "stitch": args.stitch, **stats.to_json()}
+        if args.reference is not None and video:
+            from runtime.vmaf import video_scores
+
+            payload["quality"] = video_scores(args.output, args.reference, limit=args.frames)
         atomic_write_json(args.stats, payload)
     if not args.quiet:
         print(_summary(stats, args.output))

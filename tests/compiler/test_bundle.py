@@ -90,20 +90,27 @@ def _trunk_ends(record: dict[str, Any]) -> set[str]:
 def test_hardware_plan_merges_identical_engines(records: dict[str, dict[str, Any]]) -> None:
     record = records["w8a6_fq"]
     plan = plan_engines(record, load_target("cpu-x86"), "hardware")
-    assert [(e.name, e.offsets) for e in plan.engines] == [("int8", (-1, 0, 1)), ("fp32", ())]
+    assert [(e.name, e.offsets) for e in plan.engines] == [("int8", (-1, 0, 1)),
+                                                          ("int8-all", ()), ("fp32", ())]
+    # the ladder's all-INT8 rung: the same grids with the trunk's ends on INT8 too
+    every = plan.engines[1]
+    assert {lp.precision for lp in every.layers} == {"int8"}
+    assert every.fab == plan.engines[0].fab and not every.reference
     assert all((lp.act_bits, lp.w_bits) == ((None, None) if lp.name == "head.0" else (8, 8))
                for lp in plan.engines[0].layers)
 
 
-@pytest.mark.parametrize(("target", "top"), [("cpu-x86", "fp32"), ("jetson-orin-nano", "fp16")])
+@pytest.mark.parametrize(("target", "names"), [("cpu-x86", ["int8", "int8-all", "fp32"]),
+                                               ("jetson-orin-nano", ["int8", "fp16"])])
 def test_hardware_plans_run_the_trunk_ends_at_top_precision(
-        records: dict[str, dict[str, Any]], target: str, top: str) -> None:
+        records: dict[str, dict[str, Any]], target: str, names: list[str]) -> None:
+    top = names[-1]
     record = records["w8a6_fq"]
     ends = _trunk_ends(record)
     assert ends == {"head.0", "body.2"}  # the image conv and the conv closing the residual
     assert {layer["name"] for layer in record["layers"] if layer["in_channels"] == 3} < ends
     plan = plan_engines(record, load_target(target), "hardware")
-    assert [e.name for e in plan.engines] == ["int8", top]  # the tag ignores the float layers
+    assert [e.name for e in plan.engines] == names  # the tag ignores the float layers
     assert plan.float_layers == ("head.0", "body.2")
     # ONNX Runtime keeps the closing conv's 8-bit input and weights (an exact FP32 conv on the
     # integer levels, float output) and runs the image conv on the integer pixels; TensorRT
@@ -122,7 +129,8 @@ def test_hardware_plans_run_the_trunk_ends_at_top_precision(
     text = describe_plan(plan)
     assert f"kept at {top}: head.0, body.2" in text
     row = next(line for line in text.splitlines() if line.startswith("head.0 "))
-    assert row.split() == ["head.0", top, top]
+    cells = row.split()  # the engines in plan order (int8-all runs head.0 on INT8)
+    assert [cells[0], cells[1], cells[-1]] == ["head.0", top, top]
     emulate = plan_engines(record, load_target(target), "emulate")
     assert {lp.precision for lp in emulate.engines[0].layers} == {"int8"}  # exact grids
     assert emulate.float_layers == ()
@@ -262,7 +270,8 @@ def test_build_inspect_eval_cli(tiny: tuple[Path, Path], records: dict[str, dict
     assert main(["eval", "--bundle", str(out), "--engine", "fp32", "--dataset", str(dataset),
                  "--scale", "2", "--json", str(result), "--quiet", "--force"]) == 0
     reference = json.loads(result.read_text())
-    assert adaptive["engines"]["int8"] > 0 and reference["engines"] == {"int8": 0, "fp32": 4}
+    assert adaptive["engines"]["int8"] > 0
+    assert reference["engines"] == {"int8": 0, "int8-all": 0, "fp32": 4}
     assert reference["fab"] == 32 and adaptive["fab"] == 8
     assert abs(adaptive["psnr"] - reference["psnr"]) < 1.0
     # a record made for another checkpoint is refused before anything is written

@@ -84,9 +84,16 @@ def test_quickstart_runs_the_default_job(tmp_path: Path,
     assert manifest["calibration"]["abits"] == 6 and manifest["model"]["scale"] == 2
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines()
-            if line.strip().startswith(("bicubic ", "adaptive dispatch"))}
+            if line.strip().startswith(("bicubic ", "adaptive (quality)"))}
     psnr = {"bicubic": float(rows["bicubic"][1]), "adaptive": float(rows["adaptive"][2])}
     assert psnr["adaptive"] > psnr["bicubic"] + 0.5, out
+    # the default bundle carries the rung ladder and the default policy allocates over it
+    rungs = [rung["name"] for rung in manifest["rungs"]["rungs"]]
+    assert rungs[0] == "bicubic" and rungs[-1] == "fp32" and "int8-all" in rungs, rungs
+    line = next(line for line in out.splitlines() if "tiles per rung" in line)
+    counts = dict(part.rsplit(" ", 1) for part in line.split(": ", 1)[1].split(";")[0].split(", "))
+    assert list(counts) == rungs and sum(map(int, counts.values())) == int(
+        line.split("(")[1].split()[0]), line
 
 
 def test_build_clips_bounds_at_every_width_and_calibrate_by_default_only_at_4_bits() -> None:

@@ -42,7 +42,7 @@ def test_parse_policy(text: str, policy: object) -> None:
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("", "unknown policy ''; allowed forms: threshold, fixed:NAME"),
+    ("", "unknown policy ''; allowed forms: quality[:DB]"),
     ("thresh", "unknown policy 'thresh'; allowed forms"),
     ("threshold:3", "unknown policy 'threshold:3'"),
     ("fixed", "unknown policy 'fixed'"),

@@ -8,7 +8,8 @@ ONNX Runtime targets get graphs with dynamic batch, height and width (one engine
 size and whole images). TensorRT targets get static ``batch x 3 x tile x tile`` graphs in the
 TensorRT dialect; their plans are built here only when TensorRT and the target's device are
 present, else the bundle holds the portable half and its manifest names the one command that
-finishes it on the device (``adasr build --finish BUNDLE``, :func:`finish_bundle`).
+finishes it on the device (``adasr build --finish BUNDLE``,
+:func:`compiler.engines.finish.finish_bundle`).
 
 Widening (hardware ladder): the first engine whose grids were widened to 8 bits is compared, on
 calibration patches through ONNX Runtime, with the same engine on the exact simulated grids: both
@@ -39,17 +40,17 @@ import numpy as np
 import onnx
 
 from compiler import __version__
+from compiler.engines.finish import TIMING_CACHE, build_plans, builds_here, device_facts
 from compiler.layers import EngineLayer
 from compiler.lower.dialects import lower_engine
-from compiler.lower.export import INPUT_NAME, export_onnx, save_onnx
+from compiler.lower.export import export_onnx, save_onnx
 from compiler.lower.qdq import model_opset
 from compiler.plan import EnginePlan, PlannedEngine, plan_engines
 from compiler.quant.record import CalibrationRecord, record_from_json
 from compiler.zoo.base import LoadedModel
-from runtime.bundlepaths import bundle_path, check_single_file_onnx
 from runtime.engines.onnxruntime import OnnxRuntimeEngine, session_options
-from runtime.errors import BundleError, EngineError, OutputError
-from runtime.fileio import atomic_write_bytes, sha256_file
+from runtime.errors import EngineError, OutputError
+from runtime.fileio import atomic_write_bytes
 from runtime.manifest import (
     MANIFEST_NAME,
     SCHEMA,
@@ -60,7 +61,7 @@ from runtime.manifest import (
     FileRef,
     Manifest,
     ModelInfo,
-    read_manifest,
+    file_ref,
     write_manifest,
 )
 from runtime.metrics import psnr
@@ -73,11 +74,9 @@ from runtime.outputs import (
     probe_writable,
     same_file,
 )
-from targets.loader import probe_device
 
 Progress = Callable[[str], None]
 RECORD_NAME = "calibration.json"
-TIMING_CACHE = "timing.cache"
 MARKER = marker_path(Path()).name
 WIDEN_PATCHES = 8
 
@@ -88,13 +87,6 @@ class BuildOptions:
     batch: int = 8  # TensorRT: static batch of the tile engines
     threads: int = 0
     widen_patches: int = WIDEN_PATCHES
-
-
-def _ref(root: Path, path: Path) -> FileRef:
-    """The manifest entry of a file the build wrote under ``root`` (ONNX graphs: single files)."""
-    if path.suffix == ".onnx":
-        check_single_file_onnx(path, f"engine graph {path.name}")
-    return FileRef(path.relative_to(root).as_posix(), sha256_file(path), path.stat().st_size)
 
 
 def _run_graph(model: onnx.ModelProto, path: Path, patches: np.ndarray, scale: int,
@@ -143,51 +135,6 @@ def _lower(fp: onnx.ModelProto, planned: PlannedEngine, plan: EnginePlan) -> onn
 
     check_tensorrt_graph(model, target.max_opset)
     return model
-
-
-def _device_facts() -> tuple[str | None, str | None]:
-    """(TensorRT version, device name) when both are present here, else (None, None)."""
-    from compiler.engines import tensorrt_build as trt_build
-
-    try:
-        return trt_build.tensorrt_version(), trt_build.device_name()
-    except EngineError:
-        return None, None
-
-
-def _builds_here(target: Any, version: str) -> bool:
-    """Whether this device and TensorRT may build ``target``'s plans."""
-    from compiler.engines import tensorrt_build as trt_build
-
-    try:
-        trt_build.check_build_device(target, probe_device(), version, Path("."))
-    except EngineError:
-        return False
-    return True
-
-
-def _build_plans(root: Path, manifest: Manifest, plan_target: Any, batch: int,
-                 progress: Progress, version: str, device: str) -> Manifest:
-    """Build every pending TensorRT plan of ``manifest`` (files under ``root``) on this device
-    (TensorRT ``version``, named ``device``)."""
-    from compiler.engines import tensorrt_build as trt_build
-
-    trt_build.check_build_device(plan_target, probe_device(), version, root)
-    cache = bundle_path(root, TIMING_CACHE, "TensorRT timing cache")
-    engines = []
-    for spec in manifest.engines:
-        shape = (batch, 3, manifest.tile, manifest.tile)
-        what = f"engine {spec.name!r}"
-        build = trt_build.spec_for_target(plan_target, bundle_path(root, spec.onnx.path, what),
-                                          INPUT_NAME, shape, timing_cache=cache)
-        key = trt_build.engine_cache_key(spec.onnx.sha256, build, version, device)
-        plan_path = bundle_path(root, f"engines/{spec.name}.{key[:12]}.plan", what)
-        if not plan_path.is_file():
-            progress(f"building TensorRT plan {spec.name} ({build.recipe})")
-            atomic_write_bytes(plan_path, trt_build.build_engine(build))
-        engines.append(replace(spec, plan=_ref(root, plan_path), cache_key=key))
-    build_info = replace(manifest.build, tensorrt=version, device=device, finish_command=None)
-    return replace(manifest, engines=tuple(engines), build=build_info)
 
 
 def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePlan,
@@ -243,7 +190,8 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
             opsets.add(model_opset(graph))
             save_onnx(graph, path)
             specs.append(EngineSpec(
-                name=planned.name, backend=target.backend, onnx=_ref(staging, path), plan=None,
+                name=planned.name, backend=target.backend, onnx=file_ref(staging, path),
+                plan=None,
                 precision=planned.precision, offsets=planned.offsets, reference=planned.reference,
                 fab=planned.fab, layers=planned.layers, input_shape=shape,
                 note=note if planned.widened or not plan.widen else ""))
@@ -254,7 +202,8 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
         if len(opsets) != 1:
             raise EngineError(f"the engines of one bundle have opsets {sorted(opsets)}; "
                               "expected one")
-        manifest = _manifest(loaded, checked, plan, tuple(specs), _ref(staging, record_path),
+        record_ref = file_ref(staging, record_path)
+        manifest = _manifest(loaded, checked, plan, tuple(specs), record_ref,
                              replace(options, opset=opsets.pop()))
         if target.backend == "onnxruntime" and ladder_images:
             from compiler.predictor import measure_ladder
@@ -263,9 +212,9 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
             manifest = replace(manifest, rungs=ladder)
             progress(f"rung ladder: {summary}")
         if target.backend == "tensorrt":
-            version, device = _device_facts()
-            if version is not None and device is not None and _builds_here(target, version):
-                manifest = _build_plans(staging, manifest, target, options.batch, progress,
+            version, device = device_facts()
+            if version is not None and device is not None and builds_here(target, version):
+                manifest = build_plans(staging, manifest, target, options.batch, progress,
                                         version, device)
             else:  # the portable half; on another device or TensorRT, --finish says what to do
                 # the bundle's own name: the device knows nothing of this machine's paths
@@ -369,19 +318,3 @@ def _swap_into_place(staging: Path, destination: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, destination)
-
-
-def finish_bundle(bundle: Path, target: Any, *, batch: int | None = None,
-                  progress: Progress = lambda _: None) -> Manifest:
-    """On the device: build the pending TensorRT plans of ``bundle`` in place (manifest last)."""
-    manifest = read_manifest(bundle)
-    if manifest.backend != "tensorrt":
-        raise BundleError(f"bundle {bundle} is an {manifest.backend} bundle: nothing to finish")
-    version, device = _device_facts()
-    if version is None or device is None:
-        raise EngineError(f"TensorRT and an NVIDIA GPU are needed to finish {bundle}: run this "
-                          f"on the {manifest.target}")
-    size = batch or manifest.engines[0].input_shape[0]
-    finished = _build_plans(bundle, manifest, target, size, progress, version, device)
-    write_manifest(bundle, finished)
-    return finished

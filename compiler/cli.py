@@ -1,8 +1,10 @@
 """The ``adasr`` command line: a thin client of the library.
 
-Each subcommand lives in ``compiler/commands/<name>.py`` with ``add_arguments(parser)`` and
-``run(args) -> int``. Command modules import only argparse at module level, so ``adasr --help``
-is instant and ``adasr run`` works on a device without torch.
+Each subcommand is a module with ``add_arguments(parser)`` and ``run(args) -> int``. The device
+commands (``run``, ``inspect``: :mod:`runtime.commands`; ``profile``: :mod:`profiles.command`)
+import only the runtime, so they work where adasr was installed without the compiler's extra; the
+others (``compiler/commands/``) need it (torch, onnx) and say so in one line when it is missing.
+Command modules import only argparse at module level, so ``adasr --help`` is instant.
 """
 
 from __future__ import annotations
@@ -20,17 +22,27 @@ from typing import Any
 from runtime.errors import AdasrError
 from runtime.outputs import INTERRUPT_SIGNALS, one_line_os_error
 
-# name -> one-line help. The module compiler.commands.<name with - as _> implements it.
-COMMANDS: dict[str, str] = {
-    "quickstart": "the embedded default job: build the default bundle, run it on the sample",
-    "eval": "evaluate a checkpoint (optionally quantized) on a benchmark folder",
-    "calibrate": "calibrate an adaptive quantized network (AdaBM, DDTB, static PTQ)",
-    "targets": "list the device targets (the machine's own is marked)",
-    "profile": "measure a bundle: latency per engine, quality, adaptive vs static, plots",
-    "run": "upscale an image, a folder of images or a video with a bundle",
-    "build": "calibrate, plan, lower and build the engines of a bundle for a target",
-    "inspect": "print a bundle's manifest readably and verify its checksums",
+# name -> (module implementing it, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("compiler.commands.quickstart",
+                   "the embedded default job: build the default bundle, run it on the sample"),
+    "eval": ("compiler.commands.eval",
+             "evaluate a checkpoint (optionally quantized) on a benchmark folder"),
+    "calibrate": ("compiler.commands.calibrate",
+                  "calibrate an adaptive quantized network (AdaBM, DDTB, static PTQ)"),
+    "targets": ("compiler.commands.targets",
+                "list the device targets (the machine's own is marked)"),
+    "profile": ("profiles.command",
+                "measure a bundle: latency per engine, quality, adaptive vs static, plots"),
+    "run": ("runtime.commands.run",
+            "upscale an image, a folder of images or a video with a bundle"),
+    "build": ("compiler.commands.build",
+              "calibrate, plan, lower and build the engines of a bundle for a target"),
+    "inspect": ("runtime.commands.inspect",
+                "print a bundle's manifest readably and verify its checksums"),
 }
+# Modules of the compiler's extra (`pip install 'adasr[compiler]'`), absent on a device install.
+COMPILER_MODULES = ("torch", "onnx", "onnxscript")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adaptive-bit-width quantized super-resolution.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"compiler.commands.{name.replace('-', '_')}")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(_module=module)
@@ -56,6 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._module.run(args))
     except AdasrError as err:
         print(f"adasr {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if err.name not in COMPILER_MODULES:
+            raise
+        print(f"adasr {args.command}: error: this command needs the compiler ({err.name} is not "
+              "installed): pip install 'adasr[compiler]'; on a device, `adasr run`, `inspect` "
+              "and `profile` work without it", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         signum = received[-1] if received else signal.SIGINT

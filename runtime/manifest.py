@@ -21,21 +21,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.bundlepaths import engine_name_problem, relpath_problem, target_name_problem
+from runtime.bundlepaths import (
+    check_single_file_onnx,
+    engine_name_problem,
+    relpath_problem,
+    target_name_problem,
+)
 from runtime.errors import BundleError, unknown_name
 from runtime.fields import Field, root_field
-from runtime.fileio import atomic_write_json, read_bundle_json
+from runtime.fileio import atomic_write_json, read_bundle_json, sha256_file
 from runtime.rungs import RungLadder, ladder_from_json
 
 __all__ = [
-    "BACKENDS", "LADDERS", "MANIFEST_NAME", "METHODS", "OFFSETS", "PRECISIONS", "QUANT_BITS",
+    "BACKENDS", "INPUT_NAME", "LADDERS", "MANIFEST_NAME", "METHODS", "OFFSETS", "PRECISIONS",
+    "QUANT_BITS",
     "SCALES", "SCHEMA", "THREADS", "TILES", "BuildInfo",
     "CalibrationInfo", "DeviceMatch", "EngineSpec", "FileRef", "LayerPlan", "Manifest",
-    "ModelInfo", "max_overlap", "read_manifest", "sha256_problem", "write_manifest",
+    "ModelInfo", "file_ref", "max_overlap", "read_manifest", "sha256_problem", "write_manifest",
 ]
 
 SCHEMA = "adasr.bundle/1"
 MANIFEST_NAME = "manifest.json"
+INPUT_NAME = "lr"  # every engine's input tensor (N, 3, H, W LR tiles)
 BACKENDS = ("onnxruntime", "tensorrt")
 LADDERS = ("hardware", "emulate")
 PRECISIONS = ("fp4", "int8", "fp8", "fp16", "fp32")  # kernel precisions, cheapest first
@@ -65,6 +72,14 @@ class FileRef:
         problem = relpath_problem(self.path)
         if problem is not None:
             raise BundleError(f"bundle file path {self.path!r}: expected {problem}")
+
+
+def file_ref(root: Path, path: Path) -> FileRef:
+    """The manifest entry of a file written under the bundle folder ``root`` (ONNX graphs are
+    checked to be single files: external data would escape the checksums)."""
+    if path.suffix == ".onnx":
+        check_single_file_onnx(path, f"engine graph {path.name}")
+    return FileRef(path.relative_to(root).as_posix(), sha256_file(path), path.stat().st_size)
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    from compiler.commands.run import MAX_BATCH, check_threads
+    from runtime.commands.run import MAX_BATCH, check_threads
     from runtime.errors import check_range
     from runtime.manifest import TILES, max_overlap
 
@@ -181,7 +181,7 @@ def _next_steps(destination: Path, manifest: Any) -> None:
 
 
 def _finish(bundle: Path) -> int:
-    from compiler.bundle import finish_bundle
+    from compiler.engines.finish import finish_bundle
     from runtime.manifest import read_manifest
     from targets.loader import load_target
 

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from compiler.commands.progress import quiet_progress
-from compiler.commands.run import add_force_argument
+from runtime.commands.run import add_force_argument
+from runtime.progress import quiet_progress
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

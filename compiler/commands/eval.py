@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from compiler.commands.run import add_force_argument
+from runtime.commands.run import add_force_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

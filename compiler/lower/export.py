@@ -31,9 +31,9 @@ import torch
 from compiler.zoo.base import SRNet
 from runtime.errors import ConfigError, EngineError, did_you_mean
 from runtime.fileio import atomic_write_bytes
+from runtime.manifest import INPUT_NAME
 
 DEFAULT_OPSET = 17
-INPUT_NAME = "lr"
 OUTPUT_NAME = "sr"
 MIN_OPSET = 13  # per-axis Q/DQ (per-channel weights) needs opset 13
 

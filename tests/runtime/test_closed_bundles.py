@@ -285,13 +285,17 @@ def test_an_untampered_profile_inside_the_bundle_is_read(tmp_path: Path) -> None
 
 @pytest.fixture
 def fake_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fake TensorRT 10 (tests/compiler/test_tensorrt_build.py) on a fake Orin."""
+    """A fake TensorRT 10 (tests/compiler/test_tensorrt_build.py) on a fake Orin Nano."""
+    import compiler.engines.finish as finish_module
     from compiler.engines import tensorrt_build as trt_build
+    from targets.loader import DeviceFacts
     from tests.compiler.test_tensorrt_build import Knobs, Record, make_fake_tensorrt
 
     fake = make_fake_tensorrt("10.3.0.30", Knobs(input_shape=(2, 3, 8, 8)), Record())
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(trt_build, "device_name", lambda: "Orin (fake)")
+    monkeypatch.setattr(finish_module, "probe_device",
+                        lambda: DeviceFacts("aarch64", "NVIDIA Jetson Orin Nano", "Orin (fake)"))
 
 
 def tensorrt_bundle(root: Path) -> Path:
@@ -309,7 +313,7 @@ def tensorrt_bundle(root: Path) -> Path:
 
 def test_finish_with_an_engine_named_out_of_the_bundle_writes_nothing(
         tmp_path: Path, fake_device: None) -> None:
-    from compiler.bundle import finish_bundle
+    from compiler.engines.finish import finish_bundle
     from targets.loader import load_target
 
     bundle = tensorrt_bundle(tmp_path / "a" / "b" / "bundle")
@@ -324,7 +328,7 @@ def test_finish_with_an_engine_named_out_of_the_bundle_writes_nothing(
 
 
 def test_finish_builds_plans_inside_the_bundle(tmp_path: Path, fake_device: None) -> None:
-    from compiler.bundle import finish_bundle
+    from compiler.engines.finish import finish_bundle
     from targets.loader import load_target
 
     bundle = tensorrt_bundle(tmp_path / "bundle")
@@ -339,7 +343,7 @@ def test_finish_builds_plans_inside_the_bundle(tmp_path: Path, fake_device: None
 
 
 def test_finish_refuses_a_symlinked_engines_folder(tmp_path: Path, fake_device: None) -> None:
-    from compiler.bundle import finish_bundle
+    from compiler.engines.finish import finish_bundle
     from targets.loader import load_target
 
     bundle = tensorrt_bundle(tmp_path / "bundle")
@@ -398,12 +402,12 @@ def test_an_engine_with_external_data_is_refused(
 
 
 def test_the_bundle_writer_refuses_an_external_data_graph(tmp_path: Path) -> None:
-    from compiler.bundle import _ref
+    from runtime.manifest import file_ref
 
     graph = external_graph(tmp_path, "g.onnx", "g.onnx.data")
     with pytest.raises(BundleError, match=r"^engine graph g.onnx: g.onnx keeps tensors in "
                                           r"external data files \(scales, bias\)"):
-        _ref(tmp_path, graph)
+        file_ref(tmp_path, graph)
 
 
 def test_external_data_scan_field_numbers_match_onnx() -> None:

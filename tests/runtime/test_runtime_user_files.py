@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from compiler.commands.progress import LineProgress, progress_bar
 from runtime.errors import MediaError, OutputError
 from runtime.imaging import icc_profile, load_rgb, save_rgb
 from runtime.manifest import Manifest
 from runtime.outputs import Outputs, deferred_signals, is_marked, mark_folder, place_new
 from runtime.pipeline import image_jobs, upscale_images, upscale_video
+from runtime.progress import LineProgress, progress_bar
 from runtime.video import VideoWriter, read_frames
 from tests.runtime.test_pipeline import Slow, dispatcher, frames_of, write_video
 

@@ -220,7 +220,7 @@ class _Progress:
     def __init__(self, total: int, *, quiet: bool) -> None:
         self._bar: Any = None
         if not quiet:
-            from compiler.commands.progress import progress_bar
+            from runtime.progress import progress_bar
 
             # unit frame: the rate reads frame/s, the fps
             self._bar = progress_bar(total or None, "upscaling", unit="frame")

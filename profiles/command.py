@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compiler.commands.run import add_force_argument
+from runtime.commands.run import add_force_argument
 
 if TYPE_CHECKING:
     from profiles.schema import Profile
@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
     if args.bundle is None:
         raise ConfigError("nothing to profile: give a BUNDLE folder, or --compare A.json B.json")
 
-    from compiler.commands.run import MAX_BATCH, check_threads
     from profiles.profiler import PROFILE_NAME, ProfileOptions, profile_bundle, save_profile
+    from runtime.commands.run import MAX_BATCH, check_threads
     from runtime.errors import check_range
     from runtime.fileio import atomic_write_bytes, atomic_write_json
     from runtime.manifest import TILES

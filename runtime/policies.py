@@ -125,24 +125,21 @@ def parse_policy(text: str) -> Policy:
     if kind == "threshold" and not sep:
         return ThresholdPolicy()
     if kind == "quality":
-        if not sep:
-            return QualityPolicy()
-        try:
-            target = float(value)
-        except ValueError as err:
-            raise ConfigError(f"policy {text!r}: target {value!r} is not a number of dB; "
-                              f"allowed forms: {POLICY_FORMS}") from err
-        return QualityPolicy(target)
+        return QualityPolicy(_policy_number(text, value, "target", "dB")) if sep \
+            else QualityPolicy()
     if kind == "fixed" and sep:
         return FixedPolicy(value.strip())
     if kind == "budget" and sep:
-        try:
-            budget = float(value)
-        except ValueError as err:
-            raise ConfigError(f"policy {text!r}: budget {value!r} is not a number of ms; "
-                              f"allowed forms: {POLICY_FORMS}") from err
-        return BudgetPolicy(budget)
+        return BudgetPolicy(_policy_number(text, value, "budget", "ms"))
     raise ConfigError(f"unknown policy {text!r}; allowed forms: {POLICY_FORMS}")
+
+
+def _policy_number(text: str, value: str, what: str, unit: str) -> float:
+    try:
+        return float(value)
+    except ValueError as err:
+        raise ConfigError(f"policy {text!r}: {what} {value!r} is not a number of {unit}; "
+                          f"allowed forms: {POLICY_FORMS}") from err
 
 
 def engine_order(manifest: Manifest) -> tuple[str, ...]:

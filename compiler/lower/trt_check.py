@@ -126,10 +126,9 @@ class _Checker:
         if clip is not None and clip.op_type == "Pad":  # a shifted grid's border, on the levels
             clip = self.producers.get(clip.input[0])
         if clip is None or clip.op_type != "Clip":
-            source = f"node {clip.name!r} ({clip.op_type})" if clip else "a graph input"
             raise EngineError(f"{where}: grid [{low}, {high}] is narrower than int8 but its "
-                              f"input comes from {source}, not a Clip; TensorRT's Q saturates "
-                              "only at [-128, 127]")
+                              f"input comes from {_described(clip)}, not a Clip; TensorRT's Q "
+                              "saturates only at [-128, 127]")
         if len(clip.input) < 3 or not (clip.input[1] and clip.input[2]):
             raise EngineError(f"{where}: Clip {clip.name!r} before this Q lacks a bound; the "
                               f"grid [{low}, {high}] needs both")
@@ -156,10 +155,10 @@ class _Checker:
             return
         data = self.producers.get(node.input[0])
         if data is None or data.op_type != "DequantizeLinear":
-            source = f"node {data.name!r} ({data.op_type})" if data else "a graph input"
             raise EngineError(f"{where}: its weights are quantized but its input comes from "
-                              f"{source}, not a DequantizeLinear: TensorRT fuses DQ -> Conv "
-                              "into an INT8 conv only when the DQ feeds the conv directly")
+                              f"{_described(data)}, not a DequantizeLinear: TensorRT fuses DQ "
+                              "-> Conv into an INT8 conv only when the DQ feeds the conv "
+                              "directly")
 
     def check_pair(self, node: onnx.NodeProto, where: str) -> None:
         """A DQ reading a Q has the Q's scale (TensorRT pairs them as one quantized tensor)."""
@@ -178,6 +177,10 @@ class _Checker:
             if self.types.get(out) == TensorProto.UINT8:
                 raise EngineError(f"{where}: output {out!r} is uint8; TensorRT Q/DQ graphs use "
                                   "int8 only")
+
+
+def _described(node: onnx.NodeProto | None) -> str:
+    return f"node {node.name!r} ({node.op_type})" if node is not None else "a graph input"
 
 
 def check_tensorrt_graph(model: onnx.ModelProto, max_opset: int) -> None:

@@ -64,14 +64,15 @@ from runtime.metrics import psnr, psnr_y
 from targets.loader import load_target
 
 MODELS = {"edsr_x2": ("edsr_r8f64_x2_krasserm.pt", 2), "imdn_x4": ("imdn_x4.pth", 4)}
-TENSORRT_OPSET = 17  # the FP graph's opset; TensorRT 8.5 (Xavier NX) parses <= 17
+TENSORRT_OPSET = 17  # the FP graph's opset (the checker enforces it as the max)
 FP_OPSET = 17  # compiler.bundle.BuildOptions.opset
 
 Run = Callable[[np.ndarray], np.ndarray]  # N x 3 x H x W float32 in [0, 1] -> SR, not clipped
 Engine = tuple[EngineSpec, list[dict[str, Any]] | None, Run]
 
 
-def _record(key: str, weights: Path, scale: int, args: argparse.Namespace) -> dict[str, Any]:
+def calibration_record(key: str, weights: Path, scale: int, args: argparse.Namespace
+                       ) -> dict[str, Any]:
     """The AdaBM record; with ``--records DIR`` read from / written to a file there."""
     cache = None
     if args.records is not None:
@@ -185,7 +186,7 @@ def main() -> None:
     for key in args.models.split(","):
         file, scale = MODELS[key]
         weights = shared(f"weights/{file}")
-        record = _record(key, weights, scale, args)
+        record = calibration_record(key, weights, scale, args)
         images = load_benchmark(shared("benchmarks/Set5"), scale)[:args.images]
         patches = sample_patches(calib, 8, 48, seed=0, downscale=scale).numpy()
         for ladder in ("hardware", "emulate"):

@@ -126,10 +126,9 @@ class _Checker:
         if clip is not None and clip.op_type == "Pad":  # a shifted grid's border, on the levels
             clip = self.producers.get(clip.input[0])
         if clip is None or clip.op_type != "Clip":
-            source = f"node {clip.name!r} ({clip.op_type})" if clip else "a graph input"
             raise EngineError(f"{where}: grid [{low}, {high}] is narrower than int8 but its "
-                              f"input comes from {source}, not a Clip; TensorRT's Q saturates "
-                              "only at [-128, 127]")
+                              f"input comes from {_described(clip)}, not a Clip; TensorRT's Q "
+                              "saturates only at [-128, 127]")
         if len(clip.input) < 3 or not (clip.input[1] and clip.input[2]):
             raise EngineError(f"{where}: Clip {clip.name!r} before this Q lacks a bound; the "
                               f"grid [{low}, {high}] needs both")
@@ -148,11 +147,40 @@ class _Checker:
             if len(node.input) > index and node.input[index]:
                 self.constant(node, where, index, what)
 
+    def check_conv(self, node: onnx.NodeProto, where: str) -> None:
+        """A conv with DQ'd weights reads a DQ directly: TensorRT fuses ``DQ -> Conv <- DQ``
+        into an INT8 conv only so (a Pad, a shuffle between leaves it float)."""
+        kernel = self.producers.get(node.input[1]) if len(node.input) > 1 else None
+        if kernel is None or kernel.op_type != "DequantizeLinear":
+            return
+        data = self.producers.get(node.input[0])
+        if data is None or data.op_type != "DequantizeLinear":
+            raise EngineError(f"{where}: its weights are quantized but its input comes from "
+                              f"{_described(data)}, not a DequantizeLinear: TensorRT fuses DQ "
+                              "-> Conv into an INT8 conv only when the DQ feeds the conv "
+                              "directly")
+
+    def check_pair(self, node: onnx.NodeProto, where: str) -> None:
+        """A DQ reading a Q has the Q's scale (TensorRT pairs them as one quantized tensor)."""
+        q = self.producers.get(node.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            return
+        scales = [self.constant(n, f"node {n.name!r} ({n.op_type})", 1, "scale")
+                  for n in (q, node)]
+        if scales[0].shape != scales[1].shape or np.any(scales[0] != scales[1]):
+            raise EngineError(f"{where}: scale {scales[1].ravel()[:4]} differs from the scale "
+                              f"{scales[0].ravel()[:4]} of the Q {q.name!r} it reads; TensorRT "
+                              "expects a Q and its DQ to share one scale")
+
     def check_types(self, node: onnx.NodeProto, where: str) -> None:
         for out in node.output:
             if self.types.get(out) == TensorProto.UINT8:
                 raise EngineError(f"{where}: output {out!r} is uint8; TensorRT Q/DQ graphs use "
                                   "int8 only")
+
+
+def _described(node: onnx.NodeProto | None) -> str:
+    return f"node {node.name!r} ({node.op_type})" if node is not None else "a graph input"
 
 
 def check_tensorrt_graph(model: onnx.ModelProto, max_opset: int) -> None:
@@ -161,9 +189,10 @@ def check_tensorrt_graph(model: onnx.ModelProto, max_opset: int) -> None:
     Rules: default-domain opset <= ``max_opset``, no other domains; every Q/DQ zero point 0 and
     int8 (float8e4m3fn allowed), a Q's zero point present (else uint8); scales and zero points
     constant; activation scales per tensor, weight scales per tensor or per output channel on
-    axis 0; no uint8 tensor; in a lowered graph, every Q whose recorded grid is narrower than int8
-    reads a Clip with constant bounds on that grid; Pads constant-mode with constant inputs; an
-    FP16 graph holds no FP32 initializer.
+    axis 0; a DQ that reads a Q has its scale; a conv with DQ'd weights reads a DQ directly; no
+    uint8 tensor; in a lowered graph, every Q whose recorded grid is narrower than int8 reads a
+    Clip (through a shifted grid's border Pad) with constant bounds on that grid; Pads
+    constant-mode with constant inputs; an FP16 graph holds no FP32 initializer.
     """
     for op in model.opset_import:
         if op.domain not in DEFAULT_DOMAINS:
@@ -179,6 +208,10 @@ def check_tensorrt_graph(model: onnx.ModelProto, max_opset: int) -> None:
             raise EngineError(f"{where}: domain {node.domain!r} is not parsed by TensorRT")
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             checker.check_qdq(node, where)
+            if node.op_type == "DequantizeLinear":
+                checker.check_pair(node, where)
+        elif node.op_type == "Conv":
+            checker.check_conv(node, where)
         elif node.op_type == "Pad":
             checker.check_pad(node, where)
         checker.check_types(node, where)

@@ -345,7 +345,30 @@ def _computed_pad(m: onnx.ModelProto) -> str:
     return pad.name
 
 
+def _pad_between_dq_and_conv(m: onnx.ModelProto) -> str:
+    producers = {out: n for n in m.graph.node for out in n.output}
+    conv = next(n for n in m.graph.node if n.op_type == "Conv"
+                and producers.get(n.input[1]) is not None
+                and producers[n.input[1]].op_type == "DequantizeLinear")
+    m.graph.node.append(helper.make_node("Identity", [conv.input[0]], ["moved"], "between"))
+    conv.input[0] = "moved"
+    return conv.name
+
+
+def _unequal_dq_scale(m: onnx.ModelProto) -> str:
+    producers = {out: n for n in m.graph.node for out in n.output}
+    dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear"
+              and n.input[0] in producers and producers[n.input[0]].op_type == "QuantizeLinear")
+    scale = numpy_helper.to_array(_init(m, dq.input[1]))
+    _set_init(m, dq.input[1], (scale * 2).astype(scale.dtype))
+    return dq.name
+
+
 BREAKS: dict[str, tuple[Callable[[onnx.ModelProto], str], str]] = {
+    "node between DQ and conv": (_pad_between_dq_and_conv,
+                                 r"input comes from node 'between' \(Identity\), not a "
+                                 "DequantizeLinear"),
+    "Q and DQ scales differ": (_unequal_dq_scale, "expects a Q and its DQ to share one scale"),
     "uint8 zero point": (_zero_point_uint8, "zero point is UINT8"),
     "nonzero zero point": (_zero_point_three, "zero point 3 must be 0 for TensorRT"),
     "computed scale": (_computed_scale, "scale 'scale_sq' is computed by node 'square_scale'"),

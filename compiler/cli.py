@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "targets": "list the device targets (the machine's own is marked)",
     "profile": "measure a bundle: latency per engine, quality, adaptive vs static, plots",
     "run": "upscale an image, a folder of images or a video with a bundle",
+    "cluster": "adasr run on a Ray cluster: many videos or image folders, chunks across workers",
     "build": "calibrate, plan, lower and build the engines of a bundle for a target",
     "inspect": "print a bundle's manifest readably and verify its checksums",
 }

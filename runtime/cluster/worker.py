@@ -1,0 +1,140 @@
+"""The worker side of a cluster job: one chunk of frames in, its upscaled frames (or encoded
+segment) out.
+
+A :class:`ChunkWorker` is a Ray actor (the driver wraps the plain class with ``ray.remote``): it
+opens the bundle and activates its engines once, in ``__init__``, and then upscales chunk after
+chunk with the same :class:`~runtime.dispatch.Dispatcher` and the same
+:func:`~runtime.pipeline.run_pipeline` loop as ``adasr run`` (tiles batched per engine, dispatch
+and encoding overlapped). A video chunk starts from the hysteresis state the driver measured at
+its first frame (:meth:`Dispatcher.restore`) and is encoded with :class:`~runtime.video.VideoWriter`
+into an MP4 segment whose bytes are returned; an image chunk returns the SR images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from runtime.bundle import Bundle, open_bundle
+from runtime.dispatch import Dispatcher, FrameResult, HysteresisState
+from runtime.pipeline import FrameRecord, RunStats, run_pipeline
+from runtime.policies import BudgetPolicy, load_latencies, parse_policy
+from runtime.tiling import StitchMode
+from runtime.video import EncoderSettings, VideoWriter
+
+__all__ = ["Chunk", "ChunkResult", "ChunkWorker", "DispatchSettings"]
+
+Frame = npt.NDArray[np.uint8]
+ChunkKey = tuple[int, int]  # (input number, chunk number)
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    """Everything that decides the frames: the same options as ``adasr run``."""
+
+    bundle: Path
+    mode: str = "patch"
+    policy: str = "threshold"
+    batch: int = 8
+    stitch: StitchMode = "crop"
+    hysteresis: float = 0.0
+    threads: int | None = None  # intra-op threads of CPU engines (None: the bundle's)
+    encoder: EncoderSettings = field(default_factory=EncoderSettings)
+
+    def dispatcher(self, bundle: Bundle) -> Dispatcher:
+        """The dispatcher these settings describe over ``bundle`` (engines not yet active)."""
+        policy = parse_policy(self.policy)
+        latencies = (load_latencies(bundle.root, bundle.manifest)
+                     if isinstance(policy, BudgetPolicy) else None)
+        return Dispatcher(bundle.manifest, bundle.engines(threads=self.threads), mode=self.mode,
+                          policy=policy, batch=self.batch, stitch=self.stitch,
+                          hysteresis=self.hysteresis, latencies=latencies)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Consecutive frames of one input, as the driver cut them."""
+
+    job: int  # input number
+    index: int  # chunk number within the input
+    first: int  # index of its first frame in the input
+    count: int
+    fps: Fraction | None  # video: the input's frame rate; None: independent images
+    state: HysteresisState | None = None  # video: the dispatcher's state before ``first``
+    names: tuple[str, ...] = ()  # images: the input file names
+
+    @property
+    def key(self) -> ChunkKey:
+        return (self.job, self.index)
+
+    @property
+    def video(self) -> bool:
+        return self.fps is not None
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What a worker sends back for a :class:`Chunk`."""
+
+    key: ChunkKey
+    first: int
+    stats: RunStats  # its records' indices are frame indices in the input
+    segment: bytes | None  # video: the encoded MP4 segment
+    images: tuple[Frame, ...]  # images: the SR images, in order
+    worker: str  # host:pid that made it
+
+
+class ChunkWorker:
+    """Upscale chunks with one bundle; see the module docstring. ``board``: a
+    :class:`~runtime.cluster.progress.ProgressBoard` actor handle told of starts and frames."""
+
+    def __init__(self, settings: DispatchSettings, board: Any = None) -> None:
+        self.settings = settings
+        self.board = board
+        self.bundle = open_bundle(settings.bundle)
+        self.dispatcher = settings.dispatcher(self.bundle).__enter__()  # engines load once
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def upscale(self, chunk: Chunk, frames: Sequence[Frame]) -> ChunkResult:
+        if self.board is not None:
+            self.board.started.remote(chunk.key, self.name)
+        manifest = self.bundle.manifest
+        kept: list[Frame] = []
+
+        def tick(record: FrameRecord) -> None:
+            if self.board is not None:
+                self.board.advanced.remote(chunk.key)
+
+        def keep(index: int, result: FrameResult) -> None:
+            kept.append(result.sr)
+
+        segment = None
+        if chunk.fps is not None:
+            self.dispatcher.restore(chunk.state)
+            with tempfile.TemporaryDirectory(prefix="adasr-chunk-") as folder:
+                path = Path(folder) / "segment.mp4"
+                with VideoWriter(path, chunk.fps, settings=self.settings.encoder) as writer:
+                    stats = run_pipeline(frames, self.dispatcher,
+                                         lambda index, result: writer.write(result.sr),
+                                         manifest=manifest, on_frame=tick)
+                segment = path.read_bytes()
+        else:
+            stats = run_pipeline(frames, self.dispatcher, keep, manifest=manifest,
+                                 names=chunk.names, independent=True, on_frame=tick)
+        records = tuple(dataclasses.replace(record, index=chunk.first + record.index)
+                        for record in stats.records)
+        return ChunkResult(chunk.key, chunk.first, dataclasses.replace(stats, records=records),
+                           segment, tuple(kept), self.name)

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -145,6 +146,7 @@ class JobReport:
     retried: int  # chunks started more than once (a worker died under them)
     workers: int
     chunk_workers: Mapping[ChunkKey, str] = field(default_factory=dict)  # who made each chunk
+    digests: tuple[str, ...] = ()  # run_job(digests=True): per frame, input after input
 
     @property
     def frames(self) -> int:
@@ -160,7 +162,7 @@ class JobReport:
 
 
 def _cut_video(job: int, spec: ClusterInput, observer: Dispatcher, size: int,
-               limit: int | None) -> Iterator[tuple[Chunk, list[Frame]]]:
+               limit: int | None, digest: bool) -> Iterator[tuple[Chunk, list[Frame]]]:
     fps = probe(spec.source).fps
     observer.reset()
     frames: list[Frame] = []
@@ -169,18 +171,18 @@ def _cut_video(job: int, spec: ClusterInput, observer: Dispatcher, size: int,
         frames.append(frame)
         observer.observe(frame)
         if len(frames) == size:
-            yield Chunk(job, index, first, size, fps, state), frames
+            yield Chunk(job, index, first, size, fps, state, digest=digest), frames
             state, first, index, frames = observer.state, first + size, index + 1, []
     if frames:
-        yield Chunk(job, index, first, len(frames), fps, state), frames
+        yield Chunk(job, index, first, len(frames), fps, state, digest=digest), frames
 
 
-def _cut_images(job: int, pairs: Sequence[tuple[Path, Path]],
-                size: int) -> Iterator[tuple[Chunk, list[Frame]]]:
+def _cut_images(job: int, pairs: Sequence[tuple[Path, Path]], size: int,
+                digest: bool) -> Iterator[tuple[Chunk, list[Frame]]]:
     for index, start in enumerate(range(0, len(pairs), size)):
         part = pairs[start : start + size]
         names = tuple(source.name for source, _ in part)
-        yield (Chunk(job, index, start, len(part), None, names=names),
+        yield (Chunk(job, index, start, len(part), None, names=names, digest=digest),
                [load_rgb(source) for source, _ in part])
 
 
@@ -197,8 +199,9 @@ class _Job:
     """The state of one :func:`run_job` call."""
 
     def __init__(self, inputs: Sequence[ClusterInput], settings: DispatchSettings,
-                 chunk_frames: int, limit: int | None) -> None:
+                 chunk_frames: int, limit: int | None, digest: bool) -> None:
         self.settings = settings
+        self.digest = digest
         self.outputs = [_Output(spec) for spec in inputs]
         self.chunk_frames = chunk_frames
         self.limit = limit
@@ -221,9 +224,10 @@ class _Job:
             if out.spec.video:
                 out.staging = Path(tempfile.mkdtemp(prefix=f".{out.spec.output.name}.chunks-",
                                                     dir=_parent(out.spec.output)))
-                cut = _cut_video(job, out.spec, self.observer, self.chunk_frames, self.limit)
+                cut = _cut_video(job, out.spec, self.observer, self.chunk_frames, self.limit,
+                                 self.digest)
             else:
-                cut = _cut_images(job, pairs[: self.limit], self.chunk_frames)
+                cut = _cut_images(job, pairs[: self.limit], self.chunk_frames, self.digest)
             for chunk, frames in cut:
                 out.cut += 1
                 if chunk.fps is not None:
@@ -240,7 +244,7 @@ class _Job:
         pairs = self.images[job]
         for offset, image in enumerate(result.images):
             save_rgb(pairs[result.first + offset][1], image)
-        self.results[result.key] = dataclass_without_pixels(result)
+        self.results[result.key] = _without_pixels(result)
         out.done += 1
         out.frames += result.stats.frames
         self._finish(out)
@@ -273,9 +277,9 @@ class _Job:
             seconds=time.perf_counter() - self.start, running=running)
 
 
-def dataclass_without_pixels(result: ChunkResult) -> ChunkResult:
-    """``result`` without its segment bytes and images (kept only for the report)."""
-    return ChunkResult(result.key, result.first, result.stats, None, (), result.worker)
+def _without_pixels(result: ChunkResult) -> ChunkResult:
+    """``result`` without its segment bytes and images (kept for the report)."""
+    return dataclasses.replace(result, segment=None, images=())
 
 
 def _parent(path: Path) -> Path:
@@ -285,20 +289,21 @@ def _parent(path: Path) -> Path:
 
 def run_job(inputs: Sequence[ClusterInput], settings: DispatchSettings, *, workers: int,
             chunk_frames: int = DEFAULT_CHUNK_FRAMES, limit: int | None = None,
-            retries: int = DEFAULT_RETRIES,
+            retries: int = DEFAULT_RETRIES, digests: bool = False,
             on_progress: Callable[[JobProgress], None] | None = None,
             poll_s: float = _POLL_S) -> JobReport:
     """Upscale ``inputs`` on the connected Ray cluster (see :func:`connect` and the module
     docstring) with ``workers`` dispatcher actors, each reserving ``settings.threads`` CPUs (1
     when None); ``limit``: the first frames of each input only. ``on_progress`` is called on
-    the driver about every ``poll_s`` seconds and after every chunk."""
+    the driver about every ``poll_s`` seconds and after every chunk. ``digests``: the report
+    holds the sha256 of every SR frame's RGB bytes, before encoding."""
     import ray
     from ray.util import ActorPool
 
     if workers < 1 or chunk_frames < 1 or retries < 0:
         raise ConfigError(f"need workers >= 1, chunk frames >= 1 and retries >= 0; got "
                           f"{workers}, {chunk_frames} and {retries}")
-    job = _Job(inputs, settings, chunk_frames, limit)
+    job = _Job(inputs, settings, chunk_frames, limit, digests)
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     actor = ray.remote(num_cpus=settings.threads or 1, max_restarts=retries,
                        max_task_retries=retries)(ChunkWorker)
@@ -360,4 +365,5 @@ def _report(job: _Job, board: Mapping[ChunkKey, tuple[Attempt, ...]], workers: i
         outputs=tuple((out.spec.output, out.frames) for out in job.outputs), records=records,
         histogram=dict(histogram), wall_s=time.perf_counter() - job.start,
         retried=sum(len(attempts) > 1 for attempts in board.values()), workers=workers,
-        chunk_workers={result.key: result.worker for result in ordered})
+        chunk_workers={result.key: result.worker for result in ordered},
+        digests=tuple(digest for result in ordered for digest in result.digests))

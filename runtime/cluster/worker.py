@@ -13,6 +13,7 @@ into an MP4 segment whose bytes are returned; an image chunk returns the SR imag
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import socket
 import tempfile
@@ -32,10 +33,15 @@ from runtime.policies import BudgetPolicy, load_latencies, parse_policy
 from runtime.tiling import StitchMode
 from runtime.video import EncoderSettings, VideoWriter
 
-__all__ = ["Chunk", "ChunkResult", "ChunkWorker", "DispatchSettings"]
+__all__ = ["Chunk", "ChunkResult", "ChunkWorker", "DispatchSettings", "frame_digest"]
 
 Frame = npt.NDArray[np.uint8]
 ChunkKey = tuple[int, int]  # (input number, chunk number)
+
+
+def frame_digest(frame: Frame) -> str:
+    """The sha256 of an SR frame's RGB bytes: compares frames exactly without moving them."""
+    return hashlib.sha256(np.ascontiguousarray(frame).data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class Chunk:
     fps: Fraction | None  # video: the input's frame rate; None: independent images
     state: HysteresisState | None = None  # video: the dispatcher's state before ``first``
     names: tuple[str, ...] = ()  # images: the input file names
+    digest: bool = False  # return the sha256 of every SR frame (exact comparisons)
 
     @property
     def key(self) -> ChunkKey:
@@ -92,6 +99,7 @@ class ChunkResult:
     segment: bytes | None  # video: the encoded MP4 segment
     images: tuple[Frame, ...]  # images: the SR images, in order
     worker: str  # host:pid that made it
+    digests: tuple[str, ...] = ()  # with Chunk.digest: sha256 of each SR frame's RGB bytes
 
 
 class ChunkWorker:
@@ -113,13 +121,17 @@ class ChunkWorker:
             self.board.started.remote(chunk.key, self.name)
         manifest = self.bundle.manifest
         kept: list[Frame] = []
+        digests: list[str] = []
 
         def tick(record: FrameRecord) -> None:
             if self.board is not None:
                 self.board.advanced.remote(chunk.key)
 
-        def keep(index: int, result: FrameResult) -> None:
-            kept.append(result.sr)
+        def keep(frame: Frame) -> None:
+            if chunk.digest:
+                digests.append(frame_digest(frame))
+            if chunk.fps is None:
+                kept.append(frame)
 
         segment = None
         if chunk.fps is not None:
@@ -127,14 +139,19 @@ class ChunkWorker:
             with tempfile.TemporaryDirectory(prefix="adasr-chunk-") as folder:
                 path = Path(folder) / "segment.mp4"
                 with VideoWriter(path, chunk.fps, settings=self.settings.encoder) as writer:
-                    stats = run_pipeline(frames, self.dispatcher,
-                                         lambda index, result: writer.write(result.sr),
-                                         manifest=manifest, on_frame=tick)
+
+                    def write(index: int, result: FrameResult) -> None:
+                        keep(result.sr)
+                        writer.write(result.sr)
+
+                    stats = run_pipeline(frames, self.dispatcher, write, manifest=manifest,
+                                         on_frame=tick)
                 segment = path.read_bytes()
         else:
-            stats = run_pipeline(frames, self.dispatcher, keep, manifest=manifest,
-                                 names=chunk.names, independent=True, on_frame=tick)
+            stats = run_pipeline(frames, self.dispatcher, lambda index, result: keep(result.sr),
+                                 manifest=manifest, names=chunk.names, independent=True,
+                                 on_frame=tick)
         records = tuple(dataclasses.replace(record, index=chunk.first + record.index)
                         for record in stats.records)
         return ChunkResult(chunk.key, chunk.first, dataclasses.replace(stats, records=records),
-                           segment, tuple(kept), self.name)
+                           segment, tuple(kept), self.name, tuple(digests))

@@ -25,7 +25,8 @@ from runtime.bundle import open_bundle
 from runtime.cluster.job import ClusterInput, connect, plan_inputs, run_job
 from runtime.cluster.join import join_segments
 from runtime.cluster.progress import JobProgress
-from runtime.cluster.worker import DispatchSettings
+from runtime.cluster.worker import DispatchSettings, frame_digest
+from runtime.dispatch import Dispatcher, FrameResult
 from runtime.errors import ConfigError, MediaError
 from runtime.imaging import load_rgb, save_rgb
 from runtime.pipeline import RunStats, upscale_images, upscale_video
@@ -101,10 +102,30 @@ def settings(bundle: Path, hysteresis: float = 0.3) -> DispatchSettings:
     return DispatchSettings(bundle=bundle, hysteresis=hysteresis, threads=1, encoder=LOSSLESS)
 
 
-def single_process(source: Path, output: Path, spec: DispatchSettings) -> RunStats:
+class Digesting:
+    """An upscaler that records the digest of every SR frame it makes."""
+
+    def __init__(self, inner: Dispatcher) -> None:
+        self.inner, self.digests = inner, list[str]()
+
+    def upscale(self, frame: Frame) -> FrameResult:
+        result = self.inner.upscale(frame)
+        self.digests.append(frame_digest(result.sr))
+        return result
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+
+def single_process(source: Path, output: Path, spec: DispatchSettings,
+                   digests: list[str] | None = None) -> RunStats:
     bundle = open_bundle(spec.bundle)
     with spec.dispatcher(bundle) as dispatcher:
-        return upscale_video(source, output, dispatcher, bundle.manifest, settings=spec.encoder)
+        upscaler = Digesting(dispatcher)
+        stats = upscale_video(source, output, upscaler, bundle.manifest, settings=spec.encoder)
+    if digests is not None:
+        digests.extend(upscaler.digests)
+    return stats
 
 
 def histograms(records: object) -> list[dict[str, int]]:
@@ -138,10 +159,13 @@ def test_cluster_frames_equal_one_process_across_chunk_boundaries(tiny_bundle: P
                                                                   tmp_path: Path) -> None:
     source = write_clip(tmp_path / "in.mp4", busy_frames(30))
     spec = settings(tiny_bundle)
-    single = single_process(source, tmp_path / "single.mp4", spec)
+    digests: list[str] = []
+    single = single_process(source, tmp_path / "single.mp4", spec, digests)
     output = tmp_path / "out" / "cluster.mp4"
-    report = run_job(plan_inputs([source], output), spec, workers=2, chunk_frames=7)
+    report = run_job(plan_inputs([source], output), spec, workers=2, chunk_frames=7,
+                     digests=True)
     assert report.outputs == ((output, 30),) and report.retried == 0
+    assert list(report.digests) == digests and len(set(digests)) == 30  # RGB, before encoding
     assert len(set(report.chunk_workers.values())) == 2  # both workers made chunks
     assert_same_video(tmp_path / "single.mp4", output)
     assert histograms(report.records) == histograms(single.records)
@@ -179,7 +203,8 @@ def test_a_worker_killed_mid_chunk_has_its_chunk_retried(tiny_bundle: Path,
                                                          tmp_path: Path) -> None:
     source = write_clip(tmp_path / "in.mp4", busy_frames(96, seed=2))
     spec = settings(tiny_bundle)
-    single = single_process(source, tmp_path / "single.mp4", spec)
+    digests: list[str] = []
+    single = single_process(source, tmp_path / "single.mp4", spec, digests)
     killed: list[str] = []
 
     def kill_one(progress: JobProgress) -> None:
@@ -190,10 +215,10 @@ def test_a_worker_killed_mid_chunk_has_its_chunk_retried(tiny_bundle: Path,
 
     output = tmp_path / "cluster.mp4"
     report = run_job(plan_inputs([source], output), spec, workers=2, chunk_frames=24,
-                     on_progress=kill_one, poll_s=0.02)
+                     on_progress=kill_one, poll_s=0.02, digests=True)
     assert killed and report.retried >= 1
-    assert killed[0] not in report.chunk_workers.values() or report.retried
     assert report.frames == 96 and [r.index for r in report.records] == list(range(96))
+    assert list(report.digests) == digests
     assert_same_video(tmp_path / "single.mp4", output)
     assert histograms(report.records) == histograms(single.records)
 

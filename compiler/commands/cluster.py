@@ -3,7 +3,7 @@
 Takes every option of ``adasr run`` (the frames are the same: see :mod:`runtime.cluster`), one
 or more inputs (several go into the folder ``-o``), and where to run: ``--address`` of a running
 cluster (``ray start --head`` on one machine, ``ray start --address HEAD:6379`` on the others)
-or, by default, a local cluster on 127.0.0.1. Needs the ``ray`` extra. Imports only the runtime.
+or, by default, a local cluster on this machine. Needs the ``ray`` extra. Imports only the runtime.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="more inputs (videos, images or image folders); -o is then a folder")
     p.add_argument("--address", metavar="ADDRESS",
                    help="the Ray cluster to use: auto (the one this machine belongs to) or "
-                   "HOST:PORT of its head (default: start a local cluster on 127.0.0.1)")
+                   "HOST:PORT of its head (default: start a local cluster on this machine)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="dispatcher actors, each loading the engines once (default: the "
                    "cluster's CPUs / --threads)")

@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -97,7 +98,8 @@ def plan_inputs(sources: Sequence[Path], output: Path) -> list[ClusterInput]:
 def connect(address: str | None = None, *, num_cpus: int | None = None,
             quiet: bool = True) -> Iterator[None]:
     """A Ray connection for the ``with`` block: ``address`` None starts a local cluster on
-    127.0.0.1 (stopped at the end), ``"auto"`` or ``HOST:PORT`` joins a running one. Inside an
+    this machine (stopped at the end; Ray names it by the machine's address, not 127.0.0.1, and
+    requires its token), ``"auto"`` or ``HOST:PORT`` joins a running one. Inside an
     already connected process (tests) that connection is used and kept."""
     import ray
 
@@ -108,8 +110,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     try:
         if address is None:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", log_to_driver=not quiet,
-                     configure_logging=not quiet)
+                     log_to_driver=not quiet, configure_logging=not quiet)
         else:
             ray.init(address=address, log_to_driver=not quiet, configure_logging=not quiet)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -304,10 +305,11 @@ def run_job(inputs: Sequence[ClusterInput], settings: DispatchSettings, *, worke
         raise ConfigError(f"need workers >= 1, chunk frames >= 1 and retries >= 0; got "
                           f"{workers}, {chunk_frames} and {retries}")
     job = _Job(inputs, settings, chunk_frames, limit, digests)
-    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    board_name = f"adasr-progress-{uuid.uuid4().hex}"
+    board = ray.remote(num_cpus=0)(ProgressBoard).options(name=board_name).remote()
     actor = ray.remote(num_cpus=settings.threads or 1, max_restarts=retries,
                        max_task_retries=retries)(ChunkWorker)
-    actors = [actor.remote(settings, board) for _ in range(workers)]
+    actors = [actor.remote(settings, board_name) for _ in range(workers)]
     pool = ActorPool(actors)
     chunks = job.chunks()
     in_flight = 0

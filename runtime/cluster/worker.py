@@ -103,12 +103,15 @@ class ChunkResult:
 
 
 class ChunkWorker:
-    """Upscale chunks with one bundle; see the module docstring. ``board``: a
-    :class:`~runtime.cluster.progress.ProgressBoard` actor handle told of starts and frames."""
+    """Upscale chunks with one bundle; see the module docstring. ``board``: the name of a
+    :class:`~runtime.cluster.progress.ProgressBoard` actor told of starts and frames (by name,
+    so that a restarted worker finds it: no constructor argument lives in the object store)."""
 
-    def __init__(self, settings: DispatchSettings, board: Any = None) -> None:
+    def __init__(self, settings: DispatchSettings, board: str | None = None) -> None:
+        import ray
+
         self.settings = settings
-        self.board = board
+        self.board: Any = None if board is None else ray.get_actor(board)
         self.bundle = open_bundle(settings.bundle)
         self.dispatcher = settings.dispatcher(self.bundle).__enter__()  # engines load once
         self.name = f"{socket.gethostname()}:{os.getpid()}"

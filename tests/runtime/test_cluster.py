@@ -1,4 +1,4 @@
-"""runtime.cluster / ``adasr cluster``: on a real local Ray cluster (127.0.0.1, 2 CPUs), started
+"""runtime.cluster / ``adasr cluster``: on a real local Ray cluster (this machine, 2 CPUs), started
 once for the module and shut down at its end; every test is bounded by an alarm.
 
 Frames are compared exactly: outputs are encoded losslessly (``crf 0``) and decoded, and the

@@ -25,7 +25,10 @@ _LINE_EVERY_S = 5.0  # progress lines when stderr is not a terminal
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from compiler.commands import run as single
 
-    single.add_arguments(p)  # --threads there: per worker here, default 1
+    single.add_arguments(p)
+    p.epilog = ("Here --threads is per worker (engine threads, and CPUs it reserves; default 1), "
+                "--frames applies to each input, and --save-map is not supported. Inputs come "
+                "before the options.")
     p.add_argument("more", nargs="*", type=Path, metavar="INPUT",
                    help="more inputs (videos, images or image folders); -o is then a folder")
     p.add_argument("--address", metavar="ADDRESS",

@@ -206,7 +206,9 @@ class _Job:
         self.outputs = [_Output(spec) for spec in inputs]
         self.chunk_frames = chunk_frames
         self.limit = limit
-        bundle = open_bundle(settings.bundle, verify=False, any_machine=True)
+        # checked here once, so that a bad bundle fails before any worker starts; the workers
+        # check it again (and their machine) where they run
+        bundle = open_bundle(settings.bundle, any_machine=True)
         self.observer = settings.dispatcher(bundle)  # statistic and hysteresis only
         self.images = [spec.images() for spec in inputs]
         self.total = sum(self._declared(spec, pairs) for spec, pairs in zip(inputs, self.images,
@@ -304,6 +306,7 @@ def run_job(inputs: Sequence[ClusterInput], settings: DispatchSettings, *, worke
     if workers < 1 or chunk_frames < 1 or retries < 0:
         raise ConfigError(f"need workers >= 1, chunk frames >= 1 and retries >= 0; got "
                           f"{workers}, {chunk_frames} and {retries}")
+    settings = dataclasses.replace(settings, bundle=settings.bundle.resolve())  # for workers
     job = _Job(inputs, settings, chunk_frames, limit, digests)
     board_name = f"adasr-progress-{uuid.uuid4().hex}"
     board = ray.remote(num_cpus=0)(ProgressBoard).options(name=board_name).remote()

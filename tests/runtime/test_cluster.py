@@ -283,6 +283,11 @@ def test_input_plans_and_cli_checks(tiny_bundle: Path, tmp_path: Path,
     assert "--save-map is not supported" in capsys.readouterr().err
     assert main([*base, "-o", str(tmp_path / "b.mp4"), "--workers", "3"]) == 2
     assert "do not fit the cluster's 2 CPUs" in capsys.readouterr().err
+    engine = tiny_bundle / "engines" / "a4.onnx"
+    engine.write_bytes(engine.read_bytes() + b"\0")
+    assert main([*base, "-o", str(tmp_path / "c.mp4")]) == 2
+    assert "a4.onnx fails its checksum" in capsys.readouterr().err
+    engine.write_bytes(engine.read_bytes()[:-1])
     stats = tmp_path / "stats.json"
     assert main([*base, "-o", str(tmp_path / "b.mp4"), "--chunk-frames", "2",
                  "--stats", str(stats)]) == 0

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "profile": "measure a bundle: latency per engine, quality, adaptive vs static, plots",
     "run": "upscale an image, a folder of images or a video with a bundle",
     "cluster": "adasr run on a Ray cluster: many videos or image folders, chunks across workers",
+    "serve": "upscale images over HTTP with a Ray Serve application (per-engine batching)",
     "build": "calibrate, plan, lower and build the engines of a bundle for a target",
     "inspect": "print a bundle's manifest readably and verify its checksums",
 }

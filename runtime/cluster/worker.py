@@ -17,7 +17,7 @@ import hashlib
 import os
 import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from runtime.bundle import Bundle, open_bundle
 from runtime.dispatch import Dispatcher, FrameResult, HysteresisState
+from runtime.engines.base import Engine
 from runtime.pipeline import FrameRecord, RunStats, run_pipeline
 from runtime.policies import BudgetPolicy, load_latencies, parse_policy
 from runtime.tiling import StitchMode
@@ -57,12 +58,16 @@ class DispatchSettings:
     threads: int | None = None  # intra-op threads of CPU engines (None: the bundle's)
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
 
-    def dispatcher(self, bundle: Bundle) -> Dispatcher:
-        """The dispatcher these settings describe over ``bundle`` (engines not yet active)."""
+    def dispatcher(self, bundle: Bundle, engines: Mapping[str, Engine] | None = None,
+                   ) -> Dispatcher:
+        """The dispatcher these settings describe over ``bundle`` (engines not yet active;
+        ``engines``: these instead of the bundle's own)."""
         policy = parse_policy(self.policy)
         latencies = (load_latencies(bundle.root, bundle.manifest)
                      if isinstance(policy, BudgetPolicy) else None)
-        return Dispatcher(bundle.manifest, bundle.engines(threads=self.threads), mode=self.mode,
+        if engines is None:
+            engines = bundle.engines(threads=self.threads)
+        return Dispatcher(bundle.manifest, engines, mode=self.mode,
                           policy=policy, batch=self.batch, stitch=self.stitch,
                           hysteresis=self.hysteresis, latencies=latencies)
 

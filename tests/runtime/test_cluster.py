@@ -7,9 +7,14 @@ per-frame engine histograms (taken before encoding) are compared with the single
 
 from __future__ import annotations
 
+import io
 import os
 import signal
+import socket
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from types import FrameType
@@ -19,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import ray
+from PIL import Image
 
 from compiler.cli import main
 from runtime.bundle import open_bundle
@@ -310,3 +316,49 @@ def test_segments_of_other_parameters_are_not_joined(tmp_path: Path) -> None:
     with pytest.raises(MediaError, match="other stream parameters"):
         join_segments(parts, tmp_path / "joined.mp4", Fraction(25))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.mp4", "1.mp4"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's pydantic fields
+def test_serve_answers_images_and_batches_engines_across_requests(tiny_bundle: Path) -> None:
+    from ray import serve
+
+    from runtime.cluster.serve import ENGINES, ServeOptions, build_app
+
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    spec = DispatchSettings(bundle=tiny_bundle, threads=1)
+    images = busy_frames(4, seed=6)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(spec, ServeOptions(max_batch=8, batch_wait_s=0.3)), name="t",
+                  route_prefix="/")
+
+        def post(body: bytes) -> tuple[int, bytes]:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body)
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as error:
+                return error.code, error.read()
+
+        bodies = []
+        for image in images:
+            encoded = io.BytesIO()
+            Image.fromarray(image).save(encoded, format="PNG")
+            bodies.append(encoded.getvalue())
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(post, bodies))
+        merged = serve.get_deployment_handle(ENGINES, "t").merged.remote().result()
+        status, message = post(b"not an image")
+    finally:
+        serve.shutdown()
+    bundle = open_bundle(tiny_bundle)
+    with spec.dispatcher(bundle) as dispatcher:
+        for image, (code, body) in zip(images, answers, strict=True):
+            dispatcher.reset()
+            assert code == 200
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(body))),
+                                  dispatcher.upscale(image).sr)
+    assert max(count for _, count in merged) > 1  # calls of several requests in one batch
+    assert status == 400 and b"cannot read image" in message

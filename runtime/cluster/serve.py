@@ -33,6 +33,7 @@ from runtime.bundle import open_bundle
 from runtime.cluster.worker import DispatchSettings
 from runtime.dispatch import Dispatcher
 from runtime.engines.base import Batch, Engine
+from runtime.errors import MediaError
 from runtime.imaging import load_rgb
 
 __all__ = ["RemoteEngine", "ServeOptions", "build_app"]
@@ -152,6 +153,10 @@ def _decode(body: bytes) -> npt.NDArray[np.uint8]:
         with os.fdopen(handle, "wb") as file:
             file.write(body)
         return load_rgb(name)
+    except MediaError as error:
+        detail = str(error).split(": ", 1)[-1]
+        raise MediaError(f"cannot read image from the request body ({len(body)} bytes): "
+                         f"{detail}; send a PNG, JPEG or other image file") from error
     finally:
         os.unlink(name)
 

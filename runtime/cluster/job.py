@@ -18,12 +18,17 @@
    folder beside the output; when every chunk of an input is back they are joined in order with
    the input's audio (:func:`~runtime.cluster.join.join_segments`), written under a temporary
    name and renamed: an output exists under its name only when complete. Images are written one
-   by one, each atomically, as ``adasr run`` does.
+   by one, each atomically, as ``adasr run`` does. On an error (an input that fails to decode
+   stops the job once the chunks in flight are back) or Ctrl-C, the leading chunks back of each
+   unfinished video are joined into a playable ``NAME.partial.EXT``, as ``adasr run`` keeps
+   its frames, and the error names it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import os
 import shutil
 import tempfile
@@ -44,11 +49,11 @@ from runtime.cluster.join import join_segments
 from runtime.cluster.progress import Attempt, JobProgress, ProgressBoard
 from runtime.cluster.worker import Chunk, ChunkKey, ChunkResult, ChunkWorker, DispatchSettings
 from runtime.dispatch import Dispatcher
-from runtime.errors import AdasrError, ConfigError, EngineError
+from runtime.errors import AdasrError, ConfigError, EngineError, MediaError
 from runtime.fileio import atomic_write_bytes
 from runtime.imaging import load_rgb, save_rgb
 from runtime.pipeline import FrameRecord, image_jobs, is_image
-from runtime.video import probe, read_frames
+from runtime.video import partial_path, probe, read_frames
 
 __all__ = ["ClusterInput", "JobReport", "connect", "plan_inputs", "run_job"]
 
@@ -258,9 +263,30 @@ class _Job:
         if out.staging is not None and out.cut:
             segments = [out.staging / f"{index:06d}.mp4" for index in range(out.cut)]
             join_segments(segments, out.spec.output, out.fps, audio_from=out.spec.source)
+            partial_path(out.spec.output).unlink(missing_ok=True)  # an earlier run's, now stale
             shutil.rmtree(out.staging, ignore_errors=True)
             out.staging = None
         out.written = True
+
+    def keep_partial(self) -> list[tuple[Path, int]]:
+        """After a failure: the leading chunks back of each unfinished video, joined into its
+        ``NAME.partial.EXT`` as ``adasr run`` keeps them; (file, frames) of each one kept."""
+        kept = []
+        for out in self.outputs:
+            if out.staging is None or out.written:
+                continue
+            prefix = []
+            for index in itertools.count():
+                segment = out.staging / f"{index:06d}.mp4"
+                if not segment.is_file():
+                    break
+                prefix.append(segment)
+            if prefix:
+                target = partial_path(out.spec.output)
+                with contextlib.suppress(OSError, MediaError):
+                    kept.append((target, join_segments(prefix, target, out.fps,
+                                                       audio_from=out.spec.source)))
+        return kept
 
     def clean(self) -> None:
         for out in self.outputs:
@@ -353,6 +379,15 @@ def run_job(inputs: Sequence[ClusterInput], settings: DispatchSettings, *, worke
         if failure is not None:
             raise failure
         snapshot = ray.get(board.snapshot.remote())
+    except (Exception, KeyboardInterrupt) as error:
+        kept = job.keep_partial()
+        note = ("; ".join(f"the {frames} frames done are in {path}" for path, frames in kept)
+                or "no video frame was kept")
+        if isinstance(error, AdasrError):
+            raise type(error)(f"{error}; {note}") from error
+        if isinstance(error, KeyboardInterrupt):
+            raise KeyboardInterrupt(note) from error
+        raise
     finally:
         job.clean()
         for handle in (*actors, board):

@@ -262,11 +262,16 @@ def test_an_output_exists_only_when_complete(tiny_bundle: Path, tmp_path: Path) 
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
     out = tmp_path / "out"
-    with pytest.raises(MediaError, match="truncated|corrupt"):
+    with pytest.raises(MediaError, match="truncated|corrupt") as error:
         run_job(plan_inputs([good, cut], out), settings(tiny_bundle), workers=2,
                 chunk_frames=4)
-    assert sorted(p.name for p in out.iterdir()) == ["good.mp4"]  # finished before the fault
-    assert len(list(read_frames(out / "good.mp4"))) == 8
+    message = str(error.value)
+    done = int(message.split("; the ")[1].split(" frames done")[0])
+    assert f"frames done are in {out / 'cut.partial.mp4'}" in message and "\n" not in message
+    assert done >= 4 and done % 4 == 0  # the chunks back, in order
+    assert sorted(p.name for p in out.iterdir()) == ["cut.partial.mp4", "good.mp4"]
+    assert len(list(read_frames(out / "good.mp4"))) == 8  # finished before the fault
+    assert len(list(read_frames(out / "cut.partial.mp4"))) == done
 
 
 def test_input_plans_and_cli_checks(tiny_bundle: Path, tmp_path: Path,

@@ -57,7 +57,7 @@ from runtime.rungs import interpolate_tiles, tile_features
 from runtime.statistic import complexity, complexity_batch
 from runtime.tiling import StitchMode, TilePlan, extract_tiles, plan_tiles, stitch
 
-__all__ = ["MODES", "STAGES", "Dispatcher", "FrameResult", "rung_fab"]
+__all__ = ["MODES", "STAGES", "Dispatcher", "FrameResult", "HysteresisState", "rung_fab"]
 
 MODES = ("patch", "image")
 STAGES = ("tile", "statistic", "group", "infer", "stitch")
@@ -96,6 +96,16 @@ class FrameResult:
         total = sum(tile.core.h * tile.core.w * fabs[name]
                     for tile, name in zip(self.plan.tiles, self.engines, strict=True))
         return total / (self.plan.height * self.plan.width)
+
+
+@dataclass(frozen=True)
+class HysteresisState:
+    """What a dispatcher carries from one frame to the next: :attr:`Dispatcher.state`."""
+
+    height: int  # the frame size it belongs to
+    width: int
+    offsets: npt.NDArray[np.int8] | None  # image offset per tile of the last frame
+    rungs: npt.NDArray[np.intp] | None  # budget policy: rung per tile of the last frame
 
 
 class Dispatcher:
@@ -189,6 +199,27 @@ class Dispatcher:
         """Forget the hysteresis state (new clip or scene cut)."""
         self._previous_offsets = None
         self._previous_rungs = None
+
+    @property
+    def state(self) -> HysteresisState | None:
+        """The hysteresis state after the last frame (None before any); see :meth:`restore`."""
+        plan = self._plan
+        return None if plan is None else HysteresisState(
+            plan.height, plan.width, self._previous_offsets, self._previous_rungs)
+
+    def restore(self, state: HysteresisState | None) -> None:
+        """Continue as if the frames that gave ``state`` had just been upscaled (None: reset)."""
+        if state is None:
+            self.reset()
+            return
+        self._plan_for(state.height, state.width)
+        self._previous_offsets, self._previous_rungs = state.offsets, state.rungs
+
+    def observe(self, frame: npt.NDArray[np.uint8]) -> None:
+        """Advance the hysteresis state over ``frame`` exactly as :meth:`upscale` does, without
+        running an engine (the engines need not be active)."""
+        plan = self._plan_for(frame.shape[0], frame.shape[1])
+        self._choose(frame, extract_tiles(frame, plan), plan)
 
     def upscale(self, frame: npt.NDArray[np.uint8]) -> FrameResult:
         """Upscale one H x W x 3 uint8 RGB frame (any H, W >= 1)."""

@@ -45,6 +45,7 @@ __all__ = [
     "sticky_choices",
     "FixedPolicy",
     "LatencyTable",
+    "bundle_policy",
     "Policy",
     "ThresholdPolicy",
     "budget_assignment",
@@ -409,3 +410,13 @@ def _hull_segments(loss: npt.NDArray[np.float64], cost: npt.NDArray[np.float64],
     return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
             np.concatenate([v[0] for v in values]), np.concatenate([v[1] for v in values]),
             np.concatenate([v[2] for v in values]))
+
+
+def bundle_policy(text: str | None, bundle_root: Path, manifest: Manifest
+                  ) -> tuple[Policy, LatencyTable | None]:
+    """The policy ``text`` names (None: ``quality`` for a bundle with a rung ladder, else the
+    papers' ``threshold``) and, for ``budget:`` on a bundle without a ladder, the profile's
+    latency table it needs."""
+    policy = parse_policy(text or ("quality" if manifest.rungs.rungs else "threshold"))
+    needs_profile = isinstance(policy, BudgetPolicy) and not manifest.rungs.rungs
+    return policy, load_latencies(bundle_root, manifest) if needs_profile else None

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from runtime.dispatch import Dispatcher
     from runtime.fileio import atomic_write_json
     from runtime.pipeline import upscale_images, upscale_video
-    from runtime.policies import BudgetPolicy, load_latencies, parse_policy
+    from runtime.policies import bundle_policy
     from runtime.video import EncoderSettings, video_encoder
 
     source: Path = args.input
@@ -88,9 +88,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = open_bundle(args.bundle)
     manifest = bundle.manifest
     _claim_outputs(args, inputs, bundle.root)
-    policy = parse_policy(args.policy or ("quality" if manifest.rungs.rungs else "threshold"))
-    latencies = load_latencies(bundle.root, manifest) if isinstance(policy, BudgetPolicy) \
-        and not manifest.rungs.rungs else None
+    policy, latencies = bundle_policy(args.policy, bundle.root, manifest)
     video = inputs.video
     hysteresis = args.hysteresis if args.hysteresis is not None else 0.1 if video else 0.0
     dispatcher = Dispatcher(manifest, bundle.engines(threads=args.threads), mode=args.mode,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -39,23 +38,22 @@ import numpy as np
 import onnx
 
 from compiler import __version__
+from compiler.backends import Builder, all_builders, builder
 from compiler.layers import EngineLayer
-from compiler.lower.dialects import lower_engine
-from compiler.lower.export import INPUT_NAME, export_onnx, save_onnx
+from compiler.lower.export import export_onnx, save_onnx
 from compiler.lower.qdq import model_opset
 from compiler.plan import EnginePlan, PlannedEngine, plan_engines
 from compiler.quant.record import CalibrationRecord, record_from_json
 from compiler.zoo.base import LoadedModel
-from runtime.bundlepaths import bundle_path, check_single_file_onnx
+from runtime.bundlepaths import check_single_file_onnx
 from runtime.engines.onnxruntime import OnnxRuntimeEngine, session_options
-from runtime.errors import BundleError, EngineError, OutputError
+from runtime.errors import EngineError, OutputError
 from runtime.fileio import atomic_write_bytes, sha256_file
 from runtime.manifest import (
     MANIFEST_NAME,
     SCHEMA,
     BuildInfo,
     CalibrationInfo,
-    DeviceMatch,
     EngineSpec,
     FileRef,
     Manifest,
@@ -73,11 +71,10 @@ from runtime.outputs import (
     probe_writable,
     same_file,
 )
-from targets.loader import probe_device
+from targets.loader import Target
 
 Progress = Callable[[str], None]
 RECORD_NAME = "calibration.json"
-TIMING_CACHE = "timing.cache"
 MARKER = marker_path(Path()).name
 WIDEN_PATCHES = 8
 
@@ -90,7 +87,7 @@ class BuildOptions:
     widen_patches: int = WIDEN_PATCHES
 
 
-def _ref(root: Path, path: Path) -> FileRef:
+def file_ref(root: Path, path: Path) -> FileRef:
     """The manifest entry of a file the build wrote under ``root`` (ONNX graphs: single files)."""
     if path.suffix == ".onnx":
         check_single_file_onnx(path, f"engine graph {path.name}")
@@ -106,17 +103,16 @@ def _run_graph(model: onnx.ModelProto, path: Path, patches: np.ndarray, scale: i
 
 
 def _check_widening(fp: onnx.ModelProto, planned: PlannedEngine, patches: np.ndarray,
-                    scratch: Path, scale: int, dialect: str) -> tuple[bool, str]:
+                    scratch: Path, scale: int, backend: Builder) -> tuple[bool, str]:
     """Whether the widened engine is no worse than the exact one (vs FP), and the numbers,
-    measured on the target's own dialect: ORT graphs as the runtime runs them, TensorRT-dialect
-    graphs (FP32) with ONNX Runtime's optimizations off (their ONNX semantics)."""
+    measured on the backend's own dialect (:meth:`~compiler.backends.Builder.widening_graph`:
+    ORT graphs as the runtime runs them, TensorRT-dialect graphs (FP32) with ONNX Runtime's
+    optimizations off, i.e. their ONNX semantics)."""
     assert planned.exact is not None
-    tensorrt = dialect == "tensorrt"
 
     def run(specs: tuple[EngineLayer, ...], name: str) -> np.ndarray:
-        graph = (lower_engine(fp, specs, dialect="tensorrt") if tensorrt
-                 else lower_engine(fp, specs, streams=False))
-        return _run_graph(graph, scratch / name, patches, scale, optimize=not tensorrt)
+        graph, optimize = backend.widening_graph(fp, specs)
+        return _run_graph(graph, scratch / name, patches, scale, optimize=optimize)
 
     reference = _run_graph(fp, scratch / "fp.onnx", patches, scale)
     widened, exact = run(planned.specs, "widened.onnx"), run(planned.exact, "exact.onnx")
@@ -125,69 +121,8 @@ def _check_widening(fp: onnx.ModelProto, planned: PlannedEngine, patches: np.nda
     keep = p_wide >= p_exact
     note = (f"8-bit grids {'kept' if keep else 'rejected'}: PSNR vs FP on {len(patches)} "
             f"calibration patches {p_wide:.2f} dB widened, {p_exact:.2f} dB exact grids "
-            f"({dialect} dialect)")
+            f"({backend.dialect} dialect)")
     return keep, note
-
-
-def _lower(fp: onnx.ModelProto, planned: PlannedEngine, plan: EnginePlan) -> onnx.ModelProto:
-    target = plan.target
-    if target.backend == "onnxruntime":
-        # emulate: exact placement (no requantized outputs), to verify the simulated accuracy
-        # on integer kernels; hardware: every conv INT8 end to end, for speed
-        return fp if planned.reference else lower_engine(
-            fp, planned.specs, requantize=plan.ladder == "hardware")
-    float_type = "fp16" if target.strongly_typed and target.top_precision == "fp16" else "fp32"
-    model = lower_engine(fp, planned.specs, dialect="tensorrt", float_type=float_type,
-                         max_opset=target.max_opset)
-    from compiler.lower.trt_check import check_tensorrt_graph
-
-    check_tensorrt_graph(model, target.max_opset)
-    return model
-
-
-def _device_facts() -> tuple[str | None, str | None]:
-    """(TensorRT version, device name) when both are present here, else (None, None)."""
-    from compiler.engines import tensorrt_build as trt_build
-
-    try:
-        return trt_build.tensorrt_version(), trt_build.device_name()
-    except EngineError:
-        return None, None
-
-
-def _builds_here(target: Any, version: str) -> bool:
-    """Whether this device and TensorRT may build ``target``'s plans."""
-    from compiler.engines import tensorrt_build as trt_build
-
-    try:
-        trt_build.check_build_device(target, probe_device(), version, Path("."))
-    except EngineError:
-        return False
-    return True
-
-
-def _build_plans(root: Path, manifest: Manifest, plan_target: Any, batch: int,
-                 progress: Progress, version: str, device: str) -> Manifest:
-    """Build every pending TensorRT plan of ``manifest`` (files under ``root``) on this device
-    (TensorRT ``version``, named ``device``)."""
-    from compiler.engines import tensorrt_build as trt_build
-
-    trt_build.check_build_device(plan_target, probe_device(), version, root)
-    cache = bundle_path(root, TIMING_CACHE, "TensorRT timing cache")
-    engines = []
-    for spec in manifest.engines:
-        shape = (batch, 3, manifest.tile, manifest.tile)
-        what = f"engine {spec.name!r}"
-        build = trt_build.spec_for_target(plan_target, bundle_path(root, spec.onnx.path, what),
-                                          INPUT_NAME, shape, timing_cache=cache)
-        key = trt_build.engine_cache_key(spec.onnx.sha256, build, version, device)
-        plan_path = bundle_path(root, f"engines/{spec.name}.{key[:12]}.plan", what)
-        if not plan_path.is_file():
-            progress(f"building TensorRT plan {spec.name} ({build.recipe})")
-            atomic_write_bytes(plan_path, trt_build.build_engine(build))
-        engines.append(replace(spec, plan=_ref(root, plan_path), cache_key=key))
-    build_info = replace(manifest.build, tensorrt=version, device=device, finish_command=None)
-    return replace(manifest, engines=tuple(engines), build=build_info)
 
 
 def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePlan,
@@ -209,38 +144,33 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
     try:
         (staging / "engines").mkdir()
         progress("exporting the FP network to ONNX")
-        if target.backend == "onnxruntime":
-            fp = export_onnx(loaded.model, plan.tile, opset=options.opset, dynamic=True,
-                             dynamic_batch=True)
-            shape = (-1, 3, -1, -1)
-        else:
-            fp = export_onnx(loaded.model, plan.tile, opset=min(options.opset, target.max_opset),
-                             batch=options.batch)
-            shape = (options.batch, 3, plan.tile, plan.tile)
+        backend = builder(target.backend)
+        how = backend.export(target, options.opset, options.batch)
+        fp = export_onnx(loaded.model, plan.tile, opset=how.opset, dynamic=how.dynamic,
+                         dynamic_batch=how.dynamic, batch=1 if how.dynamic else how.batch)
+        shape = (-1, 3, -1, -1) if how.dynamic else (how.batch, 3, plan.tile, plan.tile)
         note = ""
         widened = [planned for planned in plan.engines if planned.widened]
         if widened and patches is None:
             note = "8-bit grids kept unmeasured (no calibration patches given)"
         elif widened:
             progress(f"measuring widened grids of {widened[0].name}")
-            check_fp = fp if target.backend == "onnxruntime" else export_onnx(
+            check_fp = fp if how.dynamic else export_onnx(
                 loaded.model, plan.tile, opset=options.opset, dynamic=True, dynamic_batch=True)
             keep, note = _check_widening(check_fp, widened[0], patches[:options.widen_patches],
-                                         staging, loaded.info.scale,
-                                         "ort" if target.backend == "onnxruntime" else "tensorrt")
+                                         staging, loaded.info.scale, backend)
             if not keep:
                 plan = plan_engines(record, target, plan.ladder, tile=plan.tile,
-                                    overlap=plan.overlap, widen=False,
-                                    floats=plan.float_layers)
+                                    overlap=plan.overlap, widen=False, floats=plan.float_layers)
         specs, opsets = [], set()
         for planned in plan.engines:
             progress(f"lowering engine {planned.name}")
             path = staging / "engines" / f"{planned.name}.onnx"
-            graph = _lower(fp, planned, plan)
+            graph = backend.lower(fp, planned, plan)
             opsets.add(model_opset(graph))
             save_onnx(graph, path)
             specs.append(EngineSpec(
-                name=planned.name, backend=target.backend, onnx=_ref(staging, path), plan=None,
+                name=planned.name, backend=target.backend, onnx=file_ref(staging, path), plan=None,
                 precision=planned.precision, offsets=planned.offsets, reference=planned.reference,
                 fab=planned.fab, layers=planned.layers, input_shape=shape,
                 note=note if planned.widened or not plan.widen else ""))
@@ -251,18 +181,10 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
         if len(opsets) != 1:
             raise EngineError(f"the engines of one bundle have opsets {sorted(opsets)}; "
                               "expected one")
-        manifest = _manifest(loaded, checked, plan, tuple(specs), _ref(staging, record_path),
+        manifest = _manifest(loaded, checked, plan, tuple(specs), file_ref(staging, record_path),
                              replace(options, opset=opsets.pop()))
-        if target.backend == "tensorrt":
-            version, device = _device_facts()
-            if version is not None and device is not None and _builds_here(target, version):
-                manifest = _build_plans(staging, manifest, target, options.batch, progress,
-                                        version, device)
-            else:  # the portable half; on another device or TensorRT, --finish says what to do
-                # the bundle's own name: the device knows nothing of this machine's paths
-                command = f"adasr build --finish {destination.name}"
-                manifest = replace(manifest, build=replace(manifest.build,
-                                                           finish_command=command))
+        manifest = backend.finish(staging, manifest, target, options.batch, destination,
+                                  progress)
         mark_folder(staging, SCHEMA)
         write_manifest(staging, manifest)
         _swap_into_place(staging, destination)
@@ -283,7 +205,6 @@ def _manifest(loaded: LoadedModel, record: CalibrationRecord, plan: EnginePlan,
     import onnxruntime
 
     target, s = plan.target, record.settings
-    cpu = target.backend == "onnxruntime"
     return Manifest(
         model=ModelInfo(loaded.info.path.stem,
                         loaded.info.arch, loaded.info.scale, loaded.info.sha256),
@@ -295,10 +216,8 @@ def _manifest(loaded: LoadedModel, record: CalibrationRecord, plan: EnginePlan,
                         created=datetime.datetime.now(datetime.timezone.utc).isoformat(
                             timespec="seconds"),
                         opset=options.opset, onnxruntime=onnxruntime.__version__,
-                        device=platform.machine() if cpu else None),
-        device_match=DeviceMatch(machine=target.device_match.machine,
-                                 jetson_model=target.device_match.jetson_model,
-                                 gpu_name=target.device_match.gpu_name))
+                        **builder(target.backend).build_info(target)),
+        device_match=target.device_match)
 
 
 def is_bundle_folder(folder: Path) -> bool:
@@ -318,12 +237,13 @@ def is_bundle_folder(folder: Path) -> bool:
         return True
     entries = {entry.name for entry in folder.iterdir()}
     engines = folder / "engines"
-    return entries <= _BUNDLE_ENTRIES and (not engines.exists() or engines.is_dir() and all(
-        path.suffix in (".onnx", ".plan", ".data") for path in engines.iterdir()))
-
-
-_BUNDLE_ENTRIES = {MANIFEST_NAME, RECORD_NAME, "engines", "profile.json", "profile",
-                   TIMING_CACHE}
+    files = {MANIFEST_NAME, RECORD_NAME, "engines", "profile.json", "profile"}
+    suffixes = {".data"}
+    for backend in all_builders():
+        files.update(backend.bundle_files)
+        suffixes.update(backend.engine_suffixes)
+    return entries <= files and (not engines.exists() or engines.is_dir() and all(
+        path.suffix in suffixes for path in engines.iterdir()))
 
 
 def check_destination(destination: Path, inputs: Iterable[Path] = ()) -> None:
@@ -362,17 +282,12 @@ def _swap_into_place(staging: Path, destination: Path) -> None:
         os.replace(staging, destination)
 
 
-def finish_bundle(bundle: Path, target: Any, *, batch: int | None = None,
+def finish_bundle(bundle: Path, target: Target, *, batch: int | None = None,
                   progress: Progress = lambda _: None) -> Manifest:
-    """On the device: build the pending TensorRT plans of ``bundle`` in place (manifest last)."""
+    """On the device: build the pending files of ``bundle`` (TensorRT plans) in place, manifest
+    last (:meth:`compiler.backends.Builder.finish_on_device`)."""
     manifest = read_manifest(bundle)
-    if manifest.backend != "tensorrt":
-        raise BundleError(f"bundle {bundle} is an {manifest.backend} bundle: nothing to finish")
-    version, device = _device_facts()
-    if version is None or device is None:
-        raise EngineError(f"TensorRT and an NVIDIA GPU are needed to finish {bundle}: run this "
-                          f"on the {manifest.target}")
-    size = batch or manifest.engines[0].input_shape[0]
-    finished = _build_plans(bundle, manifest, target, size, progress, version, device)
+    finished = builder(manifest.backend).finish_on_device(bundle, manifest, target, batch,
+                                                          progress)
     write_manifest(bundle, finished)
     return finished

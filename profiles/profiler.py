@@ -36,6 +36,7 @@ from profiles.frames import measure_frames
 from profiles.pareto import Evidence, Point, assess_adaptive
 from profiles.schema import EngineEntry, FrameQuality, LayerTime, Profile, Settings
 from profiles.timing import PeakMemory, Timer, latency_stats, spread, time_runs, wall_clock
+from runtime.backends import runtime_backend
 from runtime.benchmark import BenchmarkImage, load_benchmark
 from runtime.bundle import Bundle, open_bundle
 from runtime.engines.base import Engine
@@ -130,7 +131,7 @@ def _skip_reason(spec: EngineSpec, tile: int, batch: int) -> str | None:
     n, _, h, _ = spec.input_shape
     if h > 0 and h != tile:
         return f"engine {spec.name!r} is built for {h} x {h} tiles: tile {tile} not measured"
-    if n > 0 and n != batch and spec.backend == "onnxruntime":
+    if n > 0 and n != batch and not runtime_backend(spec.backend).pads_batch:
         return f"engine {spec.name!r} is built for batch {n}: batch {batch} not measured"
     return None
 
@@ -214,13 +215,13 @@ def profile_bundle(root: Path, options: ProfileOptions | None = None, *,
                           f"{'/'.join(DEFAULT_BENCHMARKS)} under $ADASR_SHARED_DATA or "
                           f"{_REPO.parent / 'shared' / 'data'}: pass --dataset DIR (HR/ inside)")
     images = _images(datasets, bundle.scale, options.max_images)
-    tensorrt = manifest.backend == "tensorrt"
+    backend = runtime_backend(manifest.backend)
     tiles = options.tiles or (manifest.tile,)
-    threads = (0,) if tensorrt else (options.threads or (manifest.threads,))
+    threads = (options.threads or (manifest.threads,)) if backend.threads else (0,)
     memory = PeakMemory()
     notes: list[str] = []
-    if tensorrt:
-        notes.append("threads do not apply to TensorRT engines: recorded as 0")
+    if not backend.threads:
+        notes.append(f"threads do not apply to {backend.label} engines: recorded as 0")
     order = engine_order(manifest)
     static_batches = {spec.input_shape[0] for spec in manifest.engines} - {-1, 0}
     frame_batch = min(static_batches) if static_batches else options.frame_batch
@@ -252,7 +253,7 @@ def profile_bundle(root: Path, options: ProfileOptions | None = None, *,
     from runtime.dispatch import Dispatcher
 
     per_tile = {name: gbitops[name, manifest.tile] for name in order}
-    frame_threads = 0 if tensorrt else manifest.threads
+    frame_threads = manifest.threads if backend.threads else 0
 
     def frames(name: str, policy: str, names: Sequence[str]) -> FrameQuality:
         say(f"quality {name} ({policy}) on {len(images)} images")

@@ -344,7 +344,7 @@ def test_finish_refuses_another_device(tiny: tuple[Path, Path],
                                        records: dict[str, dict[str, Any]], tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """An Orin Nano bundle finished on an RTX 4090 gets no plans, and the manifest stays."""
-    import compiler.bundle as bundle_module
+    import compiler.backends.tensorrt as trt_builder
     from compiler.bundle import finish_bundle
 
     weights, _ = tiny
@@ -353,8 +353,8 @@ def test_finish_refuses_another_device(tiny: tuple[Path, Path],
     out = tmp_path / "orin"
     write_bundle(load_model(weights), records["w8a6_fq"], plan, out)
     before = (out / "manifest.json").read_bytes()
-    monkeypatch.setattr(bundle_module, "_device_facts", lambda: ("10.3.0.30", "RTX 4090"))
-    monkeypatch.setattr(bundle_module, "probe_device",
+    monkeypatch.setattr(trt_builder, "device_facts", lambda: ("10.3.0.30", "RTX 4090"))
+    monkeypatch.setattr(trt_builder, "probe_device",
                         lambda: DeviceFacts("x86_64", None, "NVIDIA GeForce RTX 4090"))
     with pytest.raises(EngineError, match="is not a jetson-orin-nano.*adasr build --weights"):
         finish_bundle(out, target)

@@ -287,11 +287,14 @@ def test_an_untampered_profile_inside_the_bundle_is_read(tmp_path: Path) -> None
 def fake_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fake TensorRT 10 (tests/compiler/test_tensorrt_build.py) on a fake Orin."""
     from compiler.engines import tensorrt_build as trt_build
+    from targets.loader import DeviceFacts
     from tests.compiler.test_tensorrt_build import Knobs, Record, make_fake_tensorrt
 
     fake = make_fake_tensorrt("10.3.0.30", Knobs(input_shape=(2, 3, 8, 8)), Record())
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(trt_build, "device_name", lambda: "Orin (fake)")
+    monkeypatch.setattr("compiler.backends.tensorrt.probe_device", lambda: DeviceFacts(
+        "aarch64", "NVIDIA Jetson Orin Nano Developer Kit"))
 
 
 def tensorrt_bundle(root: Path) -> Path:
@@ -398,12 +401,12 @@ def test_an_engine_with_external_data_is_refused(
 
 
 def test_the_bundle_writer_refuses_an_external_data_graph(tmp_path: Path) -> None:
-    from compiler.bundle import _ref
+    from compiler.bundle import file_ref
 
     graph = external_graph(tmp_path, "g.onnx", "g.onnx.data")
     with pytest.raises(BundleError, match=r"^engine graph g.onnx: g.onnx keeps tensors in "
                                           r"external data files \(scales, bias\)"):
-        _ref(tmp_path, graph)
+        file_ref(tmp_path, graph)
 
 
 def test_external_data_scan_field_numbers_match_onnx() -> None:

@@ -38,6 +38,7 @@ __all__ = ["BACKENDS", "DEVICE_RULES", "Capabilities", "OpenRequest", "RuntimeBa
 _MODULES: dict[str, str] = {
     "onnxruntime": "runtime.engines.onnxruntime",
     "tensorrt": "runtime.engines.tensorrt",
+    "openvino": "runtime.engines.openvino",
 }
 BACKENDS: tuple[str, ...] = tuple(_MODULES)
 DeviceKind = Literal["cpu", "gpu"]

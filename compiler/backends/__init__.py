@@ -41,6 +41,7 @@ Progress = Callable[[str], None]
 _MODULES: dict[str, str] = {
     "onnxruntime": "compiler.backends.onnxruntime",
     "tensorrt": "compiler.backends.tensorrt",
+    "openvino": "compiler.backends.openvino",
 }
 
 

@@ -436,7 +436,7 @@ def test_build_replaces_its_own_bundle_and_keeps_inputs(
 
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("--threads", "1000000", "--threads must be in 0..256, got 1000000"),
-    ("--tile", "1000000000", "--tile must be in 8..1024, got 1000000000"),
+    ("--tile", "1000000000", "--tile must be in 8..4096, got 1000000000"),
     ("--engine-batch", "0", "--engine-batch must be in 1..1024, got 0"),
 ])
 def test_build_numbers_are_one_line(option: str, value: str, message: str,

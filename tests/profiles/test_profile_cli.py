@@ -53,7 +53,7 @@ def test_profile_writes_json_plots_and_updates_the_bundle(
     (["profile", "B", "--runs", "5"], "runs must be >= 20"),
     (["profile", "--compare", "a.json", "b.json"], "profile a.json does not exist"),
     (["profile", "B", "--threads", "1,1000000"], "--threads must be in 0..256, got 1000000"),
-    (["profile", "B", "--tiles", "1000000000"], "--tiles must be in 8..1024, got 1000000000"),
+    (["profile", "B", "--tiles", "1000000000"], "--tiles must be in 8..4096, got 1000000000"),
     (["profile", "B", "--batch", "0"], "--batch must be in 1..1024, got 0"),
 ])
 def test_errors_exit_2_with_one_line(args: list[str], message: str,

@@ -82,6 +82,9 @@ class ProfileOptions:
     frame_repeats: int = 3
     quick: bool = False  # allow runs < MIN_RUNS (tests, smoke runs)
     seed: int = 0
+    # backends to time every engine with as well (entries NAME@BACKEND, right after the
+    # bundle's own; engines a backend cannot run are noted): side by side in one run
+    backends: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.runs < (1 if self.quick else MIN_RUNS):
@@ -95,6 +98,8 @@ class ProfileOptions:
                 raise ConfigError(f"{name} must not repeat, got {list(values)}")
         if not self.batches:
             raise ConfigError("give at least one batch size")
+        for name in self.backends:
+            runtime_backend(name)  # a one-line error naming the registered backends
         counts = {"warmup": (self.warmup, 0), "repeat": (self.repeat, 1),
                   "layer_runs": (self.layer_runs, 0), "top_layers": (self.top_layers, 1),
                   "frame_batch": (self.frame_batch, 1), "frame_repeats": (self.frame_repeats, 1)}
@@ -136,6 +141,11 @@ def _skip_reason(spec: EngineSpec, tile: int, batch: int) -> str | None:
     return None
 
 
+def _engine_of(entry: str) -> str:
+    """The bundle engine an entry measured (``int8@openvino``: ``int8`` with OpenVINO)."""
+    return entry.partition("@")[0]
+
+
 def _tensorrt_engine(engine: Engine) -> TensorRTEngine | None:
     """``engine`` when it is a TensorRT engine (that module imports no GPU library itself)."""
     from runtime.engines.tensorrt import TensorRTEngine
@@ -144,11 +154,13 @@ def _tensorrt_engine(engine: Engine) -> TensorRTEngine | None:
 
 
 def _measure_entry(bundle: Bundle, spec: EngineSpec, tile: int, batch: int, threads: int,
-                   options: ProfileOptions, memory: PeakMemory) -> EngineEntry:
-    """Latency (all repeats), peak memory and per-layer times of one configuration."""
+                   options: ProfileOptions, memory: PeakMemory,
+                   backend: str | None = None) -> EngineEntry:
+    """Latency (all repeats), peak memory and per-layer times of one configuration
+    (``backend``: opened with that backend, entry ``NAME@BACKEND``, no per-layer times)."""
     rng = np.random.default_rng(options.seed)
     x = rng.random((batch, 3, tile, tile), dtype=np.float32)
-    engine = bundle.engine(spec.name, threads=threads)
+    engine = bundle.engine(spec.name, threads=threads, backend=backend)
     layers: tuple[LayerTime, ...] = ()
     memory.reset()
     with engine:
@@ -171,7 +183,7 @@ def _measure_entry(bundle: Bundle, spec: EngineSpec, tile: int, batch: int, thre
 
             layers = tensorrt_layer_times(gpu, bundle.path(spec.onnx, spec.name), x,
                                           runs=options.layer_runs, top=options.top_layers)
-    if gpu is None and options.layer_runs:
+    if gpu is None and options.layer_runs and backend is None:
         from profiles.layers import onnxruntime_layer_times
 
         layers = onnxruntime_layer_times(
@@ -181,7 +193,8 @@ def _measure_entry(bundle: Bundle, spec: EngineSpec, tile: int, batch: int, thre
     stats = latency_stats(samples)
     out_mpix = batch * (tile * bundle.scale) ** 2 / 1e6
     return EngineEntry(
-        name=spec.name, tile=tile, batch=batch, threads=threads, timer=timer_name,
+        name=spec.name if backend is None else f"{spec.name}@{backend}", tile=tile,
+        batch=batch, threads=threads, timer=timer_name,
         latency_ms=stats, repeat_medians_ms=tuple(medians), spread=spread(medians),
         throughput_mpix_s=out_mpix / (stats.median / 1000.0) if stats.median > 0 else 0.0,
         peak_rss_mb=peak, psnr=None, ssim=None, fab=spec.fab, bitops=None, layers=layers)
@@ -235,6 +248,7 @@ def profile_bundle(root: Path, options: ProfileOptions | None = None, *,
                      "shape could not be inferred)")
 
     entries: list[EngineEntry] = []
+    others = [name for name in options.backends if name != manifest.backend]
     for name in order:
         spec = manifest.engine(name)
         for tile in tiles:
@@ -244,9 +258,16 @@ def profile_bundle(root: Path, options: ProfileOptions | None = None, *,
                     if reason is not None:
                         notes.append(reason)
                         continue
-                    say(f"latency {name} tile {tile} batch {batch} threads {count}")
-                    entries.append(_measure_entry(bundle, spec, tile, batch, count, options,
-                                                  memory))
+                    for other in (None, *others):
+                        why = None if other is None else runtime_backend(other).runs(spec)
+                        if why is not None:
+                            if f"{other}: {why}" not in notes:
+                                notes.append(f"{other}: {why}")
+                            continue
+                        say(f"latency {name}{'' if other is None else '@' + other} tile {tile} "
+                            f"batch {batch} threads {count}")
+                        entries.append(_measure_entry(bundle, spec, tile, batch, count,
+                                                      options, memory, other))
     if not entries:
         raise ConfigError(f"nothing could be measured: {'; '.join(notes)}")
 
@@ -255,20 +276,24 @@ def profile_bundle(root: Path, options: ProfileOptions | None = None, *,
     per_tile = {name: gbitops[name, manifest.tile] for name in order}
     frame_threads = manifest.threads if backend.threads else 0
 
-    def frames(name: str, policy: str, names: Sequence[str]) -> FrameQuality:
+    def frames(name: str, policy: str, names: Sequence[str],
+               other: str | None = None) -> FrameQuality:
         say(f"quality {name} ({policy}) on {len(images)} images")
-        engines = {n: bundle.engine(n) for n in names}
+        engines = {n: bundle.engine(n, backend=other) for n in names}
         dispatcher = Dispatcher(manifest, engines, policy=policy, batch=frame_batch)
         return measure_frames(name, policy, dispatcher, manifest, images,
                               repeats=options.frame_repeats, threads=frame_threads,
                               tile_bitops=per_tile, memory=memory)
 
-    quality = tuple(frames(name, f"fixed:{name}", [name]) for name in order)
+    quality = tuple(frames(name, f"fixed:{name}", [name]) for name in order) + tuple(
+        frames(f"{name}@{other}", f"fixed:{name}", [name], other) for other in others
+        for name in order if runtime_backend(other).runs(manifest.engine(name)) is None)
     adaptive = frames("adaptive", "threshold", order)
     by_name: Mapping[str, FrameQuality] = {q.name: q for q in quality}
     entries = [replace(e, psnr=by_name[e.name].psnr, ssim=by_name[e.name].ssim,
-                       bitops=None if gbitops[e.name, e.tile] is None
-                       else (gbitops[e.name, e.tile] or 0.0) * e.batch) for e in entries]
+                       bitops=None if gbitops[_engine_of(e.name), e.tile] is None
+                       else (gbitops[_engine_of(e.name), e.tile] or 0.0) * e.batch)
+               for e in entries]
     pareto = assess_adaptive(
         [Point(q.name, q.latency_ms.mean, q.psnr) for q in quality],
         Point("adaptive", adaptive.latency_ms.mean, adaptive.psnr),

@@ -41,7 +41,7 @@ from runtime.bundle import open_bundle
 from runtime.engines.base import Engine
 from runtime.fileio import atomic_write_bytes
 from runtime.imaging import to_uint8
-from runtime.metrics import psnr_y
+from runtime.metrics import psnr, psnr_y
 from targets.loader import load_target
 
 WEIGHTS = "weights/edsr_r8f64_x2_krasserm.pt"
@@ -51,13 +51,27 @@ VARIANTS = (("hardware", "hardware", "auto"), ("all-int8", "hardware", "none"),
             ("emulate", "emulate", "auto"))
 
 
-def set5_psnr(engine: Engine, scale: int) -> float:
+def set5(engine: Engine, scale: int) -> tuple[float, list[np.ndarray]]:
+    """Mean Y-PSNR on Set5 (provided LR, whole images) and the uint8 outputs."""
     images = load_benchmark(shared("benchmarks/Set5"), scale)
-    values = []
+    values, outputs = [], []
     for image in images:
         lr = image.lr.astype(np.float32).transpose(2, 0, 1)[None] / 255
-        values.append(psnr_y(to_uint8(engine.infer(lr)[0].transpose(1, 2, 0)), image.hr, scale))
-    return float(np.mean(values))
+        outputs.append(to_uint8(engine.infer(lr)[0].transpose(1, 2, 0)))
+        values.append(psnr_y(outputs[-1], image.hr, scale))
+    return float(np.mean(values)), outputs
+
+
+def vs_onnxruntime(key: str, outputs: dict[str, list[np.ndarray]]) -> str:
+    """Min over Set5 of the RGB PSNR between an engine's outputs and ONNX Runtime's on the same
+    graph (ONNX Runtime's match the simulation: benchmarks/bundle_parity.py); a BF16 engine
+    against ONNX Runtime's FP32."""
+    backend, label, engine = key.split("/")
+    reference = f"onnxruntime/{label}/{'fp32' if engine == 'bf16' else engine}"
+    if backend == "onnxruntime" or reference not in outputs:
+        return "-"
+    pairs = zip(outputs[key], outputs[reference], strict=True)
+    return f"{min(psnr(a, b, 255.0) for a, b in pairs):.2f}"
 
 
 def main() -> None:
@@ -110,32 +124,39 @@ def main() -> None:
                 engine.infer(x)
                 times[key].append(time.perf_counter() - start)
         load_after = os.getloadavg()
-        quality = {} if args.no_quality else {key: set5_psnr(engine, 2)
-                                              for key, engine in engines.items()}
+        scored = {} if args.no_quality else {key: set5(engine, 2)
+                                             for key, engine in engines.items()}
+        quality = {key: value[0] for key, value in scored.items()}
+        outputs = {key: value[1] for key, value in scored.items()}
         for engine in engines.values():
             engine.deactivate()
     median = {key: statistics.median(values) * 1000 for key, values in times.items()}
     fp32 = {name: median[f"{name}/hardware/fp32"] for name in backends}
     rows = [[key, f"{fabs[key]:.2f}", f"{median[key]:.1f}", f"{min(times[key]) * 1000:.1f}",
              f"{fp32[key.split('/')[0]] / median[key]:.2f}x",
-             f"{quality[key]:.3f}" if key in quality else "-"] for key in median]
+             f"{quality[key]:.3f}" if key in quality else "-",
+             vs_onnxruntime(key, outputs)] for key in median]
     text = table(rows, ["backend/bundle/engine", "FAB", "median ms", "min ms",
-                        "vs own FP32", "Set5 Y-PSNR"])
+                        "vs own FP32", "Set5 Y-PSNR", "vs ORT dB"])
     header = (f"EDSR x2 (8 blocks), AdaBM W8A6 FQ record, cpu-x86 ({', '.join(backends)}; "
               f"bundles built for {builds}), {args.size}x{args.size} LR, {args.threads} threads, "
               f"median of {args.runs} interleaved runs; load average (1/5/15 min) "
               f"{'/'.join(f'{v:.1f}' for v in load_before)} before, "
               f"{'/'.join(f'{v:.1f}' for v in load_after)} after the timed runs; Set5 = "
-              "provided LR, whole images, mean Y-PSNR\n\n")
+              "provided LR, whole images, mean Y-PSNR; vs ORT = min over Set5 of the RGB PSNR "
+              "against ONNX Runtime's output of the same graph (its FP32 for BF16; ONNX Runtime "
+              "matches the simulation, benchmarks/bundle_parity.py)\n\n")
     first = backends[0]
     lines = [f"int8_vs_fp32_speedup={fp32[first] / median[f'{first}/all-int8/int8']:.3f}"]
     if {"onnxruntime", "openvino"} <= set(backends):
         int8 = {name: median[f"{name}/all-int8/int8"] for name in backends}
         bf16 = median.get("openvino/hardware/bf16")
-        ratios = (f"ov_int8_vs_ort_int8={int8['onnxruntime'] / int8['openvino']:.3f} "
-                  f"ov_bf16_vs_fp32={fp32['openvino'] / bf16 if bf16 else float('nan'):.3f} "
-                  f"best_int8_vs_fp32={min(fp32.values()) / min(int8.values()):.3f}")
-        lines.append(ratios)
+        if bf16 and quality:
+            loss = quality["openvino/hardware/bf16"] - quality["openvino/hardware/fp32"]
+            lines.append(f"bf16_vs_fp32_set5_db={loss:.4f}")
+        lines.append(f"ov_int8_vs_ort_int8={int8['onnxruntime'] / int8['openvino']:.3f} "
+                     f"ov_bf16_vs_fp32={fp32['openvino'] / bf16 if bf16 else float('nan'):.3f} "
+                     f"best_int8_vs_fp32={min(fp32.values()) / min(int8.values()):.3f}")
     print(header + text)
     print("\n".join(lines))
     stem = "engine_speed" + ("" if backends == ["onnxruntime"] else "_" + "_".join(backends))

@@ -110,7 +110,8 @@ def _ort_engines(weights: Path, record: dict[str, Any], ladder: str, patches: np
         def engines() -> Iterator[Engine]:
             for spec in bundle.manifest.engines:
                 graph = onnx.load(str(root / spec.onnx.path))
-                summary = None if spec.reference else lowering_summary(graph)
+                floating = not any(layer.act_bits for layer in spec.layers)  # FP32, BF16
+                summary = None if floating else lowering_summary(graph)
                 with bundle.engine(spec.name, threads=args.threads) as engine:
                     yield spec, summary, engine.infer
 

@@ -43,6 +43,7 @@ import onnx
 import torch
 from common import REPO, shared, table
 
+from compiler.backends import builder
 from compiler.bundle import write_bundle
 from compiler.lower.dialects import lower_engine
 from compiler.lower.export import INPUT_NAME, export_onnx
@@ -54,6 +55,7 @@ from compiler.quant.patches import sample_patches
 from compiler.quant.qmodel import QuantSettings
 from compiler.simulate import TorchUpscaler
 from compiler.zoo import load_model
+from runtime.backends import runtime_backend
 from runtime.benchmark import load_benchmark
 from runtime.bundle import open_bundle
 from runtime.engines.onnxruntime import session_options
@@ -94,11 +96,12 @@ def calibration_record(key: str, weights: Path, scale: int, args: argparse.Names
 @contextmanager
 def _ort_engines(weights: Path, record: dict[str, Any], ladder: str, patches: np.ndarray,
                  args: argparse.Namespace) -> Iterator[Iterator[Engine]]:
-    """The cpu-x86 bundle's engines as the runtime runs them."""
+    """The cpu-x86 bundle's engines as the runtime runs them (with ``--backend``)."""
     target = load_target(args.target)
-    if target.backend != "onnxruntime":
-        raise SystemExit(f"--dialect ort runs ONNX Runtime bundles: {args.target} is a "
-                         f"{target.backend} target")
+    target = target.with_backend(args.backend or target.backend)
+    if builder(target.backend).dialect != "ort" or runtime_backend(target.backend).runs_plans:
+        raise SystemExit(f"--dialect ort runs bundles of the ORT dialect here: {args.target} "
+                         f"with {target.backend} is not one")
     plan = plan_engines(record, target, ladder)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "bundle"
@@ -108,7 +111,8 @@ def _ort_engines(weights: Path, record: dict[str, Any], ladder: str, patches: np
         def engines() -> Iterator[Engine]:
             for spec in bundle.manifest.engines:
                 graph = onnx.load(str(root / spec.onnx.path))
-                summary = None if spec.reference else lowering_summary(graph)
+                floating = not any(layer.act_bits for layer in spec.layers)  # FP32, BF16
+                summary = None if floating else lowering_summary(graph)
                 with bundle.engine(spec.name, threads=args.threads) as engine:
                     yield spec, summary, engine.infer
 
@@ -163,6 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--dialect", choices=("ort", "tensorrt"), default="ort")
+    parser.add_argument("--backend", help="--dialect ort: build and run the bundles with this "
+                        "backend of the target (default: the target's)")
     parser.add_argument("--target", default="cpu-x86",
                         help="whose plans (per-layer bits, widening): ort needs an ONNX Runtime "
                              "target; tensorrt takes any (cpu-x86: the ORT table's engines)")
@@ -180,7 +186,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tensorrt = args.dialect == "tensorrt"
-    engines_of = _tensorrt_engines if tensorrt else _ort_engines
+    engines_of = {"ort": _ort_engines, "tensorrt": _tensorrt_engines}[args.dialect]
     calib = shared("calibration/sun_hays8")
     rows, payload = [], []
     for key in args.models.split(","):
@@ -231,7 +237,10 @@ def main() -> None:
                 + ("on both ladders (as TensorRT bundles)" if args.requantize == "bundle" else
                    "on the hardware ladder only (as ORT bundles)")
                 + "; simulation: simulate_engine(dialect='tensorrt'). " + note)
-    name = "bundle_parity_tensorrt" if tensorrt else "bundle_parity"
+    name = "bundle_parity_tensorrt" if tensorrt else "bundle_parity" + (
+        f"_{args.backend}" if args.backend else "")
+    if args.backend:
+        note = f"{args.backend} engines. " + note
     atomic_write_bytes(results / f"{name}.md", (note + text + "\n").encode())
     atomic_write_json(results / f"{name}.json",  # null: identical outputs (inf dB)
                       [{k: None if isinstance(v, float) and np.isinf(v) else v

@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,9 +39,8 @@ import numpy as np
 import onnx
 
 from compiler import __version__
-from compiler.engines.finish import TIMING_CACHE, build_plans, builds_here, device_facts
+from compiler.backends import Builder, all_builders, builder
 from compiler.layers import EngineLayer
-from compiler.lower.dialects import lower_engine
 from compiler.lower.export import export_onnx, save_onnx
 from compiler.lower.qdq import model_opset
 from compiler.plan import EnginePlan, PlannedEngine, plan_engines
@@ -56,7 +54,6 @@ from runtime.manifest import (
     SCHEMA,
     BuildInfo,
     CalibrationInfo,
-    DeviceMatch,
     EngineSpec,
     FileRef,
     Manifest,
@@ -98,17 +95,16 @@ def _run_graph(model: onnx.ModelProto, path: Path, patches: np.ndarray, scale: i
 
 
 def _check_widening(fp: onnx.ModelProto, planned: PlannedEngine, patches: np.ndarray,
-                    scratch: Path, scale: int, dialect: str) -> tuple[bool, str]:
+                    scratch: Path, scale: int, backend: Builder) -> tuple[bool, str]:
     """Whether the widened engine is no worse than the exact one (vs FP), and the numbers,
-    measured on the target's own dialect: ORT graphs as the runtime runs them, TensorRT-dialect
-    graphs (FP32) with ONNX Runtime's optimizations off (their ONNX semantics)."""
+    measured on the backend's own dialect (:meth:`~compiler.backends.Builder.widening_graph`:
+    ORT graphs as the runtime runs them, TensorRT-dialect graphs (FP32) with ONNX Runtime's
+    optimizations off, i.e. their ONNX semantics)."""
     assert planned.exact is not None
-    tensorrt = dialect == "tensorrt"
 
     def run(specs: tuple[EngineLayer, ...], name: str) -> np.ndarray:
-        graph = (lower_engine(fp, specs, dialect="tensorrt") if tensorrt
-                 else lower_engine(fp, specs, streams=False))
-        return _run_graph(graph, scratch / name, patches, scale, optimize=not tensorrt)
+        graph, optimize = backend.widening_graph(fp, specs)
+        return _run_graph(graph, scratch / name, patches, scale, optimize=optimize)
 
     reference = _run_graph(fp, scratch / "fp.onnx", patches, scale)
     widened, exact = run(planned.specs, "widened.onnx"), run(planned.exact, "exact.onnx")
@@ -117,24 +113,8 @@ def _check_widening(fp: onnx.ModelProto, planned: PlannedEngine, patches: np.nda
     keep = p_wide >= p_exact
     note = (f"8-bit grids {'kept' if keep else 'rejected'}: PSNR vs FP on {len(patches)} "
             f"calibration patches {p_wide:.2f} dB widened, {p_exact:.2f} dB exact grids "
-            f"({dialect} dialect)")
+            f"({backend.dialect} dialect)")
     return keep, note
-
-
-def _lower(fp: onnx.ModelProto, planned: PlannedEngine, plan: EnginePlan) -> onnx.ModelProto:
-    target = plan.target
-    if target.backend == "onnxruntime":
-        # emulate: exact placement (no requantized outputs), to verify the simulated accuracy
-        # on integer kernels; hardware: every conv INT8 end to end, for speed
-        return fp if planned.reference else lower_engine(
-            fp, planned.specs, requantize=plan.ladder == "hardware")
-    float_type = "fp16" if target.strongly_typed and target.top_precision == "fp16" else "fp32"
-    model = lower_engine(fp, planned.specs, dialect="tensorrt", float_type=float_type,
-                         max_opset=target.max_opset)
-    from compiler.lower.trt_check import check_tensorrt_graph
-
-    check_tensorrt_graph(model, target.max_opset)
-    return model
 
 
 def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePlan,
@@ -159,34 +139,29 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
     try:
         (staging / "engines").mkdir()
         progress("exporting the FP network to ONNX")
-        if target.backend == "onnxruntime":
-            fp = export_onnx(loaded.model, plan.tile, opset=options.opset, dynamic=True,
-                             dynamic_batch=True)
-            shape = (-1, 3, -1, -1)
-        else:
-            fp = export_onnx(loaded.model, plan.tile, opset=min(options.opset, target.max_opset),
-                             batch=options.batch)
-            shape = (options.batch, 3, plan.tile, plan.tile)
+        backend = builder(target.backend)
+        how = backend.export(target, options.opset, options.batch)
+        fp = export_onnx(loaded.model, plan.tile, opset=how.opset, dynamic=how.dynamic,
+                         dynamic_batch=how.dynamic, batch=1 if how.dynamic else how.batch)
+        shape = (-1, 3, -1, -1) if how.dynamic else (how.batch, 3, plan.tile, plan.tile)
         note = ""
         widened = [planned for planned in plan.engines if planned.widened]
         if widened and patches is None:
             note = "8-bit grids kept unmeasured (no calibration patches given)"
         elif widened:
             progress(f"measuring widened grids of {widened[0].name}")
-            check_fp = fp if target.backend == "onnxruntime" else export_onnx(
+            check_fp = fp if how.dynamic else export_onnx(
                 loaded.model, plan.tile, opset=options.opset, dynamic=True, dynamic_batch=True)
             keep, note = _check_widening(check_fp, widened[0], patches[:options.widen_patches],
-                                         staging, loaded.info.scale,
-                                         "ort" if target.backend == "onnxruntime" else "tensorrt")
+                                         staging, loaded.info.scale, backend)
             if not keep:
                 plan = plan_engines(record, target, plan.ladder, tile=plan.tile,
-                                    overlap=plan.overlap, widen=False,
-                                    floats=plan.float_layers)
+                                    overlap=plan.overlap, widen=False, floats=plan.float_layers)
         specs, opsets = [], set()
         for planned in plan.engines:
             progress(f"lowering engine {planned.name}")
             path = staging / "engines" / f"{planned.name}.onnx"
-            graph = _lower(fp, planned, plan)
+            graph = backend.lower(fp, planned, plan)
             opsets.add(model_opset(graph))
             save_onnx(graph, path)
             specs.append(EngineSpec(
@@ -205,22 +180,14 @@ def write_bundle(loaded: LoadedModel, record: Mapping[str, Any], plan: EnginePla
         record_ref = file_ref(staging, record_path)
         manifest = _manifest(loaded, checked, plan, tuple(specs), record_ref,
                              replace(options, opset=opsets.pop()))
-        if target.backend == "onnxruntime" and ladder_images:
+        if backend.rung_ladder and ladder_images:
             from compiler.predictor import measure_ladder
 
             ladder, summary = measure_ladder(staging, manifest, ladder_images, progress=progress)
             manifest = replace(manifest, rungs=ladder)
             progress(f"rung ladder: {summary}")
-        if target.backend == "tensorrt":
-            version, device = device_facts()
-            if version is not None and device is not None and builds_here(target, version):
-                manifest = build_plans(staging, manifest, target, options.batch, progress,
-                                        version, device)
-            else:  # the portable half; on another device or TensorRT, --finish says what to do
-                # the bundle's own name: the device knows nothing of this machine's paths
-                command = f"adasr build --finish {destination.name}"
-                manifest = replace(manifest, build=replace(manifest.build,
-                                                           finish_command=command))
+        manifest = backend.finish(staging, manifest, target, options.batch, destination,
+                                  progress)
         mark_folder(staging, SCHEMA)
         write_manifest(staging, manifest)
         _swap_into_place(staging, destination)
@@ -241,7 +208,6 @@ def _manifest(loaded: LoadedModel, record: CalibrationRecord, plan: EnginePlan,
     import onnxruntime
 
     target, s = plan.target, record.settings
-    cpu = target.backend == "onnxruntime"
     return Manifest(
         model=ModelInfo(loaded.info.path.stem,
                         loaded.info.arch, loaded.info.scale, loaded.info.sha256),
@@ -253,10 +219,8 @@ def _manifest(loaded: LoadedModel, record: CalibrationRecord, plan: EnginePlan,
                         created=datetime.datetime.now(datetime.timezone.utc).isoformat(
                             timespec="seconds"),
                         opset=options.opset, onnxruntime=onnxruntime.__version__,
-                        device=platform.machine() if cpu else None),
-        device_match=DeviceMatch(machine=target.device_match.machine,
-                                 jetson_model=target.device_match.jetson_model,
-                                 gpu_name=target.device_match.gpu_name))
+                        **builder(target.backend).build_info(target)),
+        device_match=target.device_match)
 
 
 def is_bundle_folder(folder: Path) -> bool:
@@ -276,12 +240,13 @@ def is_bundle_folder(folder: Path) -> bool:
         return True
     entries = {entry.name for entry in folder.iterdir()}
     engines = folder / "engines"
-    return entries <= _BUNDLE_ENTRIES and (not engines.exists() or engines.is_dir() and all(
-        path.suffix in (".onnx", ".plan", ".data") for path in engines.iterdir()))
-
-
-_BUNDLE_ENTRIES = {MANIFEST_NAME, RECORD_NAME, "engines", "profile.json", "profile",
-                   TIMING_CACHE}
+    files = {MANIFEST_NAME, RECORD_NAME, "engines", "profile.json", "profile"}
+    suffixes = {".data"}
+    for backend in all_builders():
+        files.update(backend.bundle_files)
+        suffixes.update(backend.engine_suffixes)
+    return entries <= files and (not engines.exists() or engines.is_dir() and all(
+        path.suffix in suffixes for path in engines.iterdir()))
 
 
 def check_destination(destination: Path, inputs: Iterable[Path] = ()) -> None:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from compiler.lower.dialects import dialect_of
 from compiler.lower.image import PIXEL_LEVELS, ImageConv, image_conv_constants
 from compiler.quant.qmodel import QConv2d
 from compiler.quant.quantizers import MAX_INT_BITS, quantize_asymmetric
@@ -62,8 +63,9 @@ def simulate_engine(weights: Path, record: Mapping[str, Any], spec: EngineSpec,
                     summary: Sequence[Mapping[str, Any]] | None = None,
                     dialect: str = "ort") -> nn.Module:
     """The simulated network that ``spec`` (an engine of a bundle built from ``record``) runs."""
+    rules = dialect_of(dialect).arithmetic
     loaded = load_model(weights, scale=scale)
-    if spec.reference and all(layer.act_bits is None for layer in spec.layers):
+    if all(layer.act_bits is None for layer in spec.layers):  # a float engine (FP32, BF16 ...)
         return loaded.model.eval()
     qnet = apply_record(loaded, dict(record))
     convs = dict(qnet.qconvs())
@@ -76,27 +78,27 @@ def simulate_engine(weights: Path, record: Mapping[str, Any], spec: EngineSpec,
         conv.forced_bits = FLOAT_BITS if layer.act_bits is None else float(layer.act_bits)
         conv.weight_quant.bits = int(FLOAT_BITS) if layer.w_bits is None else layer.w_bits
         # ORT: refined per layer from the summary below; TensorRT keeps every bias float
-        conv.integer_bias = summary is None and dialect != "tensorrt"
+        conv.integer_bias = summary is None and rules.integer_bias
     ranges = {layer["name"]: layer.get("output_range") for layer in record["layers"]}
     # lowerings that record their conv arithmetic (ORT dialect): model it exactly
-    exact = dialect == "ort" and any("integer_conv" in entry for entry in summary or ())
+    exact = rules.integer_convs and any("integer_conv" in entry for entry in summary or ())
     for entry in summary or ():
         if entry.get("image_input"):
             ExactImageConv.adopt(convs[entry["name"]], entry["image_input"])
         elif exact:
             IntegerConv2d.adopt(convs[entry["name"]], entry)
-        elif dialect == "tensorrt" and entry.get("integer_conv"):
+        elif rules.scaled_convs and entry.get("integer_conv"):
             TensorRTConv2d.adopt(convs[entry["name"]], entry)
         placement = str(entry.get("output", ""))
         # ONNX Runtime turns a conv's bias into int32 on the s_x * s_w lattice only when a Q
         # follows the conv (a full QDQ group, run as QLinearConv); a float output keeps it float
-        convs[entry["name"]].integer_bias = placement != "float" and dialect != "tensorrt"
+        convs[entry["name"]].integer_bias = placement != "float" and rules.integer_bias
         if placement.startswith("8-bit output range"):
             low, high = ranges[entry["name"]]
             relu = "ReLU folded" in placement
             conv = convs[entry["name"]]
             conv.output_bounds = (0.0 if relu else min(low, 0.0), max(high, 0.0))
-            if dialect == "tensorrt":  # symmetric int8 on max(|lo|, |hi|), ReLU cuts at 0
+            if rules.symmetric_outputs:  # int8 on max(|lo|, |hi|), ReLU cuts at 0
                 conv.output_bounds, conv.output_symmetric = (low, high), True
         if entry.get("input_bounds"):  # the grid the engine uses (widened, stream, frozen gate)
             low, high = entry["input_bounds"]

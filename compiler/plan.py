@@ -47,6 +47,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from compiler.backends import builder
 from compiler.layers import EngineLayer, engine_layers
 from runtime.bundlepaths import engine_name_problem
 from runtime.errors import ConfigError, unknown_name
@@ -56,7 +57,7 @@ from targets.loader import Target
 # The largest integer grid (bits) each reduced precision holds exactly: every integer level of a
 # zero-anchored grid is representable (e4m3: all integers up to 16; e2m1: 0, 1, 2, 3, 4, 6).
 EXACT_GRID_BITS = {"fp4": 2, "fp8": 4, "int8": 8}
-FLOAT_BITS = {"fp16": 16, "fp32": 32}
+FLOAT_BITS = {"fp16": 16, "bf16": 16, "fp32": 32}
 OFFSET_WORDS = {-1: "low", 0: "mid", 1: "high"}
 # Reduced precisions the lowering writes today. A target may list fp8 / fp4 (Hopper, Ada, Thor),
 # but a QuantizeLinear to fp8 rounds to the nearest fp8 value, not to the integer grid, so those
@@ -184,7 +185,7 @@ def _offset_engine(record: Mapping[str, Any], offset: int, target: Target, ladde
     # ONNX Runtime computes its float layers exactly (module docstring): the image conv on the
     # integer pixels, the others on their input's integer levels with a float output
     images, outputs = set(), set()
-    if target.backend == "onnxruntime":
+    if builder(target.backend).exact_float_layers:
         images = floating & image_convs(record)
         outputs = {s.name for s in exact if s.name in floating and s.quantizes_input} - images
     specs, exact = (tuple(replace(s, exact_image=True) if s.name in images else
@@ -250,7 +251,7 @@ def plan_engines(record: Mapping[str, Any], target: Target, ladder: str = "hardw
         engines.append(PlannedEngine(name=name, precision=tag, offsets=tuple(offsets),
                                      reference=False, layers=layers, specs=specs,
                                      fab=fab_of(layers, adaptive), exact=exact))
-    if ladder == "hardware" and floating and target.backend == "onnxruntime":
+    if ladder == "hardware" and floating and builder(target.backend).rung_ladder:
         specs, exact, layers = _offset_engine(record, 0, target, ladder, widen, set())
         if specs not in groups:
             engines.append(PlannedEngine(name=ALL_INT8, precision=_summary_precision(layers, set()),
@@ -264,9 +265,9 @@ def plan_engines(record: Mapping[str, Any], target: Target, ladder: str = "hardw
     s = record["settings"]
     summary = (f"{s['method']} W{s['wbits']}A{s['abits']}{' FQ' if s.get('fq') else ''}, "
                f"thresholds {tuple(round(t, 3) for t in record['image_thresholds'])}")
-    return EnginePlan(target, ladder, tile, overlap, tuple(engines), summary, widen,
-                      tuple(layer["name"] for layer in record["layers"]
-                            if layer["name"] in floating))
+    return builder(target.backend).complete(EnginePlan(  # the backend's own rungs added
+        target, ladder, tile, overlap, tuple(engines), summary, widen,
+        tuple(layer["name"] for layer in record["layers"] if layer["name"] in floating)))
 
 
 def _skipped_rungs(ladder: Sequence[str]) -> list[str]:

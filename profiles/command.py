@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tiles per engine call (default 1,8)")
     p.add_argument("--threads", type=_int_list, metavar="N,N", help="ONNX Runtime intra-op "
                    "threads, 0 = its default (default: the bundle's)")
+    p.add_argument("--backends", type=lambda text: tuple(v.strip() for v in text.split(",")
+                                                         if v.strip()), default=(),
+                   metavar="B,B", help="also time every engine with these backends, side by "
+                   "side (entries NAME@BACKEND), e.g. onnxruntime,openvino")
     p.add_argument("--runs", type=int, help=f"timed runs per repeat (default {FULL['runs']}; "
                    f"at least {FULL['runs']} unless --quick)")
     p.add_argument("--warmup", type=int, help=f"untimed runs first (default {FULL['warmup']})")
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     options = ProfileOptions(
         tiles=args.tiles or (), batches=args.batch, threads=args.threads or (),
         datasets=tuple(args.dataset or ()), max_images=args.max_images, quick=args.quick,
-        **counts)
+        backends=args.backends, **counts)
     folder, json_path = _claim_outputs(args)
     profile = profile_bundle(args.bundle, options, progress=None if args.quiet else _progress)
     results = save_profile(profile, args.bundle, results_dir=args.results,

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import platform
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from runtime.backends import installed_version, runtime_backend
 from runtime.manifest import Manifest
 from targets import probe_device
 
@@ -48,28 +48,17 @@ def device_info() -> dict[str, Any]:
     }
 
 
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def library_versions(manifest: Manifest) -> dict[str, str | None]:
     """Versions used now (python, numpy, adasr, backend) and those the bundle was built with."""
     versions: dict[str, str | None] = {
-        "adasr": _version("adasr"),
+        "adasr": installed_version("adasr"),
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "onnxruntime": _version("onnxruntime"),
-        "onnx": _version("onnx"),
-        "matplotlib": _version("matplotlib"),
+        "onnxruntime": installed_version("onnxruntime"),
+        "onnx": installed_version("onnx"),
+        "matplotlib": installed_version("matplotlib"),
     }
-    if manifest.backend == "tensorrt":
-        import tensorrt as trt
-
-        versions["tensorrt"] = str(getattr(trt, "__version__", None))
-        versions["pycuda"] = _version("pycuda")
+    versions.update(runtime_backend(manifest.backend).versions())
     versions["bundle_adasr"] = manifest.build.adasr
     versions["bundle_onnxruntime"] = manifest.build.onnxruntime
     versions["bundle_tensorrt"] = manifest.build.tensorrt

@@ -36,6 +36,7 @@ from profiles.frames import measure_frames
 from profiles.pareto import Evidence, Point, assess_adaptive
 from profiles.schema import EngineEntry, FrameQuality, LayerTime, Profile, Settings
 from profiles.timing import PeakMemory, Timer, latency_stats, spread, time_runs, wall_clock
+from runtime.backends import runtime_backend
 from runtime.benchmark import BenchmarkImage, load_benchmark
 from runtime.bundle import Bundle, open_bundle
 from runtime.engines.base import Engine
@@ -81,6 +82,9 @@ class ProfileOptions:
     frame_repeats: int = 3
     quick: bool = False  # allow runs < MIN_RUNS (tests, smoke runs)
     seed: int = 0
+    # backends to time every engine with as well (entries NAME@BACKEND, right after the
+    # bundle's own; engines a backend cannot run are noted): side by side in one run
+    backends: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.runs < (1 if self.quick else MIN_RUNS):
@@ -94,6 +98,8 @@ class ProfileOptions:
                 raise ConfigError(f"{name} must not repeat, got {list(values)}")
         if not self.batches:
             raise ConfigError("give at least one batch size")
+        for name in self.backends:
+            runtime_backend(name)  # a one-line error naming the registered backends
         counts = {"warmup": (self.warmup, 0), "repeat": (self.repeat, 1),
                   "layer_runs": (self.layer_runs, 0), "top_layers": (self.top_layers, 1),
                   "frame_batch": (self.frame_batch, 1), "frame_repeats": (self.frame_repeats, 1)}
@@ -130,9 +136,14 @@ def _skip_reason(spec: EngineSpec, tile: int, batch: int) -> str | None:
     n, _, h, _ = spec.input_shape
     if h > 0 and h != tile:
         return f"engine {spec.name!r} is built for {h} x {h} tiles: tile {tile} not measured"
-    if n > 0 and n != batch and spec.backend == "onnxruntime":
+    if n > 0 and n != batch and not runtime_backend(spec.backend).pads_batch:
         return f"engine {spec.name!r} is built for batch {n}: batch {batch} not measured"
     return None
+
+
+def _engine_of(entry: str) -> str:
+    """The bundle engine an entry measured (``int8@openvino``: ``int8`` with OpenVINO)."""
+    return entry.partition("@")[0]
 
 
 def _tensorrt_engine(engine: Engine) -> TensorRTEngine | None:
@@ -143,11 +154,13 @@ def _tensorrt_engine(engine: Engine) -> TensorRTEngine | None:
 
 
 def _measure_entry(bundle: Bundle, spec: EngineSpec, tile: int, batch: int, threads: int,
-                   options: ProfileOptions, memory: PeakMemory) -> EngineEntry:
-    """Latency (all repeats), peak memory and per-layer times of one configuration."""
+                   options: ProfileOptions, memory: PeakMemory,
+                   backend: str | None = None) -> EngineEntry:
+    """Latency (all repeats), peak memory and per-layer times of one configuration
+    (``backend``: opened with that backend, entry ``NAME@BACKEND``, no per-layer times)."""
     rng = np.random.default_rng(options.seed)
     x = rng.random((batch, 3, tile, tile), dtype=np.float32)
-    engine = bundle.engine(spec.name, threads=threads)
+    engine = bundle.engine(spec.name, threads=threads, backend=backend)
     layers: tuple[LayerTime, ...] = ()
     memory.reset()
     with engine:
@@ -170,7 +183,7 @@ def _measure_entry(bundle: Bundle, spec: EngineSpec, tile: int, batch: int, thre
 
             layers = tensorrt_layer_times(gpu, bundle.path(spec.onnx, spec.name), x,
                                           runs=options.layer_runs, top=options.top_layers)
-    if gpu is None and options.layer_runs:
+    if gpu is None and options.layer_runs and backend is None:
         from profiles.layers import onnxruntime_layer_times
 
         layers = onnxruntime_layer_times(
@@ -180,7 +193,8 @@ def _measure_entry(bundle: Bundle, spec: EngineSpec, tile: int, batch: int, thre
     stats = latency_stats(samples)
     out_mpix = batch * (tile * bundle.scale) ** 2 / 1e6
     return EngineEntry(
-        name=spec.name, tile=tile, batch=batch, threads=threads, timer=timer_name,
+        name=spec.name if backend is None else f"{spec.name}@{backend}", tile=tile,
+        batch=batch, threads=threads, timer=timer_name,
         latency_ms=stats, repeat_medians_ms=tuple(medians), spread=spread(medians),
         throughput_mpix_s=out_mpix / (stats.median / 1000.0) if stats.median > 0 else 0.0,
         peak_rss_mb=peak, psnr=None, ssim=None, fab=spec.fab, bitops=None, layers=layers)
@@ -214,13 +228,13 @@ def profile_bundle(root: Path, options: ProfileOptions | None = None, *,
                           f"{'/'.join(DEFAULT_BENCHMARKS)} under $ADASR_SHARED_DATA or "
                           f"{_REPO.parent / 'shared' / 'data'}: pass --dataset DIR (HR/ inside)")
     images = _images(datasets, bundle.scale, options.max_images)
-    tensorrt = manifest.backend == "tensorrt"
+    backend = runtime_backend(manifest.backend)
     tiles = options.tiles or (manifest.tile,)
-    threads = (0,) if tensorrt else (options.threads or (manifest.threads,))
+    threads = (options.threads or (manifest.threads,)) if backend.threads else (0,)
     memory = PeakMemory()
     notes: list[str] = []
-    if tensorrt:
-        notes.append("threads do not apply to TensorRT engines: recorded as 0")
+    if not backend.threads:
+        notes.append(f"threads do not apply to {backend.label} engines: recorded as 0")
     order = engine_order(manifest)
     static_batches = {spec.input_shape[0] for spec in manifest.engines} - {-1, 0}
     frame_batch = min(static_batches) if static_batches else options.frame_batch
@@ -234,6 +248,7 @@ def profile_bundle(root: Path, options: ProfileOptions | None = None, *,
                      "shape could not be inferred)")
 
     entries: list[EngineEntry] = []
+    others = [name for name in options.backends if name != manifest.backend]
     for name in order:
         spec = manifest.engine(name)
         for tile in tiles:
@@ -243,31 +258,42 @@ def profile_bundle(root: Path, options: ProfileOptions | None = None, *,
                     if reason is not None:
                         notes.append(reason)
                         continue
-                    say(f"latency {name} tile {tile} batch {batch} threads {count}")
-                    entries.append(_measure_entry(bundle, spec, tile, batch, count, options,
-                                                  memory))
+                    for other in (None, *others):
+                        why = None if other is None else runtime_backend(other).runs(spec)
+                        if why is not None:
+                            if f"{other}: {why}" not in notes:
+                                notes.append(f"{other}: {why}")
+                            continue
+                        say(f"latency {name}{'' if other is None else '@' + other} tile {tile} "
+                            f"batch {batch} threads {count}")
+                        entries.append(_measure_entry(bundle, spec, tile, batch, count,
+                                                      options, memory, other))
     if not entries:
         raise ConfigError(f"nothing could be measured: {'; '.join(notes)}")
 
     from runtime.dispatch import Dispatcher
 
     per_tile = {name: gbitops[name, manifest.tile] for name in order}
-    frame_threads = 0 if tensorrt else manifest.threads
+    frame_threads = manifest.threads if backend.threads else 0
 
-    def frames(name: str, policy: str, names: Sequence[str]) -> FrameQuality:
+    def frames(name: str, policy: str, names: Sequence[str],
+               other: str | None = None) -> FrameQuality:
         say(f"quality {name} ({policy}) on {len(images)} images")
-        engines = {n: bundle.engine(n) for n in names}
+        engines = {n: bundle.engine(n, backend=other) for n in names}
         dispatcher = Dispatcher(manifest, engines, policy=policy, batch=frame_batch)
         return measure_frames(name, policy, dispatcher, manifest, images,
                               repeats=options.frame_repeats, threads=frame_threads,
                               tile_bitops=per_tile, memory=memory)
 
-    quality = tuple(frames(name, f"fixed:{name}", [name]) for name in order)
+    quality = tuple(frames(name, f"fixed:{name}", [name]) for name in order) + tuple(
+        frames(f"{name}@{other}", f"fixed:{name}", [name], other) for other in others
+        for name in order if runtime_backend(other).runs(manifest.engine(name)) is None)
     adaptive = frames("adaptive", "threshold", order)
     by_name: Mapping[str, FrameQuality] = {q.name: q for q in quality}
     entries = [replace(e, psnr=by_name[e.name].psnr, ssim=by_name[e.name].ssim,
-                       bitops=None if gbitops[e.name, e.tile] is None
-                       else (gbitops[e.name, e.tile] or 0.0) * e.batch) for e in entries]
+                       bitops=None if gbitops[_engine_of(e.name), e.tile] is None
+                       else (gbitops[_engine_of(e.name), e.tile] or 0.0) * e.batch)
+               for e in entries]
     pareto = assess_adaptive(
         [Point(q.name, q.latency_ms.mean, q.psnr) for q in quality],
         Point("adaptive", adaptive.latency_ms.mean, adaptive.psnr),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.backends import OpenRequest, runtime_backend
 from runtime.bundlepaths import bundle_path, check_single_file_onnx
 from runtime.engines.base import Engine
 from runtime.errors import BundleError
@@ -61,53 +62,51 @@ class Bundle:
         return bundle_path(self.root, ref.path, what)
 
     def engine(self, name: str, *, threads: int | None = None, static: bool = True,
-               scratch: Any = None) -> Engine:
+               scratch: Any = None, backend: str | None = None) -> Engine:
         """The engine ``name``, not yet active. ``static``: refuse other than tile-size inputs
-        when the engine was built for a static shape. ``scratch``: a TensorRT SharedScratch."""
+        when the engine was built for a static shape. ``scratch``: what the backend's engines
+        share (:meth:`~runtime.backends.RuntimeBackend.shared_state`; None: their own).
+        ``backend``: open it with another backend that reads the same graphs (``adasr profile
+        --backends``; :meth:`~runtime.backends.RuntimeBackend.runs` says which can)."""
         spec = self.manifest.engine(name)
         return self._make(spec, self.manifest.threads if threads is None else threads, static,
-                          scratch)
+                          scratch, backend or spec.backend)
 
     def engines(self, *, threads: int | None = None) -> dict[str, Engine]:
-        """Every engine; TensorRT engines share one scratch buffer (used one at a time)."""
-        scratch = None
-        if self.manifest.backend == "tensorrt":
-            from runtime.engines.tensorrt import SharedScratch
-
-            scratch = SharedScratch()
-        return {name: self.engine(name, threads=threads, scratch=scratch)
+        """Every engine, sharing what their backend shares (TensorRT: one scratch buffer)."""
+        shared = runtime_backend(self.manifest.backend).shared_state()
+        return {name: self.engine(name, threads=threads, scratch=shared)
                 for name in self.manifest.names}
 
-    def _make(self, spec: EngineSpec, threads: int, static: bool, scratch: Any) -> Engine:
+    def _make(self, spec: EngineSpec, threads: int, static: bool, scratch: Any,
+              name: str) -> Engine:
         tile = spec.input_shape[2] if static and spec.input_shape[2] > 0 else None
-        if spec.backend == "onnxruntime":
-            from runtime.engines.onnxruntime import OnnxRuntimeEngine
-
-            graph = self.path(spec.onnx, f"engine {spec.name!r}")
-            if graph.is_file():  # a missing one is the engine's error when it is activated
-                check_single_file_onnx(graph, f"engine {spec.name!r}")
-            return OnnxRuntimeEngine(spec.name, graph, self.scale, tile, threads=threads)
-        from runtime.engines.tensorrt import TensorRTEngine
-
-        if spec.plan is None:
-            raise BundleError(f"engine {spec.name!r} has no TensorRT plan yet")
-        plan = self.path(spec.plan, f"engine {spec.name!r}")
-        return TensorRTEngine(spec.name, plan, self.scale, tile,
-                              expect_device=self.manifest.build.device,
-                              expect_tensorrt=self.manifest.build.tensorrt, scratch=scratch,
-                              bundle=self.root)
+        backend = runtime_backend(name)
+        if name != spec.backend and backend.runs(spec) is not None:
+            raise BundleError(f"cannot open engine {spec.name!r} of this {spec.backend} bundle "
+                              f"with {name}: {backend.runs(spec)}")
+        ref = spec.runnable_file
+        if ref is None:
+            raise BundleError(f"engine {spec.name!r} has no {backend.label} plan yet")
+        path = self.path(ref, f"engine {spec.name!r}")
+        if path.suffix == ".onnx" and path.is_file():  # a missing one: the engine's error
+            check_single_file_onnx(path, f"engine {spec.name!r}")  # when it is activated
+        return backend.open(OpenRequest(spec, self.manifest, path, self.root, self.scale, tile,
+                                        threads, scratch))
 
 
 def open_bundle(root: Path, *, verify: bool = True, any_machine: bool = False,
                 machine: str | None = None) -> Bundle:
     """Read and check the bundle folder ``root`` (see the module docstring)."""
     manifest = read_manifest(root)
-    if manifest.backend == "tensorrt" and manifest.pending:
+    backend = runtime_backend(manifest.backend)
+    if manifest.pending:
         names = ", ".join(e.name for e in manifest.pending)
         finish = manifest.build.finish_command or "adasr build --finish " + str(root)
-        raise BundleError(f"bundle {root} holds the portable half only: the TensorRT plans of "
-                          f"{names} are not built yet; on the {manifest.target} run: {finish}")
-    if manifest.backend == "onnxruntime" and not any_machine:
+        raise BundleError(f"bundle {root} holds the portable half only: the {backend.label} "
+                          f"plans of {names} are not built yet; on the {manifest.target} run: "
+                          f"{finish}")
+    if backend.portable and not any_machine:
         _check_machine(manifest, machine or platform.machine())
     if verify:
         verify_file(root, manifest.calibration.file, "calibration record")

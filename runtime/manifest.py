@@ -19,8 +19,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
+from runtime.backends import BACKENDS, runtime_backend
 from runtime.bundlepaths import (
     check_single_file_onnx,
     engine_name_problem,
@@ -33,19 +34,20 @@ from runtime.fileio import atomic_write_json, read_bundle_json, sha256_file
 from runtime.rungs import RungLadder, ladder_from_json
 
 __all__ = [
-    "BACKENDS", "INPUT_NAME", "LADDERS", "MANIFEST_NAME", "METHODS", "OFFSETS", "PRECISIONS",
-    "QUANT_BITS",
-    "SCALES", "SCHEMA", "THREADS", "TILES", "BuildInfo",
+    "BACKENDS", "INPUT_NAME", "LADDERS", "MANIFEST_NAME", "METHODS", "MIN_OPSET", "OFFSETS",
+    "PRECISIONS", "QUANT_BITS", "SCALES", "SCHEMA", "THREADS", "TILES", "BuildInfo",
     "CalibrationInfo", "DeviceMatch", "EngineSpec", "FileRef", "LayerPlan", "Manifest",
-    "ModelInfo", "file_ref", "max_overlap", "read_manifest", "sha256_problem", "write_manifest",
+    "ModelInfo", "Precision", "file_ref", "max_overlap", "read_manifest", "sha256_problem",
+    "write_manifest",
 ]
 
 SCHEMA = "adasr.bundle/1"
 MANIFEST_NAME = "manifest.json"
 INPUT_NAME = "lr"  # every engine's input tensor (N, 3, H, W LR tiles)
-BACKENDS = ("onnxruntime", "tensorrt")
 LADDERS = ("hardware", "emulate")
-PRECISIONS = ("fp4", "int8", "fp8", "fp16", "fp32")  # kernel precisions, cheapest first
+# Kernel precisions, cheapest first (a target's precision ladder follows this order).
+Precision = Literal["fp4", "fp8", "int8", "fp16", "bf16", "fp32"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 OFFSETS = (-1, 0, 1)  # the image offsets of the bit mapping
 STATISTIC = "sobel-complexity/1"  # runtime.statistic's formula
 # Sane ranges of the manifest's numbers (a bundle outside them is refused when read).
@@ -55,6 +57,7 @@ THREADS = (0, 256)  # 0: the backend's default
 LAYER_BITS = (1, 32)  # emulated grid / weight bits of a layer
 QUANT_BITS = (2, 8)  # a calibration's base weight / activation bits
 METHODS = ("adabm", "ddtb", "minmax", "percentile")  # calibration methods
+MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear (per-channel weights) needs opset 13
 MAX_EDGE = 1 << 16  # an engine input dimension
 MAX_BYTES = 1 << 40
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -120,8 +123,8 @@ class EngineSpec:
 
     @property
     def runnable_file(self) -> FileRef | None:
-        """What the backend loads: the plan for TensorRT, the ONNX graph for ONNX Runtime."""
-        return self.plan if self.backend == "tensorrt" else self.onnx
+        """What the backend loads: the plan built on the device (TensorRT), else the ONNX graph."""
+        return self.plan if runtime_backend(self.backend).runs_plans else self.onnx
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,13 @@ class CalibrationInfo:
 
 @dataclass(frozen=True)
 class DeviceMatch:
-    """The target's device rules (any listed value matches); empty = anything."""
+    """How a target recognises a machine (the target file's rules, copied into the manifest):
+    any one non-empty rule that matches is enough; all empty = any device.
+
+    ``machine``: exact ``platform.machine()`` values (CPU backends). ``jetson_model``:
+    substrings of /proc/device-tree/model. ``gpu_name``: substrings of ``nvidia-smi
+    --query-gpu=name``. Substrings compare case-insensitively.
+    """
 
     machine: tuple[str, ...] = ()
     jetson_model: tuple[str, ...] = ()
@@ -159,6 +168,8 @@ class BuildInfo:
     tensorrt: str | None = None  # version the plans were built with (None: not built yet)
     device: str | None = None  # GPU name the plans were built on, or the CPU machine
     finish_command: str | None = None  # run on the device to build the pending plans
+    backend_version: str | None = None  # the bundle backend's library version at build time
+    capabilities: tuple[str, ...] = ()  # precisions the backend ran on the build machine (probe)
 
 
 @dataclass(frozen=True)
@@ -333,7 +344,13 @@ def _build(f: Field) -> BuildInfo:
                      onnxruntime=_optional_str(f.get("onnxruntime")),
                      tensorrt=_optional_str(f.get("tensorrt")),
                      device=_optional_str(f.get("device")),
-                     finish_command=_optional_str(f.get("finish_command")))
+                     finish_command=_optional_str(f.get("finish_command")),
+                     backend_version=_optional_str(f.get("backend_version")),
+                     capabilities=_precisions(f.get("capabilities")))
+
+
+def _precisions(f: Field | None) -> tuple[str, ...]:
+    return () if f is None else tuple(p.choice(PRECISIONS) for p in f.items(0, len(PRECISIONS)))
 
 
 def manifest_from_json(data: object) -> Manifest:

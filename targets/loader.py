@@ -17,24 +17,25 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, cast, get_args
 
+from runtime.backends import BACKENDS as BACKENDS
+from runtime.backends import DEVICE_RULES, RuntimeBackend, runtime_backend
 from runtime.errors import ConfigError, did_you_mean, unknown_name
+from runtime.manifest import MIN_OPSET
+from runtime.manifest import PRECISIONS as PRECISIONS
+from runtime.manifest import DeviceMatch as DeviceMatch
+from runtime.manifest import Precision as Precision
 
-Backend = Literal["onnxruntime", "tensorrt"]
-Precision = Literal["fp4", "fp8", "int8", "fp16", "fp32"]
+Backend = str  # a name of runtime.backends.BACKENDS
 GpuArch = Literal["volta", "turing", "ampere", "ada", "hopper", "blackwell"]
 
-BACKENDS: tuple[str, ...] = get_args(Backend)
-# Cheapest first: a precision ladder must follow this order.
-PRECISIONS: tuple[str, ...] = get_args(Precision)
 GPU_ARCHS: tuple[str, ...] = get_args(GpuArch)
 
 TARGETS_DIR = Path(__file__).resolve().parent
 DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
-MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis) needs opset 13
 MAX_DLA_CORES = 2
 NVIDIA_SMI_TIMEOUT_S = 10.0
 
@@ -50,7 +51,8 @@ _VERSION = re.compile(r"^\d+(\.\d+){0,2}$")
 _TOP_KEYS: dict[str, str] = {
     "name": "target name (the file's stem)",
     "description": "one line for humans",
-    "backend": "onnxruntime | tensorrt",
+    "backend": "the default backend (runtime.backends.BACKENDS)",
+    "backends": "other backends the device runs (adasr build --backend), same device kind",
     "tensorrt": "TensorRT version range {min, max} (tensorrt backend only)",
     "gpu_arch": "GPU architecture (tensorrt backend only)",
     "strongly_typed": "build with the STRONGLY_TYPED network flag",
@@ -59,8 +61,8 @@ _TOP_KEYS: dict[str, str] = {
     "dla_cores": "number of DLA cores",
     "default_tile": "LR tile size in pixels",
     "default_overlap": "tile overlap in LR pixels",
-    "threads": "ONNX Runtime intra-op threads, 0 = its default (onnxruntime backend only)",
-    "precision_ladder": "kernel precisions the device runs, cheapest first",
+    "threads": "intra-op threads, 0 = the backend's default (CPU backends only)",
+    "precision_ladder": "kernel precisions the device runs (over its backends), cheapest first",
     "top_precision": "most precise kernel precision (the ladder's last rung)",
     "device_match": "how detect_target() recognises the machine",
 }
@@ -92,20 +94,6 @@ class TensorRTRange:
 
 
 @dataclass(frozen=True)
-class DeviceMatch:
-    """How to recognise a machine: any one non-empty rule that matches is enough.
-
-    ``machine``: exact ``platform.machine()`` values (CPU targets). ``jetson_model``: substrings
-    of /proc/device-tree/model. ``gpu_name``: substrings of ``nvidia-smi --query-gpu=name``.
-    Substrings compare case-insensitively.
-    """
-
-    machine: tuple[str, ...] = ()
-    jetson_model: tuple[str, ...] = ()
-    gpu_name: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class Target:
     """One device as the compiler sees it. Build with :func:`load_target`, never by hand."""
 
@@ -125,10 +113,23 @@ class Target:
     top_precision: Precision
     device_match: DeviceMatch = field(default_factory=DeviceMatch)
     source: Path | None = field(default=None, compare=False)
+    backends: tuple[str, ...] = ()  # every backend the device runs bundles with, default first
+    device_ladder: tuple[Precision, ...] = ()  # the device's rungs over all its backends
 
     def supports(self, precision: str) -> bool:
-        """Whether the device runs kernels of this precision."""
+        """Whether the device runs kernels of this precision (with the chosen backend)."""
         return precision in self.precision_ladder
+
+    def with_backend(self, name: str) -> Target:
+        """This target built for another of its backends (``adasr build --backend``): the
+        ladder keeps the device's rungs that backend runs."""
+        if name == self.backend:
+            return self
+        if name not in self.backends:
+            raise ConfigError(unknown_name(f"backend of target {self.name!r}", name,
+                                           self.backends))
+        return replace(self, backend=name,
+                       precision_ladder=_backend_ladder(self.device_ladder, name))
 
 
 @dataclass(frozen=True)
@@ -169,9 +170,9 @@ def load_target(name_or_path: str | Path) -> Target:
 
 
 def list_targets() -> list[Target]:
-    """Every shipped target, CPU (onnxruntime) targets first, then by name."""
+    """Every shipped target, CPU targets first, then by name."""
     found = [_load_file(TARGETS_DIR / f"{name}.toml") for name in _shipped_names()]
-    return sorted(found, key=lambda t: (t.backend, t.name))
+    return sorted(found, key=lambda t: (runtime_backend(t.backend).device != "cpu", t.name))
 
 
 def _shipped_names() -> list[str]:
@@ -299,7 +300,7 @@ def _target_from_table(data: Mapping[str, object], path: Path) -> Target:
     if name != path.stem:
         raise t.fail("name", f"is {name!r} but the file is {path.name!r}: they must agree")
     description = t.string("description")
-    backend = cast(Backend, t.choice("backend", BACKENDS))
+    backend = t.choice("backend", BACKENDS)
 
     strongly_typed = t.boolean("strongly_typed", False)
     legacy = t.boolean("legacy_precision_flags", False)
@@ -320,37 +321,69 @@ def _target_from_table(data: Mapping[str, object], path: Path) -> Target:
         raise t.fail("top_precision", f"is {top!r} but the ladder's most precise rung is "
                      f"{ladder[-1]!r}: they must agree")
 
+    backends = _backends(t, backend)
     tensorrt: TensorRTRange | None = None
     gpu_arch: GpuArch | None = None
     threads: int | None = None
-    if backend == "onnxruntime":
+    if backends[0].threads:  # CPU backends
+        label = " / ".join(b.label for b in backends)
         for key in ("tensorrt", "gpu_arch"):
-            t.absent(key, "only tensorrt targets have it")
+            t.absent(key, f"only GPU targets have it ({label} runs on the CPU)")
         for key, flag in (("strongly_typed", strongly_typed), ("legacy_precision_flags", legacy)):
             if flag:
-                raise t.fail(key, "must be false for an onnxruntime target (a TensorRT flag)")
+                raise t.fail(key, f"must be false for a {label} target (a TensorRT flag)")
         if dla_cores:
             raise t.fail("dla_cores", f"is {dla_cores}: DLA is reachable only through TensorRT")
         threads = t.integer("threads", 0)
-        for p in ladder:
-            if p in ("fp4", "fp8"):
-                raise t.fail("precision_ladder", f"has {p!r}: ONNX Runtime on CPU has no {p} "
-                             "kernels")
     else:
-        t.absent("threads", "it sets ONNX Runtime threads; tensorrt targets run on the GPU")
+        t.absent("threads", "it sets CPU intra-op threads; GPU targets run on the GPU")
         tensorrt = _tensorrt_range(t.table("tensorrt"))
         gpu_arch = cast(GpuArch, t.choice("gpu_arch", GPU_ARCHS))
         _check_tensorrt_rules(t, tensorrt, gpu_arch, strongly_typed, legacy, max_opset,
                               dla_cores, ladder)
 
-    match = _device_match(t, backend) if t.has("device_match") else DeviceMatch()
+    _check_ladder(t, backends, ladder)
+    match = _device_match(t, backends[0]) if t.has("device_match") else DeviceMatch()
     return Target(
         name=name, description=description, backend=backend, tensorrt=tensorrt,
         gpu_arch=gpu_arch, strongly_typed=strongly_typed, legacy_precision_flags=legacy,
         max_opset=max_opset, dla_cores=dla_cores, default_tile=tile, default_overlap=overlap,
-        threads=threads, precision_ladder=ladder, top_precision=ladder[-1],
-        device_match=match, source=path,
+        threads=threads, precision_ladder=_backend_ladder(ladder, backend),
+        top_precision=ladder[-1], device_match=match, source=path,
+        backends=tuple(b.name for b in backends), device_ladder=ladder,
     )
+
+
+def _backends(t: _Table, default: str) -> tuple[RuntimeBackend, ...]:
+    """The target's backends, its default first, all of one device kind."""
+    names = [default]
+    for name in t.strings("backends"):
+        if name not in BACKENDS:
+            raise t.fail("backends", f"has {unknown_name('backend', name, BACKENDS)}")
+        if name not in names:
+            names.append(name)
+    backends = tuple(runtime_backend(name) for name in names)
+    if len({b.device for b in backends}) != 1:
+        raise t.fail("backends", f"mixes CPU and GPU backends: {names}")
+    return backends
+
+
+def _check_ladder(t: _Table, backends: tuple[RuntimeBackend, ...],
+                  ladder: tuple[Precision, ...]) -> None:
+    """Every rung of the device's ladder runs on one of its backends, its top (the reference
+    engine) on each."""
+    for p in ladder:
+        if not any(p in b.precisions for b in backends):
+            raise t.fail("precision_ladder", f"has {p!r}: no backend of this target "
+                         f"({', '.join(b.label for b in backends)}) has {p} kernels")
+    for b in backends:
+        if ladder[-1] not in b.precisions:
+            raise t.fail("top_precision", f"is {ladder[-1]!r}: {b.label} has no such kernels")
+
+
+def _backend_ladder(ladder: tuple[Precision, ...], backend: str) -> tuple[Precision, ...]:
+    """The rungs of the device's ladder that ``backend`` runs."""
+    return tuple(p for p in ladder if p in runtime_backend(backend).precisions)
 
 
 def _precision_ladder(t: _Table) -> tuple[Precision, ...]:
@@ -400,17 +433,17 @@ def _check_tensorrt_rules(t: _Table, trt: TensorRTRange, arch: str, strongly_typ
                      "and Orin modules only)")
 
 
-def _device_match(t: _Table, backend: str) -> DeviceMatch:
+def _device_match(t: _Table, backend: RuntimeBackend) -> DeviceMatch:
     m = t.table("device_match")
     m.reject_unknown(_MATCH_KEYS)
     match = DeviceMatch(machine=m.strings("machine"), jetson_model=m.strings("jetson_model"),
                         gpu_name=m.strings("gpu_name"))
-    if backend == "onnxruntime" and (match.jetson_model or match.gpu_name):
-        raise m.fail("jetson_model" if match.jetson_model else "gpu_name",
-                     "is for tensorrt targets; CPU targets match on 'machine'")
-    if backend == "tensorrt" and match.machine:
-        raise m.fail("machine", "is for CPU targets; tensorrt targets match on 'jetson_model' "
-                     "or 'gpu_name'")
+    rules = DEVICE_RULES[backend.device]
+    for key in _MATCH_KEYS:
+        if getattr(match, key) and key not in rules:
+            raise m.fail(key, f"is for {'GPU' if key != 'machine' else 'CPU'} targets; "
+                         f"{backend.device.upper()} targets match on "
+                         f"{' or '.join(repr(r) for r in rules)}")
     return match
 
 

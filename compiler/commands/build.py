@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="needed only for multi-scale checkpoints")
     p.add_argument("--target", help="device target name or .toml file (default: this machine's; "
                    "see `adasr targets`)")
+    p.add_argument("--backend", help="one of the target's backends (default: the target's "
+                   "first; `adasr targets NAME` lists them)")
     p.add_argument("--calibration", type=Path, help="calibration record from `adasr calibrate` "
                    "(default: calibrate now)")
     p.add_argument("--calib", type=Path, help="LR images to calibrate on (default with the "
@@ -75,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     _check_numbers(args)
     target = load_target(args.target) if args.target else detect_target()
+    if args.backend:
+        target = target.with_backend(args.backend)
     weights = args.weights or default_weights(args.scale or 2)
     if args.calib is None and args.weights is None:
         args.calib = CALIBRATION_IMAGES
@@ -92,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
     _step(2, total, "engine plan")
     plan = plan_engines(record, target, args.ladder, tile=args.tile, overlap=args.overlap,
                         floats=args.float_layers)
-    files = {e.name: [f"engines/{e.name}.onnx"]
-             + ([f"engines/{e.name}.<key>.plan"] if target.backend == "tensorrt" else [])
-             for e in plan.engines}
+    from compiler.backends import builder
+
+    files = {e.name: list(builder(target.backend).files(e.name)) for e in plan.engines}
     print(describe_plan(plan, files))
     if args.dry_run:
         _step(3, total, f"dry run: would write {destination}/ (manifest.json, calibration.json, "
@@ -182,11 +186,14 @@ def _next_steps(destination: Path, manifest: Any) -> None:
 
 def _finish(bundle: Path) -> int:
     from compiler.engines.finish import finish_bundle
+    from runtime.backends import runtime_backend
     from runtime.manifest import read_manifest
     from targets.loader import load_target
 
     manifest = read_manifest(bundle)
-    finished = finish_bundle(bundle, load_target(manifest.target), progress=_say(False))
-    print(f"built {len(finished.engines)} TensorRT plans into {bundle} "
-          f"(TensorRT {finished.build.tensorrt}, {finished.build.device})")
+    target = load_target(manifest.target).with_backend(manifest.backend)
+    finished = finish_bundle(bundle, target, progress=_say(False))
+    label = runtime_backend(finished.backend).label
+    print(f"built {len(finished.engines)} {label} plans into {bundle} "
+          f"({label} {finished.build.backend_version}, {finished.build.device})")
     return 0

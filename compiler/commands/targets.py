@@ -41,12 +41,12 @@ def _print_table(targets: Sequence[Target], detected: Target | None, facts: Devi
         rows.append((
             "*" if detected is not None and t.name == detected.name else "",
             t.name,
-            t.backend,
+            ",".join(t.backends),
             str(t.tensorrt) if t.tensorrt else "-",
             _build_mode(t),
             str(t.max_opset),
             str(t.dla_cores) if t.dla_cores else "-",
-            " ".join(t.precision_ladder),
+            " ".join(t.device_ladder),
             f"{t.default_tile}/{t.default_overlap}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -68,16 +68,17 @@ def _print_details(t: Target, is_here: bool) -> None:
         ("gpu_name", match.gpu_name)) if values]
     lines = [
         ("description", t.description),
-        ("backend", t.backend),
+        ("backend", t.backend + (f"  (also: {', '.join(t.backends[1:])}; adasr build "
+                                 "--backend)" if len(t.backends) > 1 else "")),
         ("TensorRT", str(t.tensorrt) if t.tensorrt else "-"),
         ("GPU architecture", t.gpu_arch or "-"),
         ("build", _build_mode(t)),
         ("max ONNX opset", str(t.max_opset)),
         ("DLA cores", str(t.dla_cores)),
-        ("precisions", " < ".join(t.precision_ladder) + f"  (top: {t.top_precision})"),
+        ("precisions", " < ".join(t.device_ladder) + f"  (top: {t.top_precision})"),
         ("default tile", f"{t.default_tile} px LR, overlap {t.default_overlap}"),
         ("threads", "-" if t.threads is None else (str(t.threads) if t.threads
-                                                    else "0 (ONNX Runtime default)")),
+                                                    else "0 (the backend's default)")),
         ("detected by", "; ".join(rules) or "- (never detected; name it explicitly)"),
         ("file", str(t.source) if t.source else "-"),
     ]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compiler.engines.tensorrt_network import NetworkReport, check_int8_convs, inspect_network
+from runtime.backends import runtime_backend
 from runtime.errors import ConfigError, EngineError, unknown_name
 from runtime.fileio import atomic_write_bytes
 from targets.loader import DeviceFacts, Target, match_target, probe_device
@@ -80,7 +81,7 @@ class TrtBuildSpec:
 def spec_for_target(target: Target, onnx_path: Path, input_name: str, shape: Shape, *,
                     timing_cache: Path | None = None) -> TrtBuildSpec:
     """The build spec of one engine graph for a TensorRT target."""
-    if target.backend != "tensorrt":
+    if not runtime_backend(target.backend).runs_plans:  # a backend of TensorRT plans
         raise ConfigError(f"target {target.name!r} runs {target.backend}, not TensorRT")
     return TrtBuildSpec(onnx_path=onnx_path, input_name=input_name, shape=shape,
                         timing_cache=timing_cache)

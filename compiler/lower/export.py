@@ -31,11 +31,10 @@ import torch
 from compiler.zoo.base import SRNet
 from runtime.errors import ConfigError, EngineError, did_you_mean
 from runtime.fileio import atomic_write_bytes
-from runtime.manifest import INPUT_NAME
+from runtime.manifest import INPUT_NAME, MIN_OPSET
 
 DEFAULT_OPSET = 17
 OUTPUT_NAME = "sr"
-MIN_OPSET = 13  # per-axis Q/DQ (per-channel weights) needs opset 13
 
 
 def pin_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -73,7 +73,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compiler.layers import EngineLayer
 from compiler.lower.exact import exact_epilogue, plain_constant, power_of_two_above
-from compiler.lower.export import MIN_OPSET, pin_ir_version
+from compiler.lower.export import pin_ir_version
 from compiler.lower.graph import GraphEditor
 from compiler.lower.image import EXACT_SUM, exact_image_conv
 from compiler.lower.qdq import (
@@ -92,6 +92,7 @@ from compiler.lower.qdq import (
 )
 from compiler.lower.trt_check import INT8_MAX, INT8_MIN, attribute, check_tensorrt_graph
 from runtime.errors import ConfigError, EngineError, unknown_name
+from runtime.manifest import MIN_OPSET
 
 FP16_MIN_OPSET = 19  # FP16 Q/DQ scales (QuantizeLinear-19 / DequantizeLinear-19)
 

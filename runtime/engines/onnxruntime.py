@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.backends import OpenRequest, RuntimeBackend
 from runtime.engines.base import Batch, Engine
 from runtime.errors import EngineError, check_range
 from runtime.manifest import THREADS
@@ -76,3 +77,20 @@ class OnnxRuntimeEngine(Engine):
         if self._session is None:
             raise EngineError(f"engine {self.name!r} is not active")
         return str(self._session.end_profiling())
+
+
+class OnnxRuntimeBackend(RuntimeBackend):
+    """ONNX Runtime on the CPU: the bundle's ONNX graphs, INT8 through QLinearConv."""
+
+    name = "onnxruntime"
+    label = "ONNX Runtime"
+    device = "cpu"
+    precisions = ("int8", "fp32")
+    package = "onnxruntime"
+
+    def open(self, request: OpenRequest) -> Engine:
+        return OnnxRuntimeEngine(request.spec.name, request.path, request.scale, request.tile,
+                                 threads=request.threads)
+
+
+BACKEND = OnnxRuntimeBackend()

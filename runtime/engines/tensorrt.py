@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from runtime.backends import OpenRequest, RuntimeBackend, installed_version
 from runtime.engines.base import Batch, Engine
 from runtime.engines.cuda import CudaDevice, CudaStream, DeviceBuffer
 from runtime.errors import BundleError, ConfigError, EngineError
@@ -430,3 +431,37 @@ def _dims(dims: trt.Dims) -> Shape:
 
 def _normalized(name: str) -> str:
     return " ".join(name.split()).casefold()
+
+
+class TensorRTBackend(RuntimeBackend):
+    """TensorRT on an NVIDIA GPU: plans built on the device from the bundle's ONNX graphs."""
+
+    name = "tensorrt"
+    label = "TensorRT"
+    device = "gpu"
+    precisions = ("fp4", "fp8", "int8", "fp16", "fp32")
+    runs_plans = True
+    dialect = "tensorrt"
+    pads_batch = True
+    package = "tensorrt"
+
+    def version(self) -> str | None:
+        try:  # JetPack's TensorRT comes without pip metadata: ask the module
+            return require_tensorrt()
+        except EngineError:
+            return None
+
+    def versions(self) -> dict[str, str | None]:
+        return {"tensorrt": self.version(), "pycuda": installed_version("pycuda")}
+
+    def shared_state(self) -> SharedScratch:
+        return SharedScratch()
+
+    def open(self, request: OpenRequest) -> Engine:
+        return TensorRTEngine(request.spec.name, request.path, request.scale, request.tile,
+                              expect_device=request.manifest.build.device,
+                              expect_tensorrt=request.manifest.build.tensorrt,
+                              scratch=request.shared, bundle=request.root)
+
+
+BACKEND = TensorRTBackend()

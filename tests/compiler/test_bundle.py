@@ -353,7 +353,7 @@ def test_finish_refuses_another_device(tiny: tuple[Path, Path],
                                        records: dict[str, dict[str, Any]], tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """An Orin Nano bundle finished on an RTX 4090 gets no plans, and the manifest stays."""
-    import compiler.engines.finish as finish_module
+    import compiler.backends.tensorrt as trt_builder
     from compiler.engines.finish import finish_bundle
 
     weights, _ = tiny
@@ -362,8 +362,8 @@ def test_finish_refuses_another_device(tiny: tuple[Path, Path],
     out = tmp_path / "orin"
     write_bundle(load_model(weights), records["w8a6_fq"], plan, out)
     before = (out / "manifest.json").read_bytes()
-    monkeypatch.setattr(finish_module, "device_facts", lambda: ("10.3.0.30", "RTX 4090"))
-    monkeypatch.setattr(finish_module, "probe_device",
+    monkeypatch.setattr(trt_builder, "device_facts", lambda: ("10.3.0.30", "RTX 4090"))
+    monkeypatch.setattr(trt_builder, "probe_device",
                         lambda: DeviceFacts("x86_64", None, "NVIDIA GeForce RTX 4090"))
     with pytest.raises(EngineError, match="is not a jetson-orin-nano.*adasr build --weights"):
         finish_bundle(out, target)

@@ -175,3 +175,25 @@ def test_static_shapes_skip_what_the_engines_cannot_run(benchmark_dir: Path,
     trt = replace(static[0], backend="tensorrt", input_shape=(8, 3, 16, 16))
     assert _skip_reason(trt, 16, 1) is None  # TensorRT pads a partial batch
     assert _skip_reason(trt, 24, 8) is not None
+
+
+def test_other_backends_are_measured_side_by_side(module_bundle: Path,
+                                                  benchmark_dir: Path) -> None:
+    """``--backends onnxruntime,openvino``: every engine's entry right after the bundle's own,
+    named NAME@openvino, with its own quality (the same graphs: the same numbers here)."""
+    pytest.importorskip("openvino")
+    got = profile_bundle(module_bundle, replace(OPTIONS, datasets=(benchmark_dir,), batches=(1,),
+                                                layer_runs=0,
+                                                backends=("onnxruntime", "openvino")))
+    order = [q.name for q in got.quality if "@" not in q.name]
+    assert [e.name for e in got.engines] == [n for name in order
+                                             for n in (name, f"{name}@openvino")]
+    for name, (_, _, bias) in ENGINES.items():
+        quality = got.quality_of(f"{name}@openvino")
+        assert quality is not None and quality.policy == f"fixed:{name}"
+        assert quality.psnr == pytest.approx(np.mean(_expected_psnr(benchmark_dir, bias)),
+                                             abs=1e-9)
+    latencies = LatencyTable.from_profile(got.to_json(), got.engines[0].tile)
+    assert set(latencies.per_tile_ms) == {e.name for e in got.engines}
+    with pytest.raises(Exception, match="unknown backend 'openvno'"):
+        replace(OPTIONS, backends=("openvno",))

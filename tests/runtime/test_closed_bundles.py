@@ -286,7 +286,6 @@ def test_an_untampered_profile_inside_the_bundle_is_read(tmp_path: Path) -> None
 @pytest.fixture
 def fake_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fake TensorRT 10 (tests/compiler/test_tensorrt_build.py) on a fake Orin Nano."""
-    import compiler.engines.finish as finish_module
     from compiler.engines import tensorrt_build as trt_build
     from targets.loader import DeviceFacts
     from tests.compiler.test_tensorrt_build import Knobs, Record, make_fake_tensorrt
@@ -294,8 +293,8 @@ def fake_device(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = make_fake_tensorrt("10.3.0.30", Knobs(input_shape=(2, 3, 8, 8)), Record())
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(trt_build, "device_name", lambda: "Orin (fake)")
-    monkeypatch.setattr(finish_module, "probe_device",
-                        lambda: DeviceFacts("aarch64", "NVIDIA Jetson Orin Nano", "Orin (fake)"))
+    monkeypatch.setattr("compiler.backends.tensorrt.probe_device", lambda: DeviceFacts(
+        "aarch64", "NVIDIA Jetson Orin Nano Developer Kit"))
 
 
 def tensorrt_bundle(root: Path) -> Path:

@@ -226,10 +226,12 @@ def test_cpu_target_rules(tmp_path: Path) -> None:
     cpu = (TARGETS_DIR / "cpu-x86.toml").read_text().replace('"cpu-x86"', '"my-board"')
     assert load_target(_write(tmp_path, cpu)).threads == 0
     for old, new, expected in [
-        ('["int8", "fp32"]', '["fp8", "fp32"]', "no fp8 kernels"),
+        ('["int8", "bf16", "fp32"]', '["fp8", "fp32"]',
+         r"no backend of this target \(ONNX Runtime, OpenVINO\) has fp8 kernels"),
         ("dla_cores = 0", "dla_cores = 1", "only through TensorRT"),
         ("strongly_typed = false", "strongly_typed = true", "must be false"),
-        ('machine = ["x86_64", "amd64"]', 'gpu_name = ["RTX"]', "is for tensorrt targets"),
+        ('machine = ["x86_64", "amd64"]', 'gpu_name = ["RTX"]',
+         "is for GPU targets; CPU targets match on 'machine'"),
         ("threads = 0 ", "threads = -1 ", "threads must be >= 0"),
     ]:
         assert old in cpu, old

@@ -1,0 +1,171 @@
+"""OpenVINO, the second CPU backend: the same ORT-dialect bundles on INT8 kernels, a BF16 rung
+where the CPU has BF16, settings as ONNX Runtime's, and parity with the simulation.
+
+The tiny IMDN x2 of tests/compiler/test_parity.py is built for cpu-x86 with ``--backend
+openvino``. OpenVINO requantizes in FP32 with its own operation order (``FakeQuantize``), so an
+output next to a rounding tie can land on the neighbouring level and the flip propagates (not bit
+exact, unlike ONNX Runtime's QLinearConv): its engines are held to >= 50 dB against the simulation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from compiler.bundle import write_bundle
+from compiler.lower.export import conv_nodes
+from compiler.lower.qdq import lowering_summary
+from compiler.parity import simulate_engine
+from compiler.plan import plan_engines
+from compiler.quant.patches import sample_patches
+from compiler.simulate import TorchUpscaler
+from compiler.zoo import load_model
+from runtime.backends import runtime_backend
+from runtime.bundle import open_bundle
+from runtime.engines.openvino import OpenVinoEngine, compile_config
+from runtime.errors import BundleError, ConfigError
+from runtime.imaging import to_uint8
+from runtime.metrics import psnr
+from runtime.policies import engine_order, parse_policy, policy_engines
+from targets.loader import load_target
+from tests.compiler.test_parity import _images, tiny_imdn
+
+pytest.importorskip("openvino")  # in the test extra: CI runs these
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+BF16_HERE = "bf16" in runtime_backend("openvino").probe().precisions
+
+
+@pytest.fixture(scope="module")
+def ov_bundle(tiny: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+              ) -> tuple[Path, dict[str, Any], Path]:
+    """Weights, record and the cpu-x86 OpenVINO bundle (hardware ladder) of a tiny IMDN."""
+    _, calib = tiny
+    root = tmp_path_factory.mktemp("imdn_ov")
+    weights, record = tiny_imdn(root, calib)
+    target = load_target("cpu-x86").with_backend("openvino")
+    plan = plan_engines(record, target, "hardware", tile=16, overlap=4)
+    write_bundle(load_model(weights), record, plan, root / "bundle",
+                 patches=sample_patches(calib, 4, 16, seed=0).numpy())
+    return weights, record, root / "bundle"
+
+
+def test_the_probe_reads_openvinos_capability_list() -> None:
+    import openvino
+
+    found = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    probe = runtime_backend("openvino").probe()
+    assert probe.version == openvino.__version__.split("-")[0] or probe.version
+    assert probe.precisions == tuple(p for p, cap in (("int8", "INT8"), ("bf16", "BF16"),
+                                                      ("fp32", "FP32")) if cap in found)
+
+
+def test_the_manifest_records_the_backend_and_the_probe(
+        ov_bundle: tuple[Path, dict[str, Any], Path]) -> None:
+    manifest = open_bundle(ov_bundle[2]).manifest
+    assert manifest.backend == "openvino"
+    assert manifest.build.capabilities == runtime_backend("openvino").probe().precisions
+    assert manifest.build.backend_version == runtime_backend("openvino").version()
+    names = engine_order(manifest)
+    assert names[-1] == "fp32" and ("bf16" in names) == BF16_HERE
+    if BF16_HERE:  # the middle rung: after every INT8 engine, before the reference
+        bf16 = manifest.engine("bf16")
+        assert (bf16.offsets, bf16.reference, bf16.fab) == ((), False, 16.0)
+        assert {layer.precision for layer in bf16.layers} == {"bf16"}
+        assert names.index("bf16") == len(names) - 2
+        assert policy_engines(parse_policy("fixed:bf16"), manifest) == ("bf16",)
+        assert "bf16" in policy_engines(parse_policy("budget:5"), manifest)
+
+
+def test_quantized_convs_run_on_int8_kernels(
+        ov_bundle: tuple[Path, dict[str, Any], Path]) -> None:
+    """The convs the plan puts on INT8 run 8-bit kernels in the compiled model (OpenVINO's
+    runtimePrecision u8), the float layers FP32 -- except IMDN's c4 convs (their output joins
+    the distillation Concat unquantized): OpenVINO's low-precision transformations keep those
+    FP32, so its IMDN engines run 10 of 12 INT8 convs on INT8 (EDSR: all, see the README)."""
+    bundle = open_bundle(ov_bundle[2])
+    spec = next(s for s in bundle.manifest.engines if s.precision in ("int8", "mixed"))
+    graph = onnx.load(ov_bundle[2] / spec.onnx.path).graph
+    nodes = conv_nodes(graph, [layer.name for layer in spec.layers])
+    with bundle.engine(spec.name, threads=1) as engine:
+        assert isinstance(engine, OpenVinoEngine)
+        found = engine.runtime_precisions()
+    ran = {layer.name: next(found[key] for key in (nodes[layer.name].name,
+                                                    f"{nodes[layer.name].name}/WithoutBiases")
+                            if key in found) for layer in spec.layers}
+    expected = {layer.name: "Convolution:u8" if layer.precision == "int8"
+                and not layer.name.endswith(".c4") else "Convolution:f32"
+                for layer in spec.layers}
+    assert ran == expected
+    assert sum(layer.precision == "int8" for layer in spec.layers) == 12
+
+
+def test_engines_match_the_simulation(ov_bundle: tuple[Path, dict[str, Any], Path]) -> None:
+    """INT8 engines >= 50 dB against their simulation (not exact: see the module docstring),
+    the FP32 reference the FP network to the float rounding, BF16 within BF16's precision."""
+    weights, record, root = ov_bundle
+    bundle = open_bundle(root)
+    floor = {"int8": 50.0, "mixed": 50.0, "fp32": 80.0, "bf16": 35.0}
+    for spec in bundle.manifest.engines:
+        summary = None if not any(layer.act_bits for layer in spec.layers) else \
+            lowering_summary(onnx.load(root / spec.onnx.path))
+        sim = TorchUpscaler(simulate_engine(weights, record, spec, summary=summary), 2)
+        with bundle.engine(spec.name, threads=1) as engine:
+            for image in _images():
+                x = (image.transpose(2, 0, 1)[None] / 255).astype(np.float32)
+                out = to_uint8(engine.infer(x)[0].transpose(1, 2, 0))
+                db = psnr(out, to_uint8(sim(image)), 255.0)
+                assert db >= floor[spec.precision], f"{spec.name} {image.shape}: {db:.2f} dB"
+
+
+def test_settings_are_the_onnxruntime_engines() -> None:
+    assert compile_config(2, "int8") == {
+        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32",
+        "ENABLE_CPU_PINNING": False, "INFERENCE_NUM_THREADS": 2}
+    assert compile_config(0, "bf16")["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert "INFERENCE_NUM_THREADS" not in compile_config(0, "fp32")
+    with pytest.raises(ConfigError, match="threads"):
+        compile_config(-1, "fp32")
+
+
+def test_compiled_engines_use_the_threads_and_precision_asked(
+        ov_bundle: tuple[Path, dict[str, Any], Path]) -> None:
+    bundle = open_bundle(ov_bundle[2])
+    with bundle.engine("fp32", threads=1) as engine:
+        assert isinstance(engine, OpenVinoEngine)
+        compiled = engine._compiled
+        assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+        assert str(getattr(hint, "get_type_name", lambda: hint)()) == "f32"
+        assert compiled.get_property("ENABLE_CPU_PINNING") is False
+        assert {v.split(":")[1] for v in engine.runtime_precisions().values()
+                if v.startswith("Convolution:")} == {"f32"}
+
+
+def test_other_backends_open_the_same_engines_when_they_can(
+        ov_bundle: tuple[Path, dict[str, Any], Path]) -> None:
+    """ONNX Runtime runs the OpenVINO bundle's ORT-dialect graphs (adasr profile --backends),
+    never its BF16 rung; TensorRT runs only its own plans."""
+    bundle = open_bundle(ov_bundle[2])
+    x = (_images()[0].transpose(2, 0, 1)[None] / 255).astype(np.float32)
+    with bundle.engine("fp32", backend="onnxruntime") as ort, bundle.engine("fp32") as ov:
+        assert psnr(to_uint8(ort.infer(x)[0]), to_uint8(ov.infer(x)[0]), 255.0) > 80
+    if BF16_HERE:
+        with pytest.raises(BundleError, match="runs bf16 kernels, which ONNX Runtime has not"):
+            bundle.engine("bf16", backend="onnxruntime")
+    with pytest.raises(BundleError, match="TensorRT runs plans built for it"):
+        bundle.engine("fp32", backend="tensorrt")
+
+
+def test_the_onnxruntime_build_of_the_same_target_has_no_bf16_rung(
+        ov_bundle: tuple[Path, dict[str, Any], Path]) -> None:
+    _, record, _ = ov_bundle
+    target = load_target("cpu-x86")
+    assert "bf16" in target.device_ladder and "bf16" not in target.precision_ladder
+    plan = plan_engines(record, target, "hardware", tile=16, overlap=4)
+    assert "bf16" not in {e.name for e in plan.engines}
+    with pytest.raises(ConfigError, match="unknown backend of target 'cpu-x86' 'tensorrt'"):
+        target.with_backend("tensorrt")

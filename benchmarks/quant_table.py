@@ -22,6 +22,7 @@ from common import REPO, cpu_name, shared, table
 
 from compiler.quant.calibrate import BAC_MODES, RANGE_INITS, CalibrationConfig, calibrate
 from compiler.quant.qmodel import QuantSettings
+from compiler.quant.record import apply_record, read_record
 from compiler.simulate import TorchUpscaler
 from compiler.zoo import load_model
 from runtime.benchmark import evaluate, load_benchmark
@@ -57,17 +58,28 @@ class Row:
 def _calibrate_and_score(weights: Path, settings: QuantSettings, scale: int,
                          sets: dict[str, Any], args: argparse.Namespace,
                          seed: int) -> tuple[float, dict[str, float], dict[str, float]]:
-    """Calibrate with ``seed``; seconds, PSNR and FAB per set."""
-    start = time.perf_counter()
-    config = CalibrationConfig(steps=args.steps, downscale=scale, bac=args.bac,
-                               bit_margin=args.bit_margin, range_init=args.range_init,
-                               refine_steps=args.refine_steps, validation=args.validation,
-                               seed=seed)
-    result = calibrate(load_model(weights), settings, config, shared("calibration/sun_hays8"))
-    seconds = time.perf_counter() - start
+    """Calibrate with ``seed`` (or read its record, ``--records``); seconds, PSNR and FAB per
+    set."""
+    qnet: torch.nn.Module
+    if args.records:
+        record = read_record(Path(args.records.format(seed=seed)))
+        if record.settings != settings or record.data["calibration"]["config"]["seed"] != seed:
+            raise SystemExit(f"{args.records.format(seed=seed)}: not a {settings} seed {seed} "
+                             "record")
+        qnet = apply_record(load_model(weights), record)
+        seconds = float(record.data["calibration"]["seconds"])
+    else:
+        start = time.perf_counter()
+        config = CalibrationConfig(steps=args.steps, downscale=scale, bac=args.bac,
+                                   bit_margin=args.bit_margin, range_init=args.range_init,
+                                   refine_steps=args.refine_steps, validation=args.validation,
+                                   seed=seed)
+        qnet = calibrate(load_model(weights), settings, config,
+                         shared("calibration/sun_hays8")).qnet
+        seconds = time.perf_counter() - start
     psnr, fab = {}, {}
     for s, imgs in sets.items():
-        up = TorchUpscaler(result.qnet, scale, tile=args.tile)
+        up = TorchUpscaler(qnet, scale, tile=args.tile)
         psnr[s] = evaluate(up, imgs, scale).psnr
         fab[s] = sum(b.fab for b in up.bits) / len(up.bits)
     print(f"    seed {seed}: " + ", ".join(f"{s} {v:.3f}" for s, v in psnr.items())
@@ -98,6 +110,9 @@ def main() -> None:
                         "row reports the mean over them and the spread (max - min)")
     parser.add_argument("--sets", default=",".join(SETS), help="benchmark sets (default "
                         f"{','.join(SETS)})")
+    parser.add_argument("--records", help="evaluate the records of `adasr calibrate` runs instead "
+                        "of calibrating: a path with {seed} (one model, one row); the calib "
+                        "seconds are the records'")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", help="results file stem in benchmarks/results (default: "
                         "quant_table, or quant_table_rows with --rows; _tileN appended)")
@@ -150,7 +165,9 @@ def main() -> None:
             f"--bac {args.bac}, --bit-margin {args.bit_margin}, "
             f"--range-init {args.range_init}, --refine-steps {args.refine_steps}, "
             f"--validation {args.validation}; seeds {args.seeds} (PSNR and FAB: mean over "
-            f"the seeds; spread: max - min PSNR); {cpu_name()}.\n\n")
+            f"the seeds; spread: max - min PSNR); {cpu_name()}"
+            + (f"; calibrated rows read from the adasr calibrate records {args.records}"
+               if args.records else "") + ".\n\n")
     stem = (args.out or ("quant_table_rows" if args.rows else "quant_table")) + (
         f"_tile{args.tile}" if args.tile else "")
     atomic_write_bytes(results / f"{stem}.md", (note + "```\n" + text + "\n```\n").encode())

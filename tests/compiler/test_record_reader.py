@@ -67,10 +67,11 @@ CASES: list[tuple[str, Edit, str]] = [
     ("A99", lambda r: r["settings"].update(abits=99),
      field("settings.abits: expected an integer in 2..8, got 99")),
     ("method foo", lambda r: r["settings"].__setitem__("method", "foo"),
-     field("settings.method: unknown method 'foo'; allowed: adabm, ddtb, minmax, percentile")),
+     field("settings.method: unknown method 'foo'; allowed: adabm, ddtb, granular, minmax, "
+           "percentile")),
     ("method typo", lambda r: r["settings"].__setitem__("method", "adabn"),
      field("settings.method: unknown method 'adabn' (did you mean 'adabm'?); allowed: adabm, "
-           "ddtb, minmax, percentile")),
+           "ddtb, granular, minmax, percentile")),
     ("NaN bound", set_layer(2, "a_bounds", [float("nan"), 1.0]),
      field("layers[2].a_bounds[0]: expected a finite number, got nan")),
     ("infinite clip", set_layer(0, "w_clip", float("inf")),
@@ -143,7 +144,9 @@ def test_valid_records_read_typed_and_rebuild_the_network(
         tmp_path: Path, tiny: tuple[Path, Path], records: dict[str, dict[str, Any]]) -> None:
     for name, record in records.items():
         rec = read_record(write(tmp_path, record))
-        assert rec.settings == QuantSettings(**record["settings"])
+        settings = dict(record["settings"])
+        assert settings.pop("image_step") == rec.settings.image_step
+        assert rec.settings == QuantSettings(**settings)
         assert rec.bit_vectors == {int(k): tuple(int(b) for b in v)
                                    for k, v in record["bit_vectors"].items()}
         assert [layer.name for layer in rec.layers] == [x["name"] for x in record["layers"]]

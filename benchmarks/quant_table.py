@@ -162,11 +162,13 @@ def main() -> None:
     where = f"patch-wise (tiles {args.tile}, overlap 6)" if args.tile else "whole-image"
     note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads; {where} "
             f"evaluation, Set5 with the provided MATLAB LR, Set14 with generated LR; "
-            f"--bac {args.bac}, --bit-margin {args.bit_margin}, "
-            f"--range-init {args.range_init}, --refine-steps {args.refine_steps}, "
-            f"--validation {args.validation}; seeds {args.seeds} (PSNR and FAB: mean over "
+            + ("calibration settings: each record's calibration.config" if args.records else
+               f"--bac {args.bac}, --bit-margin {args.bit_margin}, "
+               f"--range-init {args.range_init}, --refine-steps {args.refine_steps}, "
+               f"--validation {args.validation}")
+            + f"; seeds {args.seeds} (PSNR and FAB: mean over "
             f"the seeds; spread: max - min PSNR); {cpu_name()}"
-            + (f"; calibrated rows read from the adasr calibrate records {args.records}"
+            + (f"; calibrated rows read from the calibration records {args.records}"
                if args.records else "") + ".\n\n")
     stem = (args.out or ("quant_table_rows" if args.rows else "quant_table")) + (
         f"_tile{args.tile}" if args.tile else "")

@@ -27,6 +27,8 @@ from compiler.zoo.base import SRNet
 from runtime.errors import ConfigError, unknown_name
 from runtime.manifest import METHODS, QUANT_BITS
 
+# Granular-DQ calibrates and simulates; bundles (runtime.manifest.METHODS) do not take it yet
+CALIBRATION_METHODS = (*METHODS, "granular")
 FIXED_BITS = 8  # head / upsampler / tail in the fully quantized setting
 PER_CHANNEL_BITS = 4  # default weight granularity: per channel at this many bits or fewer
 OUTPUT_BITS = 8  # an engine's requantized conv outputs (simulated only for engine parity)
@@ -44,8 +46,9 @@ class QuantSettings:
     symmetric: bool = False  # symmetric activation grids [-a, a] instead of learned [l, u]
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(unknown_name("quantization method", self.method, METHODS))
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(unknown_name("quantization method", self.method,
+                                           CALIBRATION_METHODS))
         for name, bits in (("wbits", self.wbits), ("abits", self.abits)):
             if not QUANT_BITS[0] <= bits <= QUANT_BITS[1]:
                 raise ConfigError(f"--{name} {bits} is out of range: allowed "

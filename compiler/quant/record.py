@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from compiler.quant.ddtb import DynamicGate
-from compiler.quant.qmodel import QuantizedSR, QuantSettings
+from compiler.quant.qmodel import CALIBRATION_METHODS, QuantizedSR, QuantSettings
 from compiler.quant.quantizers import MAX_INT_BITS
 from compiler.zoo.base import LoadedModel
 from runtime.errors import CalibrationError
@@ -30,7 +30,7 @@ from runtime.manifest import METHODS, QUANT_BITS, SCALES, sha256_problem
 
 SCHEMA = "adasr.calibration/2"
 SCHEMA_V1 = "adasr.calibration/1"  # read and migrated: no settings.image_step, no granular
-V1_METHODS = ("adabm", "ddtb", "minmax", "percentile")
+V1_METHODS = METHODS  # the methods of schema 1
 
 _GATE_TENSORS = {
     "reduce_weight": "reduce.weight", "reduce_bias": "reduce.bias", "reduce_clip": "reduce_clip",
@@ -199,7 +199,7 @@ def _settings(f: Field) -> QuantSettings:
     per_channel = f.get("per_channel")
     symmetric = f.get("symmetric")
     fq = f.get("fq")
-    settings = QuantSettings(method=f["method"].choice(METHODS),
+    settings = QuantSettings(method=f["method"].choice(CALIBRATION_METHODS),
                              wbits=f["wbits"].integer(*QUANT_BITS),
                              abits=f["abits"].integer(*QUANT_BITS),
                              fq=False if fq is None else fq.boolean(),

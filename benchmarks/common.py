@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,18 @@ def shared(relative: str) -> Path:
     if not path.exists():
         raise SystemExit(f"missing shared data: {path} (set ADASR_SHARED_DATA)")
     return path
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the machine line of a results file."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:

@@ -11,14 +11,18 @@ benchmarks/results/quant_table.{md,json}, and ends with ``rows=<int>``.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
-from common import REPO, shared, table
+from common import REPO, cpu_name, shared, table
 
 from compiler.quant.calibrate import BAC_MODES, RANGE_INITS, CalibrationConfig, calibrate
 from compiler.quant.qmodel import QuantSettings
+from compiler.quant.record import apply_record, read_record
 from compiler.simulate import TorchUpscaler
 from compiler.zoo import load_model
 from runtime.benchmark import evaluate, load_benchmark
@@ -32,6 +36,7 @@ ROWS = [  # method, wbits, abits, fq
     ("adabm", 8, 6, True), ("minmax", 8, 6, True),
     ("adabm", 4, 4, True), ("minmax", 4, 4, True), ("percentile", 4, 4, True),
     ("ddtb", 4, 4, True),
+    ("granular", 8, 6, False), ("granular", 4, 4, False),
 ]
 SETS = ("Set5", "Set14")
 
@@ -45,6 +50,41 @@ class Row:
     psnr: dict[str, float]
     drop: dict[str, float]
     fab: dict[str, float]
+    spread: dict[str, float]  # max - min of the PSNR over the seeds (0 for one seed)
+    seeds: list[int]
+    per_seed: dict[str, list[float]]  # PSNR per seed, per set
+
+
+def _calibrate_and_score(weights: Path, settings: QuantSettings, scale: int,
+                         sets: dict[str, Any], args: argparse.Namespace,
+                         seed: int) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Calibrate with ``seed`` (or read its record, ``--records``); seconds, PSNR and FAB per
+    set."""
+    qnet: torch.nn.Module
+    if args.records:
+        record = read_record(Path(args.records.format(seed=seed)))
+        if record.settings != settings or record.data["calibration"]["config"]["seed"] != seed:
+            raise SystemExit(f"{args.records.format(seed=seed)}: not a {settings} seed {seed} "
+                             "record")
+        qnet = apply_record(load_model(weights), record)
+        seconds = float(record.data["calibration"]["seconds"])
+    else:
+        start = time.perf_counter()
+        config = CalibrationConfig(steps=args.steps, downscale=scale, bac=args.bac,
+                                   bit_margin=args.bit_margin, range_init=args.range_init,
+                                   refine_steps=args.refine_steps, validation=args.validation,
+                                   seed=seed)
+        qnet = calibrate(load_model(weights), settings, config,
+                         shared("calibration/sun_hays8")).qnet
+        seconds = time.perf_counter() - start
+    psnr, fab = {}, {}
+    for s, imgs in sets.items():
+        up = TorchUpscaler(qnet, scale, tile=args.tile)
+        psnr[s] = evaluate(up, imgs, scale).psnr
+        fab[s] = sum(b.fab for b in up.bits) / len(up.bits)
+    print(f"    seed {seed}: " + ", ".join(f"{s} {v:.3f}" for s, v in psnr.items())
+          + f" ({seconds:.0f} s)", flush=True)
+    return seconds, psnr, fab
 
 
 def main() -> None:
@@ -62,45 +102,59 @@ def main() -> None:
                         help="adasr calibrate --range-init (default global)")
     parser.add_argument("--bit-margin", type=float, default=0.15,
                         help="adasr calibrate --bit-margin (default 0.15)")
+    parser.add_argument("--refine-steps", type=int, default=0,
+                        help="adasr calibrate --refine-steps (default 0)")
+    parser.add_argument("--validation", type=int, default=10,
+                        help="adasr calibrate --validation (default 10)")
+    parser.add_argument("--seeds", default="0", help="comma-separated calibration seeds; each "
+                        "row reports the mean over them and the spread (max - min)")
+    parser.add_argument("--sets", default=",".join(SETS), help="benchmark sets (default "
+                        f"{','.join(SETS)})")
+    parser.add_argument("--records", help="evaluate the records of `adasr calibrate` runs instead "
+                        "of calibrating: a path with {seed} (one model, one row); the calib "
+                        "seconds are the records'")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", help="results file stem in benchmarks/results (default: "
                         "quant_table, or quant_table_rows with --rows; _tileN appended)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_names = tuple(args.sets.split(","))
+    seeds = [int(v) for v in args.seeds.split(",")]
     rows: list[Row] = []
     for key in args.models.split(","):
         file, scale = MODELS[key]
         weights = shared(f"weights/{file}")
-        sets = {s: load_benchmark(shared(f"benchmarks/{s}"), scale) for s in SETS}
+        sets = {s: load_benchmark(shared(f"benchmarks/{s}"), scale) for s in set_names}
         fp = load_model(weights)
         fp_psnr = {s: evaluate(TorchUpscaler(fp.model, scale, tile=args.tile), imgs, scale).psnr
                    for s, imgs in sets.items()}
         name = f"{fp.info.arch} x{scale}"
-        rows.append(Row(name, "FP32", False, 0.0, fp_psnr, dict.fromkeys(SETS, 0.0),
-                        dict.fromkeys(SETS, 32.0)))
+        rows.append(Row(name, "FP32", False, 0.0, fp_psnr, dict.fromkeys(set_names, 0.0),
+                        dict.fromkeys(set_names, 32.0), dict.fromkeys(set_names, 0.0), [],
+                        {s: [v] for s, v in fp_psnr.items()}))
         print(f"{name} FP: " + ", ".join(f"{s} {v:.3f}" for s, v in fp_psnr.items()), flush=True)
         chosen = [int(i) for i in args.rows.split(",")] if args.rows else range(len(ROWS))
         for method, wbits, abits, fq in (ROWS[i] for i in chosen):
             settings = QuantSettings(method=method, wbits=wbits, abits=abits, fq=fq)
-            start = time.perf_counter()
-            config = CalibrationConfig(steps=args.steps, downscale=scale, bac=args.bac,
-                                       bit_margin=args.bit_margin, range_init=args.range_init)
-            result = calibrate(load_model(weights), settings, config,
-                               shared("calibration/sun_hays8"))
-            seconds = time.perf_counter() - start
-            psnr, fab = {}, {}
-            for s, imgs in sets.items():
-                up = TorchUpscaler(result.qnet, scale, tile=args.tile)
-                psnr[s] = evaluate(up, imgs, scale).psnr
-                fab[s] = sum(b.fab for b in up.bits) / len(up.bits)
-            row = Row(name, f"{method} W{wbits}A{abits}", fq, seconds, psnr,
-                      {s: psnr[s] - fp_psnr[s] for s in SETS}, fab)
+            runs = [_calibrate_and_score(weights, settings, scale, sets, args, seed)
+                    for seed in seeds]
+            per_seed = {s: [run[1][s] for run in runs] for s in set_names}
+            psnr = {s: statistics.fmean(v) for s, v in per_seed.items()}
+            fab = {s: statistics.fmean(run[2][s] for run in runs) for s in set_names}
+            row = Row(name, f"{method} W{wbits}A{abits}", fq,
+                      statistics.fmean(run[0] for run in runs), psnr,
+                      {s: psnr[s] - fp_psnr[s] for s in set_names}, fab,
+                      {s: max(v) - min(v) for s, v in per_seed.items()}, seeds, per_seed)
             rows.append(row)
             print(f"  {row.setting:<18} fq={fq!s:<5} " + "  ".join(
-                f"{s} {psnr[s]:.3f} ({row.drop[s]:+.3f}, FAB {fab[s]:.2f})" for s in SETS)
-                + f"  {seconds:.0f}s", flush=True)
-    metrics = [f"{s} {k}" for s in SETS for k in ("PSNR", "drop", "FAB")]
+                f"{s} {psnr[s]:.3f} ({row.drop[s]:+.3f} +-{row.spread[s]:.3f}, FAB {fab[s]:.2f})"
+                for s in set_names) + f"  {row.seconds:.0f}s", flush=True)
+    metrics = [f"{s} {k}" for s in set_names for k in ("PSNR", "drop", "spread", "FAB")]
     header = ["model", "setting", "FQ", *metrics, "calib s"]
     body = [[r.model, r.setting, "yes" if r.fq else "", *[
-        v for s in SETS for v in (f"{r.psnr[s]:.3f}", f"{r.drop[s]:+.3f}", f"{r.fab[s]:.2f}")],
+        v for s in set_names for v in (f"{r.psnr[s]:.3f}", f"{r.drop[s]:+.3f}",
+                                       f"{r.spread[s]:.3f}", f"{r.fab[s]:.2f}")],
         f"{r.seconds:.0f}"] for r in rows]
     text = table(body, header)
     print("\n" + text)
@@ -108,8 +162,14 @@ def main() -> None:
     where = f"patch-wise (tiles {args.tile}, overlap 6)" if args.tile else "whole-image"
     note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads; {where} "
             f"evaluation, Set5 with the provided MATLAB LR, Set14 with generated LR; "
-            f"--bac {args.bac}, --bit-margin {args.bit_margin}, "
-            f"--range-init {args.range_init}.\n\n")
+            + ("calibration settings: each record's calibration.config" if args.records else
+               f"--bac {args.bac}, --bit-margin {args.bit_margin}, "
+               f"--range-init {args.range_init}, --refine-steps {args.refine_steps}, "
+               f"--validation {args.validation}")
+            + f"; seeds {args.seeds} (PSNR and FAB: mean over "
+            f"the seeds; spread: max - min PSNR); {cpu_name()}"
+            + (f"; calibrated rows read from the calibration records {args.records}"
+               if args.records else "") + ".\n\n")
     stem = (args.out or ("quant_table_rows" if args.rows else "quant_table")) + (
         f"_tile{args.tile}" if args.tile else "")
     atomic_write_bytes(results / f"{stem}.md", (note + "```\n" + text + "\n```\n").encode())

@@ -29,7 +29,9 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
     p.add_argument("--fq", action=argparse.BooleanOptionalAction, default=fq_default,
                    help="fully quantized: head, upsampler and tail at fixed 8 bits "
                    f"(default {'on' if fq_default else 'off'}; --no-fq: body only)")
-    p.add_argument("--method", default="adabm", help="adabm (default), ddtb, minmax, percentile")
+    p.add_argument("--method", default="adabm",
+                   help="adabm (default), granular (Granular-DQ: one bit-width per patch "
+                   "for every layer, base - 2 / base / base + 2), ddtb, minmax, percentile")
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
                    help="weight clips per output channel (default: at <= 4 weight bits; "
                    "--no-per-channel: one per tensor, as in the paper)")
@@ -57,6 +59,12 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
                    help="adabm: after training, lower layers one bit at a time (the cheapest "
                    "first) until the mean layer offset is <= -MARGIN, room for content busier "
                    "than the calibration patches; 0 keeps the learned offsets (default 0.15)")
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="adabm: after the bit budget, train the activation bounds and weight "
+                   "clips this many more steps at the final bits (default 0)")
+    p.add_argument("--validation", type=int, default=10,
+                   help="calibration patches whose loss picks the best state and the budget's "
+                   "layers (default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
 
@@ -86,7 +94,8 @@ def calibrate_from_args(args: argparse.Namespace, loaded: Any) -> Any:
     config = CalibrationConfig(patches=args.patches, patch_size=args.patch_size, steps=args.steps,
                                batch=args.batch, seed=args.seed, schedule=args.schedule,
                                range_init=args.range_init, downscale=downscale,
-                               bac=args.bac, bit_margin=args.bit_margin)
+                               bac=args.bac, bit_margin=args.bit_margin,
+                               refine_steps=args.refine_steps, validation=args.validation)
     print(f"calibrating {loaded.info.describe()} with {settings.method} "
           f"W{settings.wbits}A{settings.abits}{' FQ' if settings.fq else ''} on {args.calib}"
           + (f" (downscaled x{downscale})" if downscale > 1 else ""))

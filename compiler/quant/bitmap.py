@@ -51,11 +51,12 @@ class ImageToBit(nn.Module):
         self.lower = nn.Parameter(torch.tensor(0.0))
         self.upper = nn.Parameter(torch.tensor(1.0))
 
-    def init_from(self, g: Tensor) -> None:
-        """Thresholds at the 10th / 90th percentiles of the calibration complexities."""
+    def init_from(self, g: Tensor, tail: float = 0.1) -> None:
+        """Thresholds at the ``tail`` / ``1 - tail`` quantiles of the calibration complexities
+        (AdaBM: the 10th / 90th percentiles)."""
         with torch.no_grad():
-            self.lower.fill_(float(torch.quantile(g.double(), 0.1)))
-            self.upper.fill_(float(torch.quantile(g.double(), 0.9)))
+            self.lower.fill_(float(torch.quantile(g.double(), tail)))
+            self.upper.fill_(float(torch.quantile(g.double(), 1 - tail)))
 
     def forward(self, g: Tensor) -> Tensor:
         lower, upper = self.lower, self.upper

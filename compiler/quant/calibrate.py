@@ -1,4 +1,4 @@
-"""AdaBM / DDTB calibration and static PTQ baselines, from a few unlabeled LR patches.
+"""AdaBM / Granular-DQ / DDTB calibration and static PTQ baselines, from a few unlabeled LR patches.
 
 Stages (AdaBM, methods.md section 1):
 0. one FP pass over the patches collects the teacher outputs and block features (computed once
@@ -34,6 +34,14 @@ Stages (AdaBM, methods.md section 1):
    Set5 / Set14 at W8A6 (EDSR x2). With the margin: 6.01 / 5.96 at -0.008 / -0.030 dB. Pushing
    the hinge below the base instead (target ``base - margin``) overshoots: Adam moves every layer
    offset alike, so they round down together (margin 0.25: FAB 5.58, W4A4 -0.72 dB).
+4. refinement (``refine_steps``, not in the paper): the budget lowers layers after their bounds
+   and clips were trained at the higher bits; BaC again at the lowered bits, then the bounds and
+   clips train on with the mapping frozen (``Calibrator.refine``).
+Granular-DQ (``granular``): one bit-width per patch for every adaptive layer, ``base - 2 / base /
+base + 2`` (the paper's coarse 4 / 6 / 8 at base 6) from the same complexity statistic, thresholds
+at the 25th / 75th percentiles (the calibration average at the base), trained like AdaBM's image
+thresholds; no layer offsets, so no budget. The paper's fine split of the 8-bit class into
+4 / 5 / 8 is not implemented.
 Static baselines (``minmax``, ``percentile``) stop after stage 1, at uniform bits.
 """
 
@@ -89,6 +97,7 @@ class CalibrationConfig:
     downscale: int = 1
     validation: int = 10
     bit_margin: float = 0.15
+    refine_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -101,6 +110,8 @@ class CalibrationConfig:
             raise ConfigError(f"downscale must be >= 1, got {self.downscale}")
         if not 0 <= self.bit_margin <= 1:
             raise ConfigError(f"bit margin must be in [0, 1] bits, got {self.bit_margin}")
+        if self.refine_steps < 0:
+            raise ConfigError(f"refine steps must be >= 0, got {self.refine_steps}")
         if self.patches < 2 or self.patch_size < 8 or self.batch < 1 or self.epochs < 1:
             raise ConfigError(f"calibration needs >= 2 patches of >= 8 px, batch >= 1, epochs >= 1;"
                               f" got patches={self.patches} patch_size={self.patch_size} "
@@ -185,6 +196,21 @@ class _BlockRecorder:
             handle.remove()
 
 
+class _Best:
+    """The state with the lowest finite validation loss offered so far (and every loss)."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Tensor]]) -> None:
+        self.snapshot = snapshot
+        self.loss, self.index = math.inf, 0
+        self.history: list[float] = []
+        self.state: dict[str, Tensor] = {}
+
+    def offer(self, loss: float, index: int) -> None:
+        self.history.append(loss)
+        if not self.state or (math.isfinite(loss) and loss < self.loss):
+            self.loss, self.index, self.state = loss, index, self.snapshot()
+
+
 def _skt_loss(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
     """Mean L2 distance between Frobenius-normalized block outputs (per sample, per block)."""
     total = torch.zeros(())
@@ -205,6 +231,7 @@ class Calibrator:
         self.qnet = QuantizedSR(loaded.model, settings)
         self.blocks = list(loaded.model.feature_blocks())
         self.generator = torch.Generator().manual_seed(config.seed)
+        self._stats: dict[str, LayerStats] | None = None
 
     # -- stage 0 -----------------------------------------------------------------------------
     def measure(self, patches: Tensor) -> tuple[Teacher, dict[str, LayerStats]]:
@@ -243,9 +270,14 @@ class Calibrator:
         qnet, method = self.qnet, self.settings.method
         adaptive = [stats[name] for name in qnet.adaptive_names]
         if self.settings.adaptive:
-            qnet.image_to_bit.init_from(teacher.complexities)
+            # Granular-DQ's classes are 2 bits apart: a quarter of the patches each side keeps
+            # the calibration average at the base, as AdaBM's 10th / 90th percentiles do
+            tail = 0.25 if self.settings.image_step == 2 else 0.1
+            qnet.image_to_bit.init_from(teacher.complexities, tail)
+        if self.settings.layer_mapping:
             qnet.layer_to_bit.init_from(torch.tensor([s.sensitivity for s in adaptive]))
-        offsets = qnet.layer_to_bit.hard() if self.settings.adaptive else [0] * len(adaptive)
+        offsets = qnet.layer_to_bit.hard() if self.settings.layer_mapping else [0] * len(
+            adaptive)
         for name, conv in qnet.qconvs():
             s = stats[name]
             if method == "minmax":
@@ -315,8 +347,9 @@ class Calibrator:
             if conv.gate is not None:
                 groups["gate"] += [p for n, p in conv.gate.named_parameters()]
         if self.settings.adaptive:
-            groups["mapping"] = [qnet.layer_to_bit.offsets, qnet.image_to_bit.lower,
-                                 qnet.image_to_bit.upper]
+            # Granular-DQ keeps every layer offset at 0: only the thresholds learn
+            layer = [qnet.layer_to_bit.offsets] if self.settings.layer_mapping else []
+            groups["mapping"] = [*layer, qnet.image_to_bit.lower, qnet.image_to_bit.upper]
         return groups
 
     def _loss(self, x: Tensor, index: Tensor, teacher: Teacher, recorder: _BlockRecorder,
@@ -354,6 +387,28 @@ class Calibrator:
         return {k: v.detach().clone() for k, v in self.qnet.state_dict().items()
                 if not k.startswith("model.") or "_quant" in k or ".gate." in k}
 
+    def _epoch(self, patches: Tensor, teacher: Teacher, recorder: _BlockRecorder,
+               optimizers: list[torch.optim.Optimizer], steps: int, with_bits: bool,
+               bar: Any = None, epoch: int = 0) -> None:
+        """``steps`` optimizer steps on batches of a fresh permutation of the patches."""
+        order = torch.randperm(patches.shape[0], generator=self.generator)
+        for step in range(steps):
+            start = (step * self.config.batch) % patches.shape[0]
+            index = order[start:start + self.config.batch]
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss, avg_bits = self._loss(patches[index], index, teacher, recorder, with_bits)
+            if not torch.isfinite(loss):
+                break
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+            self._project()
+            if bar is not None:
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", bits=f"{avg_bits:.2f}",
+                                refresh=False)
+                bar.update(1)
+
     def train(self, patches: Tensor, teacher: Teacher) -> dict[str, Any]:
         cfg, qnet = self.config, self.qnet
         groups = self._param_groups()
@@ -364,8 +419,9 @@ class Calibrator:
             if not params:
                 continue
             if key == "mapping":
-                param_groups = [{"params": [params[0]], "lr": cfg.lr_layer},
-                                {"params": params[1:], "lr": cfg.lr_image}]
+                layer = params[:-2]  # the layer offsets (none for Granular-DQ), then thresholds
+                param_groups = [*([{"params": layer, "lr": cfg.lr_layer}] if layer else []),
+                                {"params": params[-2:], "lr": cfg.lr_image}]
                 optimizers[key] = torch.optim.Adam(param_groups)
             else:
                 optimizers[key] = torch.optim.Adam(params, lr=lrs[key])
@@ -373,9 +429,8 @@ class Calibrator:
                       for k, o in optimizers.items()}
         recorder = _BlockRecorder(qnet.model, self.blocks)
         qnet.train()
-        best_loss = self._validate(patches, teacher, recorder)
-        best_state, best_epoch = self._quant_state(), 0
-        history = [best_loss]
+        best = _Best(self._quant_state)
+        best.offer(self._validate(patches, teacher, recorder), 0)
         steps_per_epoch = max(1, cfg.steps // cfg.epochs)
         bar = self.progress(cfg.epochs * steps_per_epoch, "calibrating") if self.progress else None
         cyclic_order = [k for k in ("weight", "act", "mapping") if k in optimizers]
@@ -389,37 +444,19 @@ class Calibrator:
                 for key, params in groups.items():  # frozen groups skip their gradient work
                     for param in params:
                         param.requires_grad_(key in active)
-                order = torch.randperm(patches.shape[0], generator=self.generator)
-                for step in range(steps_per_epoch):
-                    start = (step * cfg.batch) % patches.shape[0]
-                    index = order[start:start + cfg.batch]
-                    for key in active:
-                        optimizers[key].zero_grad(set_to_none=True)
-                    loss, avg_bits = self._loss(patches[index], index, teacher, recorder,
-                                                with_bits)
-                    if not torch.isfinite(loss):
-                        break
-                    loss.backward()
-                    for key in active:
-                        optimizers[key].step()
-                    self._project()
-                    if bar is not None:
-                        bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}",
-                                        bits=f"{avg_bits:.2f}", refresh=False)
-                        bar.update(1)
+                self._epoch(patches, teacher, recorder, [optimizers[k] for k in active],
+                            steps_per_epoch, with_bits, bar, epoch)
                 for key in active:
                     schedulers[key].step()
-                val = self._validate(patches, teacher, recorder)
-                history.append(val)
-                if math.isfinite(val) and val < best_loss:
-                    best_loss, best_state, best_epoch = val, self._quant_state(), epoch
+                best.offer(self._validate(patches, teacher, recorder), epoch)
         finally:
             recorder.close()
             if bar is not None:
                 bar.close()
-        qnet.load_state_dict(best_state, strict=False)
+        qnet.load_state_dict(best.state, strict=False)
         qnet.eval()
-        return {"validation_loss": history, "best_epoch": best_epoch, "best_loss": best_loss}
+        return {"validation_loss": best.history, "best_epoch": best.index,
+                "best_loss": best.loss}
 
     def fit_budget(self, patches: Tensor, teacher: Teacher) -> list[str]:
         """Lower layers by one bit, cheapest first, until ``mean(d_layer) <= -bit_margin``.
@@ -433,7 +470,7 @@ class Calibrator:
         Set5: layers picked by L1 + SKT cost -0.058 dB, by L1 -0.019 dB). Returns the lowered
         layers, in order.
         """
-        if not self.settings.adaptive or self.config.bit_margin <= 0:
+        if not self.settings.layer_mapping or self.config.bit_margin <= 0:
             return []
         qnet, offsets = self.qnet, self.qnet.layer_to_bit.offsets
         index = torch.arange(min(self.config.validation, patches.shape[0]))
@@ -469,6 +506,49 @@ class Calibrator:
                 bar.close()
         return lowered
 
+    def refine(self, patches: Tensor, teacher: Teacher, lowered: list[str]) -> dict[str, Any]:
+        """Stage 4: re-fit the quantizers to the bits the budget left (``refine_steps``).
+
+        The bounds and clips were trained at the bits before the budget lowered ``lowered``; at
+        W4A4 a lowered layer runs at 2-3 bits. Re-clip those layers (BaC at their new d_img = 0
+        bits, when BaC is on), then train the activation bounds and weight clips jointly with the
+        mapping frozen, validating every ``refine_steps / 2`` steps and keeping the best state
+        (the pre-refine one included)."""
+        cfg, qnet = self.config, self.qnet
+        if cfg.refine_steps <= 0 or not self.settings.adaptive:
+            return {}
+        offsets = qnet.layer_to_bit.hard()
+        if self._bit_aware_clipping() and self._stats is not None:
+            for name in dict.fromkeys(lowered):
+                conv = qnet.model.get_submodule(name)
+                assert isinstance(conv, QConv2d) and conv.layer_index is not None
+                self._bit_aware_clip(conv, self._stats[name],
+                                     self.settings.abits + offsets[conv.layer_index])
+        groups = self._param_groups()
+        params = groups["weight"] + groups["act"]
+        for key, group in groups.items():
+            for param in group:
+                param.requires_grad_(key in ("weight", "act"))
+        optimizer = torch.optim.Adam([{"params": groups["weight"], "lr": cfg.lr_weight_clip},
+                                      {"params": groups["act"], "lr": cfg.lr_act}])
+        recorder = _BlockRecorder(qnet.model, self.blocks)
+        qnet.train()
+        best = _Best(self._quant_state)
+        best.offer(self._validate(patches, teacher, recorder), 0)
+        rounds = 2
+        per_round = max(1, cfg.refine_steps // rounds)
+        try:
+            for round_ in range(1, rounds + 1):
+                self._epoch(patches, teacher, recorder, [optimizer], per_round, False)
+                best.offer(self._validate(patches, teacher, recorder), round_)
+        finally:
+            recorder.close()
+            for param in params:
+                param.requires_grad_(True)
+        qnet.load_state_dict(best.state, strict=False)
+        qnet.eval()
+        return {"refine_loss": best.history, "refine_best": best.index}
+
     def _mean_gate(self, conv: QConv2d, patches: Tensor) -> list[float]:
         """Mean (scale_l, scale_u) of a DDTB gate over the calibration patches."""
         scales: list[Tensor] = []
@@ -490,11 +570,13 @@ class Calibrator:
         started = time.perf_counter()
         patches = sample_patches(calib_dir, cfg.patches, cfg.patch_size, cfg.seed, cfg.downscale)
         teacher, stats = self.measure(patches)
+        self._stats = stats
         self.initialize(teacher, stats)
         training: dict[str, Any] = {}
         if self.settings.method in ("adabm", "ddtb") and cfg.steps > 0:
             training = self.train(patches, teacher)
         training["budget_lowered"] = self.fit_budget(patches, teacher)
+        training.update(self.refine(patches, teacher, training["budget_lowered"]))
         for name, conv in self.qnet.qconvs():
             conv.output_range = (stats[name].out_min, stats[name].out_max)
             conv.input_range = (stats[name].global_min, stats[name].global_max)

@@ -27,6 +27,8 @@ from compiler.zoo.base import SRNet
 from runtime.errors import ConfigError, unknown_name
 from runtime.manifest import METHODS, QUANT_BITS
 
+# Granular-DQ calibrates and simulates; bundles (runtime.manifest.METHODS) do not take it yet
+CALIBRATION_METHODS = (*METHODS, "granular")
 FIXED_BITS = 8  # head / upsampler / tail in the fully quantized setting
 PER_CHANNEL_BITS = 4  # default weight granularity: per channel at this many bits or fewer
 OUTPUT_BITS = 8  # an engine's requantized conv outputs (simulated only for engine parity)
@@ -44,8 +46,9 @@ class QuantSettings:
     symmetric: bool = False  # symmetric activation grids [-a, a] instead of learned [l, u]
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(unknown_name("quantization method", self.method, METHODS))
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(unknown_name("quantization method", self.method,
+                                           CALIBRATION_METHODS))
         for name, bits in (("wbits", self.wbits), ("abits", self.abits)):
             if not QUANT_BITS[0] <= bits <= QUANT_BITS[1]:
                 raise ConfigError(f"--{name} {bits} is out of range: allowed "
@@ -60,7 +63,19 @@ class QuantSettings:
 
     @property
     def adaptive(self) -> bool:
+        """Bits chosen per patch from its complexity (AdaBM, Granular-DQ)."""
+        return self.method in ("adabm", "granular")
+
+    @property
+    def layer_mapping(self) -> bool:
+        """Per-layer offsets (AdaBM); Granular-DQ gives every layer the patch's bits."""
         return self.method == "adabm"
+
+    @property
+    def image_step(self) -> int:
+        """Bits between neighbouring image classes: Granular-DQ's coarse classes are
+        base - 2 / base / base + 2 (4 / 6 / 8 at base 6), AdaBM's base -1 / 0 / +1."""
+        return 2 if self.method == "granular" else 1
 
 
 
@@ -69,6 +84,7 @@ class BitContext:
     """Per-forward state shared by the QConvs of one network (not a module, holds no weights)."""
 
     base: float = 6.0
+    step: float = 1.0  # bits per image class (QuantSettings.image_step)
     enabled: bool = True
     d_img: Tensor = field(default_factory=lambda: torch.zeros(1))
     d_layer: Tensor = field(default_factory=lambda: torch.zeros(0))
@@ -104,7 +120,7 @@ class QConv2d(nn.Module):
             return torch.full((batch,), float(self.forced_bits))
         if self.layer_index is None:
             return torch.full((batch,), float(FIXED_BITS))
-        return ctx.base + ctx.d_img + ctx.d_layer[self.layer_index]
+        return ctx.base + ctx.step * ctx.d_img + ctx.d_layer[self.layer_index]
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.conv
@@ -160,7 +176,7 @@ class QuantizedSR(nn.Module):
     def __init__(self, model: SRNet, settings: QuantSettings) -> None:
         super().__init__()
         self.settings = settings
-        self.context = BitContext(base=float(settings.abits))
+        self.context = BitContext(base=float(settings.abits), step=float(settings.image_step))
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model
@@ -205,14 +221,14 @@ class QuantizedSR(nn.Module):
         return self.image_to_bit(complexity(x))
 
     def layer_offsets(self) -> Tensor:
-        if not self.settings.adaptive:
+        if not self.settings.layer_mapping:
             return torch.zeros(len(self.adaptive_names))
         return self.layer_to_bit()
 
     def sample_bits(self) -> Tensor:
         """Average activation bits over the adaptive layers, per sample of the last forward."""
         ctx = self.context
-        return ctx.base + ctx.d_img + ctx.d_layer.mean()
+        return ctx.base + ctx.step * ctx.d_img + ctx.d_layer.mean()
 
     def forward(self, x: Tensor) -> Tensor:
         ctx = self.context
@@ -222,8 +238,8 @@ class QuantizedSR(nn.Module):
 
     def bit_vectors(self) -> dict[int, list[float]]:
         """Per-layer activation bits of the adaptive layers for each image offset (-1, 0, +1)."""
-        base = float(self.settings.abits)
-        offsets = self.layer_to_bit.hard() if self.settings.adaptive else [0] * len(
+        base, step = float(self.settings.abits), self.settings.image_step
+        offsets = self.layer_to_bit.hard() if self.settings.layer_mapping else [0] * len(
             self.adaptive_names)
         d_imgs = (-1, 0, 1) if self.settings.adaptive else (0,)
-        return {d: [base + d + o for o in offsets] for d in d_imgs}
+        return {d: [base + step * d + o for o in offsets] for d in d_imgs}

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from compiler.quant.ddtb import DynamicGate
-from compiler.quant.qmodel import QuantizedSR, QuantSettings
+from compiler.quant.qmodel import CALIBRATION_METHODS, QuantizedSR, QuantSettings
 from compiler.quant.quantizers import MAX_INT_BITS
 from compiler.zoo.base import LoadedModel
 from runtime.errors import CalibrationError
@@ -28,7 +28,9 @@ from runtime.fields import Field, root_field
 from runtime.fileio import atomic_write_json
 from runtime.manifest import METHODS, QUANT_BITS, SCALES, sha256_problem
 
-SCHEMA = "adasr.calibration/1"
+SCHEMA = "adasr.calibration/2"
+SCHEMA_V1 = "adasr.calibration/1"  # read and migrated: no settings.image_step, no granular
+V1_METHODS = METHODS  # the methods of schema 1
 
 _GATE_TENSORS = {
     "reduce_weight": "reduce.weight", "reduce_bias": "reduce.bias", "reduce_clip": "reduce_clip",
@@ -74,7 +76,8 @@ def record_of(qnet: QuantizedSR, loaded: LoadedModel,
     return {
         "schema": SCHEMA,
         "settings": {"method": s.method, "wbits": s.wbits, "abits": s.abits, "fq": s.fq,
-                     "per_channel": s.per_channel, "symmetric": s.symmetric},
+                     "per_channel": s.per_channel, "symmetric": s.symmetric,
+                     "image_step": s.image_step},
         "checkpoint": {"file": info.path.name, "sha256": info.sha256, "arch": info.arch,
                        "scale": info.scale, "config": dict(info.config)},
         "image_thresholds": [qnet.image_to_bit.lower.item(), qnet.image_to_bit.upper.item()],
@@ -196,11 +199,31 @@ def _settings(f: Field) -> QuantSettings:
     per_channel = f.get("per_channel")
     symmetric = f.get("symmetric")
     fq = f.get("fq")
-    return QuantSettings(method=f["method"].choice(METHODS), wbits=f["wbits"].integer(*QUANT_BITS),
-                         abits=f["abits"].integer(*QUANT_BITS),
-                         fq=False if fq is None else fq.boolean(),
-                         per_channel=None if per_channel is None else per_channel.boolean(),
-                         symmetric=False if symmetric is None else symmetric.boolean())
+    settings = QuantSettings(method=f["method"].choice(CALIBRATION_METHODS),
+                             wbits=f["wbits"].integer(*QUANT_BITS),
+                             abits=f["abits"].integer(*QUANT_BITS),
+                             fq=False if fq is None else fq.boolean(),
+                             per_channel=None if per_channel is None else per_channel.boolean(),
+                             symmetric=False if symmetric is None else symmetric.boolean())
+    if f["image_step"].integer(1, 2) != settings.image_step:
+        f["image_step"].fail(f"{settings.image_step} for method {settings.method}")
+    return settings
+
+
+def migrate(data: Mapping[str, Any], source: str) -> Mapping[str, Any]:
+    """A record of an older schema as the current one (the input is not changed).
+
+    ``adasr.calibration/1`` -> ``/2``: the settings gain ``image_step`` (bits between the image
+    classes), 1 for every method version 1 knew; Granular-DQ (step 2) did not exist."""
+    if data.get("schema") != SCHEMA_V1:
+        return data
+    settings = data.get("settings")
+    if not isinstance(settings, Mapping):
+        return data  # the reader names the missing field
+    if settings.get("method") not in V1_METHODS:
+        raise CalibrationError(f"{source}: method {settings.get('method')!r} is not a "
+                               f"{SCHEMA_V1!r} method (allowed: {', '.join(V1_METHODS)})")
+    return {**data, "schema": SCHEMA, "settings": {**settings, "image_step": 1}}
 
 
 def _bit_vectors(f: Field, settings: QuantSettings,
@@ -219,10 +242,11 @@ def _bit_vectors(f: Field, settings: QuantSettings,
 def record_from_json(data: object, source: str = "calibration record") -> CalibrationRecord:
     """Validate calibration record data (any JSON value): a :class:`CalibrationRecord`, or one
     :class:`CalibrationError` line naming the first bad field (``source`` names the file)."""
-    if not isinstance(data, Mapping) or data.get("schema") != SCHEMA:
+    if not isinstance(data, Mapping) or data.get("schema") not in (SCHEMA, SCHEMA_V1):
         found = data.get("schema") if isinstance(data, Mapping) else type(data).__name__
         raise CalibrationError(f"{source}: unsupported record schema {found!r}; expected "
-                               f"{SCHEMA!r}")
+                               f"{SCHEMA!r} (or {SCHEMA_V1!r}, migrated)")
+    data = migrate(data, source)
     f = root_field(data, source, CalibrationError)
     settings = _settings(f["settings"])
     c = f["checkpoint"]

@@ -197,3 +197,44 @@ def test_bit_budget_reports_its_steps_on_the_progress_bar(tiny: tuple[Path, Path
                        replace(FAST, bit_margin=0.5), calib, progress=Bar).record
     budget = [(total, sum(updates)) for name, total, updates in bars if name == "bit budget"]
     assert budget == [(len(record["calibration"]["budget_lowered"]),) * 2]
+
+
+def test_refine_keeps_the_bits_and_never_worsens_the_validated_loss(
+        tiny: tuple[Path, Path]) -> None:
+    """Refinement after the budget trains bounds and clips only: the bit vectors are those of the
+    same run without it, the kept state's validation loss is the lowest seen, and the record of
+    the refined network rebuilds it."""
+    weights, calib = tiny
+    settings = QuantSettings(method="adabm", wbits=4, abits=4)
+    config = replace(FAST, bit_margin=0.5)
+    plain = calibrate(load_model(weights), settings, config, calib).record
+    refined = calibrate(load_model(weights), settings, replace(config, refine_steps=8),
+                        calib)
+    info = refined.record["calibration"]
+    assert refined.record["bit_vectors"] == plain["bit_vectors"]
+    assert len(info["refine_loss"]) == 3  # before, and after each of the two rounds
+    best = info["refine_loss"][info["refine_best"]]
+    assert best == min(info["refine_loss"])
+    assert "refine_loss" not in plain["calibration"]
+    with pytest.raises(ConfigError, match="refine steps"):
+        CalibrationConfig(refine_steps=-1)
+
+
+def test_granular_gives_every_layer_the_patch_bits(tiny: tuple[Path, Path],
+                                                   tmp_path: Path) -> None:
+    """Granular-DQ: one bit-width per patch shared by all adaptive layers, classes base - 2 /
+    base / base + 2; no layer offsets, no budget; the record rebuilds the same network."""
+    result = _run(tiny, method="granular", wbits=8, abits=6)
+    record = result.record
+    assert record["bit_vectors"] == {"-1": [4] * 4, "0": [6] * 4, "1": [8] * 4}
+    assert {layer["layer_offset"] for layer in record["layers"]} == {0}
+    assert record["calibration"]["budget_lowered"] == []
+    path = tmp_path / "granular.json"
+    save_record(path, record)
+    rebuilt = apply_record(load_model(tiny[0]), read_record(path))
+    x = torch.rand(3, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(result.qnet(x), rebuilt(x))
+        bits = rebuilt.sample_bits()
+    d_img = rebuilt.context.d_img.round()
+    assert torch.equal(bits, 6 + 2 * d_img)

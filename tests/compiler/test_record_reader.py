@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from compiler.cli import main
 from compiler.quant.qmodel import QuantSettings
@@ -66,10 +67,11 @@ CASES: list[tuple[str, Edit, str]] = [
     ("A99", lambda r: r["settings"].update(abits=99),
      field("settings.abits: expected an integer in 2..8, got 99")),
     ("method foo", lambda r: r["settings"].__setitem__("method", "foo"),
-     field("settings.method: unknown method 'foo'; allowed: adabm, ddtb, minmax, percentile")),
+     field("settings.method: unknown method 'foo'; allowed: adabm, ddtb, granular, minmax, "
+           "percentile")),
     ("method typo", lambda r: r["settings"].__setitem__("method", "adabn"),
      field("settings.method: unknown method 'adabn' (did you mean 'adabm'?); allowed: adabm, "
-           "ddtb, minmax, percentile")),
+           "ddtb, granular, minmax, percentile")),
     ("NaN bound", set_layer(2, "a_bounds", [float("nan"), 1.0]),
      field("layers[2].a_bounds[0]: expected a finite number, got nan")),
     ("infinite clip", set_layer(0, "w_clip", float("inf")),
@@ -142,7 +144,9 @@ def test_valid_records_read_typed_and_rebuild_the_network(
         tmp_path: Path, tiny: tuple[Path, Path], records: dict[str, dict[str, Any]]) -> None:
     for name, record in records.items():
         rec = read_record(write(tmp_path, record))
-        assert rec.settings == QuantSettings(**record["settings"])
+        settings = dict(record["settings"])
+        assert settings.pop("image_step") == rec.settings.image_step
+        assert rec.settings == QuantSettings(**settings)
         assert rec.bit_vectors == {int(k): tuple(int(b) for b in v)
                                    for k, v in record["bit_vectors"].items()}
         assert [layer.name for layer in rec.layers] == [x["name"] for x in record["layers"]]
@@ -207,3 +211,41 @@ def test_the_bundle_writer_refuses_an_invalid_record(
     assert str(err.value) == ("calibration record field settings.wbits: expected an integer in "
                               "2..8, got 99")
     assert list(tmp_path.iterdir()) == []
+
+
+def _as_v1(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` as the version 1 writer wrote it: no settings.image_step."""
+    data = edited(record, lambda r: r["settings"].pop("image_step"))
+    data["schema"] = "adasr.calibration/1"
+    return data
+
+
+@pytest.mark.parametrize("name", ["adabm", "ddtb"])
+def test_version_1_records_are_migrated(records: dict[str, dict[str, Any]], tiny: tuple[Path, Path],
+                                        name: str) -> None:
+    """A record of the previous schema reads as the current one (image step 1) and rebuilds the
+    same network; the migration does not touch its input."""
+    current = records[name]
+    assert current["schema"] == "adasr.calibration/2"
+    old = _as_v1(current)
+    kept = copy.deepcopy(old)
+    migrated = record_from_json(old)
+    assert old == kept
+    assert migrated.data["schema"] == "adasr.calibration/2"
+    assert migrated.data["settings"]["image_step"] == 1
+    assert dict(migrated.data) == json.loads(json.dumps(current))
+    x = torch.rand(2, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(apply_record(load_model(tiny[0]), old)(x),
+                           apply_record(load_model(tiny[0]), current)(x))
+
+
+def test_version_1_has_no_granular_and_steps_match_the_method(
+        records: dict[str, dict[str, Any]]) -> None:
+    old = _as_v1(records["adabm"])
+    old["settings"]["method"] = "granular"
+    with pytest.raises(CalibrationError, match="method 'granular' is not a 'adasr.calibration/1'"):
+        record_from_json(old)
+    wrong = edited(records["adabm"], lambda r: r["settings"].__setitem__("image_step", 2))
+    with pytest.raises(CalibrationError, match=r"settings.image_step: expected 1 for method adabm"):
+        record_from_json(wrong)

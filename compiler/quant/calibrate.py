@@ -573,7 +573,7 @@ class Calibrator:
         self._stats = stats
         self.initialize(teacher, stats)
         training: dict[str, Any] = {}
-        if self.settings.method in ("adabm", "ddtb") and cfg.steps > 0:
+        if self.settings.method in ("adabm", "granular", "ddtb") and cfg.steps > 0:
             training = self.train(patches, teacher)
         training["budget_lowered"] = self.fit_budget(patches, teacher)
         training.update(self.refine(patches, teacher, training["budget_lowered"]))

@@ -229,6 +229,7 @@ def test_granular_gives_every_layer_the_patch_bits(tiny: tuple[Path, Path],
     assert record["bit_vectors"] == {"-1": [4] * 4, "0": [6] * 4, "1": [8] * 4}
     assert {layer["layer_offset"] for layer in record["layers"]} == {0}
     assert record["calibration"]["budget_lowered"] == []
+    assert len(record["calibration"]["validation_loss"]) == FAST.epochs + 1  # it trained
     path = tmp_path / "granular.json"
     save_record(path, record)
     rebuilt = apply_record(load_model(tiny[0]), read_record(path))

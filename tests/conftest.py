@@ -29,6 +29,20 @@ def require_shared(relative: str) -> Path:
     return path
 
 
+def require_module(name: str) -> Any:
+    """The module ``name`` (an optional dependency the test extra installs); skip (dev) or fail
+    (CI) when it is missing, as for shared data."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        message = f"{name} is not installed ({err}): pip install -e '.[compiler,test]'"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture
 def shared_file() -> Callable[[str], Path]:
     return require_shared

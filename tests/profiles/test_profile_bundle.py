@@ -24,6 +24,7 @@ from runtime.benchmark import load_benchmark
 from runtime.manifest import read_manifest, write_manifest
 from runtime.metrics import psnr_y
 from runtime.policies import LatencyTable, load_latencies
+from tests.conftest import require_module
 from tests.profiles.conftest import ENGINES, SCALE, write_tiny_bundle
 
 OPTIONS = ProfileOptions(batches=(1, 4), threads=(1,), runs=4, warmup=1, repeat=2, layer_runs=2,
@@ -181,7 +182,7 @@ def test_other_backends_are_measured_side_by_side(module_bundle: Path,
                                                   benchmark_dir: Path) -> None:
     """``--backends onnxruntime,openvino``: every engine's entry right after the bundle's own,
     named NAME@openvino, with its own quality (the same graphs: the same numbers here)."""
-    pytest.importorskip("openvino")
+    require_module("openvino")
     got = profile_bundle(module_bundle, replace(OPTIONS, datasets=(benchmark_dir,), batches=(1,),
                                                 layer_runs=0,
                                                 backends=("onnxruntime", "openvino")))

@@ -10,6 +10,7 @@ import pytest
 
 from runtime.imaging import rgb_to_y
 from runtime.metrics import gaussian_window, psnr_y, ssim_y
+from tests.conftest import require_module
 
 # A uniform +10 on R, G and B moves Y by 10 * (65.738 + 129.057 + 25.064) / 256 = 8.5882421875.
 Y_STEP = 8.5882421875
@@ -64,7 +65,7 @@ def test_gaussian_window_is_fspecial() -> None:
 ])
 def test_ssim_matches_scikit_image(shape: tuple[int, int], shave: int, seed: int) -> None:
     """skimage filters the whole image then drops a 5-pixel frame: the same as 'valid' filtering."""
-    metrics = pytest.importorskip("skimage.metrics")
+    metrics = require_module("skimage.metrics")
     sr, hr = _random_pair(shape, seed)
     crop = (slice(shave, shape[0] - shave), slice(shave, shape[1] - shave))
     reference = metrics.structural_similarity(

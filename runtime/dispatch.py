@@ -269,7 +269,8 @@ class Dispatcher:
         and the predicted loss in dB against the top rung (quality, budget with a ladder)."""
         first = plan.tiles[0].source  # every source has this size; the rest is padding
         if self._allocate:
-            g, features = tile_features(tiles[:, : first.h, : first.w])
+            g, features = tile_features(tiles[:, : first.h, : first.w],
+                                        self.manifest.rungs.features)
             codes, predicted_ms, loss_db = self._allocated(features, plan)
             if self.mode == "image":
                 g = np.array([complexity(frame)])

@@ -18,9 +18,20 @@ computed here in numpy: no engine, next to no compute). The ladder is stored in 
 ``reference_error`` predicts the top rung's own per-tile MSE against the original: it turns a
 quality target in dB into an MSE budget per frame (``runtime.policies``).
 
-Features (``FEATURES`` = ``tile-features/1``), per tile, on the LR pixels:
-``[1, log1p(g), log1p(g)^2, log(1 + 255 * std(luma)), mean(luma)]`` with ``g`` the AdaBM statistic
-(:mod:`runtime.statistic`) and luma BT.601 in [0, 1].
+Features, per tile, on the LR pixels (``FEATURE_SETS``; a ladder names its set, new builds use
+``FEATURES`` = ``tile-features/2``):
+
+* ``tile-features/1``: ``[1, log1p(g), log1p(g)^2, log(1 + 255 * std(luma)), mean(luma)]`` with
+  ``g`` the AdaBM statistic (:mod:`runtime.statistic`) and luma BT.601 in [0, 1];
+* ``tile-features/2``: those and ``log1p(s)``, ``s`` the tile's *self error*: the mean squared
+  difference (luma, 0..255) between the tile and its 2x2-mean downscale upscaled x2 again by the
+  interpolation rung's bicubic. It measures the detail that interpolation cannot bring back, one
+  octave down, which is what SR errs on. Measured on frames the build never saw, it raised the
+  rank correlation of predicted and measured per-tile loss on carphone from 0.32-0.63 to
+  0.33-0.70 (bigbuckbunny unchanged, 0.84-0.93), and the top rung's predicted error, over-
+  predicted on clean video, became nearly equally biased on both clips (x3.14 and x2.82 rather
+  than x4.35 and x2.99), so one conservative scaling serves both
+  (benchmarks/results/dispatch_features.md).
 """
 
 from __future__ import annotations
@@ -40,32 +51,36 @@ from runtime.statistic import complexity_and_luma
 
 __all__ = [
     "FEATURES",
+    "FEATURE_SETS",
     "INTERPOLATION",
     "LossModel",
     "Rung",
     "RungLadder",
     "interpolate_tiles",
     "ladder_from_json",
+    "self_error",
     "tile_features",
 ]
 
-FEATURES = "tile-features/1"
-FEATURE_NAMES = ("1", "log1p(g)", "log1p(g)^2", "log(1+255*std)", "mean")
+FEATURE_SETS = {
+    "tile-features/1": ("1", "log1p(g)", "log1p(g)^2", "log(1+255*std)", "mean"),
+    "tile-features/2": ("1", "log1p(g)", "log1p(g)^2", "log(1+255*std)", "mean", "log1p(self)"),
+}
+FEATURES = "tile-features/2"  # what builds fit now
+FEATURE_NAMES = FEATURE_SETS[FEATURES]
 INTERPOLATION = "bicubic"  # the name of the interpolation rung
 _MIN_MSE = 1e-4  # floor of a predicted / fitted MSE (log domain)
 
 
 @dataclass(frozen=True)
 class LossModel:
-    """Per-tile MSE = ``scale * exp(features @ coefficients)`` (``coefficients`` per FEATURES)."""
+    """Per-tile MSE = ``scale * exp(features @ coefficients)`` (``coefficients`` per feature of
+    the ladder's set, checked by :class:`RungLadder`)."""
 
     coefficients: tuple[float, ...] = ()
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.coefficients and len(self.coefficients) != len(FEATURE_NAMES):
-            raise BundleError(f"a loss model needs {len(FEATURE_NAMES)} coefficients "
-                              f"({', '.join(FEATURE_NAMES)}), got {len(self.coefficients)}")
         if not (math.isfinite(self.scale) and self.scale >= 0):
             raise BundleError(f"a loss model's scale must be finite and >= 0, got {self.scale}")
 
@@ -116,9 +131,15 @@ class RungLadder:
         names = [rung.name for rung in self.rungs]
         if len(set(names)) != len(names):
             raise BundleError(f"rung names must be unique, got {names}")
-        if self.rungs and self.features != FEATURES:
+        if self.rungs and self.features not in FEATURE_SETS:
             raise BundleError(f"rung features {self.features!r} are not supported; this adasr "
-                              f"computes {FEATURES!r}: rebuild the bundle")
+                              f"computes {', '.join(FEATURE_SETS)}: rebuild the bundle")
+        columns = FEATURE_SETS.get(self.features, ())
+        models = [(rung.name, rung.loss) for rung in self.rungs]
+        for name, model in [*models, ("reference_error", self.reference_error)]:
+            if model.coefficients and len(model.coefficients) != len(columns):
+                raise BundleError(f"loss model of {name!r} needs {len(columns)} coefficients "
+                                  f"({', '.join(columns)}), got {len(model.coefficients)}")
         if not (math.isfinite(self.default_target_db) and self.default_target_db >= 0):
             raise BundleError(f"default quality target must be >= 0 dB, got "
                               f"{self.default_target_db}")
@@ -160,15 +181,34 @@ def _optional_text(f: Field | None) -> str:
     return "" if f is None else f.text()
 
 
-def tile_features(tiles: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.float64],
-                                                         npt.NDArray[np.float64]]:
-    """(g per tile, features N x 5) of N x h x w x 3 uint8 tiles (module docstring)."""
+def tile_features(tiles: npt.NDArray[np.uint8], version: str = FEATURES,
+                  ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """(g per tile, features N x len(FEATURE_SETS[version])) of N x h x w x 3 uint8 tiles
+    (module docstring)."""
+    if version not in FEATURE_SETS:
+        raise BundleError(f"rung features {version!r} are not supported; this adasr computes "
+                          f"{', '.join(FEATURE_SETS)}")
     g, luma = complexity_and_luma(tiles)
     log_g = np.log1p(g)
-    std = luma.std(axis=(1, 2))
-    features = np.stack([np.ones_like(g), log_g, log_g * log_g, np.log1p(255.0 * std),
-                         luma.mean(axis=(1, 2))], axis=1)
-    return g, features
+    columns = [np.ones_like(g), log_g, log_g * log_g, np.log1p(255.0 * luma.std(axis=(1, 2))),
+               luma.mean(axis=(1, 2))]
+    if version != "tile-features/1":
+        columns.append(np.log1p(self_error(luma)))
+    return g, np.stack(columns, axis=1)
+
+
+def self_error(luma: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Per N x H x W luma stack in [0, 1]: the mean squared difference (0..255 scale) between
+    each tile (cut to even size) and its 2x2-mean downscale upscaled x2 by bicubic; 0 for tiles
+    under 2 px."""
+    height, width = luma.shape[1] // 2 * 2, luma.shape[2] // 2 * 2
+    if height < 2 or width < 2:
+        return np.zeros(luma.shape[0])
+    even = (luma[:, :height, :width] * 255.0).astype(np.float32)
+    low = even.reshape(-1, height // 2, 2, width // 2, 2).mean(axis=(2, 4), dtype=np.float32)
+    back = _upsample_axis(_upsample_axis(low, -2, 2), -1, 2)
+    result: npt.NDArray[np.float64] = ((even - back) ** 2).mean(axis=(1, 2), dtype=np.float64)
+    return result
 
 
 @lru_cache(maxsize=8)

@@ -8,6 +8,10 @@ chunk with the same :class:`~runtime.dispatch.Dispatcher` and the same
 and encoding overlapped). A video chunk starts from the hysteresis state the driver measured at
 its first frame (:meth:`Dispatcher.restore`) and is encoded with :class:`~runtime.video.VideoWriter`
 into an MP4 segment whose bytes are returned; an image chunk returns the SR images.
+
+A worker killed mid-chunk (SIGKILL, OOM) cannot remove its segment folder; the folders are named
+``adasr-chunk-<pid>-*`` so that every worker starting on the host removes those of processes that
+no longer exist (:func:`sweep_dead_chunk_folders`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ from runtime.policies import bundle_policy
 from runtime.tiling import StitchMode
 from runtime.video import EncoderSettings, VideoWriter
 
-__all__ = ["Chunk", "ChunkResult", "ChunkWorker", "DispatchSettings", "frame_digest"]
+__all__ = ["Chunk", "ChunkResult", "ChunkWorker", "DispatchSettings", "frame_digest",
+           "sweep_dead_chunk_folders"]
+
+CHUNK_PREFIX = "adasr-chunk-"
 
 Frame = npt.NDArray[np.uint8]
 ChunkKey = tuple[int, int]  # (input number, chunk number)
@@ -118,6 +125,7 @@ class ChunkWorker:
         self.bundle = open_bundle(settings.bundle)
         self.dispatcher = settings.dispatcher(self.bundle).__enter__()  # engines load once
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        sweep_dead_chunk_folders()
 
     def pid(self) -> int:
         return os.getpid()
@@ -142,7 +150,7 @@ class ChunkWorker:
         segment = None
         if chunk.fps is not None:
             self.dispatcher.restore(chunk.state)
-            with tempfile.TemporaryDirectory(prefix="adasr-chunk-") as folder:
+            with tempfile.TemporaryDirectory(prefix=f"{CHUNK_PREFIX}{os.getpid()}-") as folder:
                 path = Path(folder) / "segment.mp4"
                 with VideoWriter(path, chunk.fps, settings=self.settings.encoder) as writer:
 
@@ -161,3 +169,34 @@ class ChunkWorker:
                         for record in stats.records)
         return ChunkResult(chunk.key, chunk.first, dataclasses.replace(stats, records=records),
                            segment, tuple(kept), self.name, tuple(digests))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def sweep_dead_chunk_folders(root: Path | None = None) -> list[Path]:
+    """Remove this user's ``adasr-chunk-<pid>-*`` folders in ``root`` (the temp folder) whose
+    process is gone: what a killed worker left. Returns the folders removed."""
+    import shutil
+
+    base = Path(tempfile.gettempdir() if root is None else root)
+    removed = []
+    for folder in base.glob(f"{CHUNK_PREFIX}*-*"):
+        pid_text = folder.name[len(CHUNK_PREFIX):].split("-", 1)[0]
+        try:
+            info = folder.lstat()
+        except OSError:
+            continue
+        if (not pid_text.isdigit() or not folder.is_dir() or folder.is_symlink()
+                or info.st_uid != os.getuid() or _alive(int(pid_text))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed

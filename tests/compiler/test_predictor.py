@@ -32,7 +32,7 @@ def test_spearman() -> None:
 def test_fit_recovers_a_log_linear_model() -> None:
     rng = np.random.default_rng(0)
     features = np.column_stack([np.ones(200), rng.normal(size=(200, len(FEATURE_NAMES) - 1))])
-    truth = np.array([0.5, 1.0, -0.5, 0.25, 0.0])
+    truth = np.array([0.5, 1.0, -0.5, 0.25, 0.0, 0.75])
     mse = np.exp(features @ truth)
     model = fit_loss_model(features, mse)
     np.testing.assert_allclose(model.coefficients, truth, atol=0.02)

@@ -31,7 +31,7 @@ from runtime.bundle import open_bundle
 from runtime.cluster.job import ClusterInput, connect, plan_inputs, run_job
 from runtime.cluster.join import join_segments
 from runtime.cluster.progress import JobProgress
-from runtime.cluster.worker import DispatchSettings, frame_digest
+from runtime.cluster.worker import DispatchSettings, frame_digest, sweep_dead_chunk_folders
 from runtime.dispatch import Dispatcher, FrameResult
 from runtime.errors import ConfigError, MediaError
 from runtime.imaging import load_rgb, save_rgb
@@ -367,3 +367,21 @@ def test_serve_answers_images_and_batches_engines_across_requests(tiny_bundle: P
                                   dispatcher.upscale(image).sr)
     assert max(count for _, count in merged) > 1  # calls of several requests in one batch
     assert status == 400 and b"cannot read image" in message
+
+
+def test_sweep_removes_only_dead_workers_chunk_folders(tmp_path: Path) -> None:
+    """A SIGKILLed worker's segment folder goes when the next worker starts; live workers' and
+    anything not named by a worker stay."""
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    dead = tmp_path / f"adasr-chunk-{int(child.stdout)}-abc"
+    live = tmp_path / f"adasr-chunk-{os.getpid()}-def"
+    other = tmp_path / "adasr-chunk-notapid-x"
+    for folder in (dead, live, other):
+        folder.mkdir()
+        (folder / "segment.mp4").write_bytes(b"partial")
+    assert sweep_dead_chunk_folders(tmp_path) == [dead]
+    assert not dead.exists() and (live / "segment.mp4").exists() and other.exists()

@@ -17,11 +17,13 @@ from runtime.policies import QualityPolicy, allocate_rungs, parse_policy, sticky
 from runtime.resize import imresize_bicubic
 from runtime.rungs import (
     FEATURE_NAMES,
+    FEATURE_SETS,
     LossModel,
     Rung,
     RungLadder,
     interpolate_tiles,
     ladder_from_json,
+    self_error,
     tile_features,
 )
 from runtime.tiling import extract_tiles
@@ -43,11 +45,30 @@ def test_tile_features() -> None:
     ramp = np.broadcast_to((np.arange(8) * 20)[None, None, :, None], (1, 8, 8, 3))
     g, features = tile_features(np.concatenate([flat, ramp.astype(np.uint8)]))
     assert features.shape == (2, len(FEATURE_NAMES))
-    assert g[0] == 0 and features[0].tolist() == pytest.approx([1, 0, 0, 0, 0.2])
+    assert g[0] == 0 and features[0].tolist() == pytest.approx([1, 0, 0, 0, 0.2, 0])
     assert g[1] > 0 and features[1, 1] == pytest.approx(np.log1p(g[1]))
     assert features[1, 2] == pytest.approx(np.log1p(g[1]) ** 2)
     std = np.arange(8).std() * 20 / 255
     assert features[1, 3] == pytest.approx(np.log1p(255 * std))
+    # a linear ramp: the 2x2 means upscaled by bicubic give the ramp back inside; only the
+    # mirrored borders differ
+    assert 0 < features[1, 5] < np.log1p(20.0)
+    _, old = tile_features(np.concatenate([flat, ramp.astype(np.uint8)]), "tile-features/1")
+    np.testing.assert_array_equal(old, features[:, :5])
+    with pytest.raises(BundleError, match="rung features 'v9' are not supported"):
+        tile_features(flat, "v9")
+
+
+def test_self_error() -> None:
+    """Detail interpolation cannot bring back from one octave down: none on a flat tile, the
+    most on a one-pixel checkerboard (its 2x2 means are flat grey: 127.5^2 per pixel)."""
+    checker = (np.indices((8, 8)).sum(axis=0) % 2).astype(np.float64)[None]
+    smooth = np.broadcast_to(np.linspace(0.2, 0.4, 8)[None, None, :], (1, 8, 8))
+    values = self_error(np.concatenate([np.full((1, 8, 8), 0.3), checker, smooth]))
+    assert values[0] == pytest.approx(0, abs=1e-6)
+    assert values[1] == pytest.approx(127.5 ** 2, rel=1e-5)
+    assert 0 < values[2] < 1e-3 * values[1]  # a ramp: only its mirrored borders differ
+    assert self_error(np.zeros((2, 1, 5))).tolist() == [0, 0]
 
 
 def test_loss_model() -> None:
@@ -55,8 +76,6 @@ def test_loss_model() -> None:
     model = LossModel((0.5, 1.0, 0.0, -0.25, 2.0), scale=3.0)
     assert model.predict(features).tolist() == pytest.approx([3 * np.exp(0.5), 3 * np.exp(2.0)])
     assert LossModel().predict(features).tolist() == [0, 0] and not LossModel().fitted
-    with pytest.raises(BundleError, match="needs 5 coefficients"):
-        LossModel((1.0, 2.0))
     with pytest.raises(BundleError, match="scale must be finite"):
         LossModel(scale=-1.0)
 
@@ -68,7 +87,16 @@ def _ladder() -> RungLadder:
         Rung("bicubic", None, 0.1, LossModel((np.log(0.01), 0, 0, 2, 0))),
         Rung("a4", "a4", 1.0, LossModel((np.log(0.5), 0, 0, 0, 0))),
         Rung("fp32", "fp32", 4.0)),
-        reference_error=LossModel((np.log(10.0), 0, 0, 0, 0)), default_target_db=0.05)
+        reference_error=LossModel((np.log(10.0), 0, 0, 0, 0)), default_target_db=0.05,
+        features="tile-features/1")  # a ladder of the first feature set: still read and used
+
+
+def test_ladder_checks_coefficients_per_feature_set() -> None:
+    assert len(FEATURE_SETS["tile-features/2"]) == len(FEATURE_NAMES) == 6
+    with pytest.raises(BundleError, match=r"loss model of 'a4' needs 6 coefficients"):
+        RungLadder(rungs=(Rung("a4", "a4", 1.0, LossModel((1.0,) * 5)), Rung("fp32", "fp32", 2.0)))
+    with pytest.raises(BundleError, match=r"'reference_error' needs 5 coefficients"):
+        replace(_ladder(), reference_error=LossModel((1.0,) * 6))
 
 
 def test_manifest_round_trip_and_older_manifests() -> None:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from profiles.schema import PARETO_UNIT, EngineEntry, Profile
+from profiles.schema import PARETO_UNIT, EngineEntry, Profile, VideoQuality
 
 __all__ = ["compare_table", "format_table", "frame_rows", "latency_rows", "markdown_report",
-           "reference_entries", "terminal_report"]
+           "reference_entries", "terminal_report", "video_rows"]
 
 LATENCY_HEADER = ("engine", "tile", "batch", "threads", "median ms", "p10", "p90", "spread",
                   "Mpix/s", "RSS MiB", "PSNR", "SSIM", "FAB", "GBitOPs")
 FRAME_HEADER = ("engine", "ms/frame", "p10", "p90", "overhead ms", "PSNR", "SSIM", "FAB",
                 "GBitOPs", "tiles")
+VIDEO_HEADER = ("policy", "frames/s", "ms/frame", "PSNR (Y)", "loss vs top", "VMAF NEG",
+                "tiles per rung")
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -58,6 +60,22 @@ def frame_rows(profile: Profile) -> list[list[str]]:
              _num(q.bitops), _mix(q.histogram)] for q in (*profile.quality, profile.adaptive)]
 
 
+def video_rows(video: VideoQuality) -> list[list[str]]:
+    top = video.policy(video.top)
+    return [[p.policy if p.policy.startswith("fixed:") else f"{p.name} ({p.policy})",
+             _num(p.fps), _num(p.ms_per_frame, 1), _num(p.psnr),
+             "-" if top is None else f"{top.psnr - p.psnr:+.4f}", _num(p.vmaf_neg),
+             _mix(p.histogram)] for p in video.policies]
+
+
+def _video_title(video: VideoQuality) -> str:
+    return (f"{video.clip}: first {video.frames} frames ({video.width}x{video.height}) as the "
+            f"originals, their MATLAB-bicubic downscale as the input; every rung (fixed:NAME) "
+            f"and the default adaptive policy (hysteresis {video.hysteresis:g}), interleaved "
+            f"per frame, batch {video.batch}; PSNR (Y) and VMAF NEG ({video.vmaf_model}) "
+            f"against the originals, loss against {video.top}")
+
+
 def reference_entries(profile: Profile) -> list[EngineEntry]:
     """The entries at the bundle's tile (the dispatcher's), else those of the first tile."""
     tile = profile.adaptive.tile
@@ -97,6 +115,11 @@ def terminal_report(profile: Profile) -> str:
         format_table(FRAME_HEADER, frame_rows(profile)),
         "",
         f"Pareto: {profile.pareto.explanation}",
+    ]
+    if profile.video is not None:
+        parts += ["", f"video: {_video_title(profile.video)}",
+                  format_table(VIDEO_HEADER, video_rows(profile.video)), ""]
+    parts += [
         f"noise: largest spread of the {s.repeat} repeated medians: {profile.max_spread:.1%}",
     ]
     layers = _top_layers(profile, 3)
@@ -142,6 +165,9 @@ def markdown_report(profile: Profile, plots: Mapping[str, str] | None = None) ->
         f"Static engines on the front (fastest first): {', '.join(profile.pareto.front)}.",
         "",
     ]
+    if profile.video is not None:
+        lines += ["## Video quality", "", _video_title(profile.video) + ".", "",
+                  format_table(VIDEO_HEADER, video_rows(profile.video), markdown=True), ""]
     for title, path in (plots or {}).items():
         lines += [f"![{title}]({path})", ""]
     lines += ["## Per-layer time", ""]

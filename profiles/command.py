@@ -136,6 +136,11 @@ def run(args: argparse.Namespace) -> int:
     if json_path is not None:
         atomic_write_json(json_path, profile.to_json())
     plots = _plots(profile, folder)
+    if args.plots is None:  # the command's own folder: no plot of an earlier run stays behind
+        from profiles.plots import PLOTS
+
+        for name in set(PLOTS.values()) - {path.name for path in plots.values()}:
+            (folder / name).unlink(missing_ok=True)
     report = folder / REPORT
     atomic_write_bytes(report, markdown_report(
         profile, {title: path.name for title, path in plots.items()}).encode())

@@ -188,7 +188,8 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def compare_table(a: Profile, b: Profile) -> str:
     """Two profiles side by side: entries matched by (engine, tile, batch, threads), per-frame
-    rows by engine name; ratios are B / A (above 1: B is slower)."""
+    rows by engine name, video rows (when both have one) by policy; ratios are B / A (above 1:
+    B is slower)."""
     keyed_b = {(e.name, e.tile, e.batch, e.threads): e for e in b.engines}
     rows, matched = [], set()
     for e in a.engines:
@@ -218,4 +219,16 @@ def compare_table(a: Profile, b: Profile) -> str:
     if only_a or only_b:
         parts.append(f"unmatched configurations: only in A: {', '.join(only_a) or '-'}; "
                      f"only in B: {', '.join(only_b) or '-'}")
+    if a.video is not None and b.video is not None:
+        video_b = {p.policy: p for p in b.video.policies}
+        parts += ["", f"video (A: {a.video.clip}, {a.video.frames} frames; B: {b.video.clip}, "
+                      f"{b.video.frames} frames):",
+                  format_table(("policy", "A ms/frame", "B ms/frame", "B/A", "A PSNR", "B PSNR",
+                                "A VMAF NEG", "B VMAF NEG"),
+                               [[p.policy, _num(p.ms_per_frame, 1),
+                                 _num(video_b[p.policy].ms_per_frame, 1),
+                                 _ratio(p.ms_per_frame, video_b[p.policy].ms_per_frame),
+                                 _num(p.psnr), _num(video_b[p.policy].psnr), _num(p.vmaf_neg),
+                                 _num(video_b[p.policy].vmaf_neg)]
+                                for p in a.video.policies if p.policy in video_b])]
     return "\n".join(parts)

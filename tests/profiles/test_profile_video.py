@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compiler.cli import main
 from profiles.profiler import RESULTS_DIR, ProfileOptions, default_video, profile_bundle
-from profiles.report import markdown_report, terminal_report
+from profiles.report import compare_table, markdown_report, terminal_report
 from profiles.schema import Profile, profile_from_json, read_profile
 from profiles.video import MAX_FRAMES, Clip, load_clip, measure_video
 from runtime.bundle import open_bundle
@@ -233,3 +233,28 @@ def test_without_the_vmaf_tool(module_bundle: Path, benchmark_dir: Path, tmp_pat
                                        "the imageio-ffmpeg package\n")
     with pytest.raises(ConfigError, match="imageio-ffmpeg"):
         profile_bundle(module_bundle, replace(OPTIONS, datasets=(benchmark_dir,), video=clip))
+
+
+def test_compare_shows_the_video_rows(profile: Profile) -> None:
+    video = profile.video
+    assert video is not None
+    slower = replace(profile, video=replace(video, policies=tuple(
+        replace(p, ms_per_frame=p.ms_per_frame * 2) for p in video.policies)))
+    table = compare_table(profile, slower)
+    rows = [line for line in table.splitlines() if line.startswith(("fixed:", "threshold"))]
+    assert len(rows) == len(ENGINES) + 1 and all("2.00x" in row for row in rows)
+    assert "B VMAF NEG" in table
+    assert "VMAF" not in compare_table(profile, replace(profile, video=None))
+
+
+def test_own_folder_keeps_no_stale_video_plot(tiny_bundle: Path, benchmark_dir: Path) -> None:
+    args = ["profile", str(tiny_bundle), "--dataset", str(benchmark_dir), "--quick", "--runs",
+            "2", "--batch", "4", "--layer-runs", "0", "--quiet", "--video-frames", "1"]
+    assert main([*args, "--video", str(require_shared(CLIP))]) == 0
+    folder = tiny_bundle / "profile"
+    assert (folder / "video.png").is_file()
+    assert read_profile(tiny_bundle / "profile.json").video is not None
+    assert main([*args, "--no-video"]) == 0  # a re-run replaces its own folder
+    assert {p.name for p in folder.iterdir()} == {"latency.png", "pareto.png", "layers.png",
+                                                  "report.md"}
+    assert read_profile(tiny_bundle / "profile.json").video is None

@@ -61,18 +61,24 @@ def check_frames(frames: object, option: str = "video frames") -> None:
 
 def load_clip(path: Path, frames: int, scale: int) -> Clip:
     """The first ``frames`` frames of the video ``path`` and their x1/``scale`` LR frames
-    (MediaError: not a video, or frames smaller than ``scale``; ConfigError: ``frames`` out of
-    1..MAX_FRAMES)."""
+    (MediaError: not a video, frames of changing size or smaller than ``scale``; ConfigError:
+    ``frames`` out of 1..MAX_FRAMES)."""
     from runtime.video import read_frames  # PyAV: only when a clip is read
 
     check_frames(frames)
-    hr = tuple(mod_crop(frame, scale) for frame in read_frames(Path(path), limit=frames))
-    if not hr:
+    decoded = tuple(read_frames(Path(path), limit=frames))
+    if not decoded:
         raise MediaError(f"{path} has no frames")
-    height, width = hr[0].shape[:2]
+    sizes = {frame.shape[:2] for frame in decoded}
+    if len(sizes) > 1:
+        raise MediaError(f"{path}: the frame size changes within the first {len(decoded)} frames "
+                         f"({', '.join(f'{w}x{h}' for h, w in sorted(sizes))}): VMAF needs one")
+    height, width = decoded[0].shape[:2]
     if min(height, width) < scale:
         raise MediaError(f"{path}: frames of {width}x{height} are too small to downscale by "
                          f"{scale}: need at least {scale}x{scale}")
+    hr = tuple(mod_crop(frame, scale) for frame in decoded)
+    height, width = hr[0].shape[:2]
     lr = tuple(imresize_bicubic(frame, 1 / scale, (height // scale, width // scale))
                for frame in hr)
     return Clip(Path(path), hr, lr, frames)

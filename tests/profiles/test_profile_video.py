@@ -192,7 +192,8 @@ def test_bad_video_input_is_one_line(module_bundle: Path, benchmark_dir: Path, t
     assert not (tmp_path / "p").exists()  # refused before measuring
 
 
-def test_options_and_loader_refuse_bad_values(tmp_path: Path) -> None:
+def test_options_and_loader_refuse_bad_values(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     allowed = f"video frames must be an integer in 1..{MAX_FRAMES}"
     for frames in (0, MAX_FRAMES + 1, True):
         with pytest.raises(ConfigError, match=allowed):
@@ -201,6 +202,17 @@ def test_options_and_loader_refuse_bad_values(tmp_path: Path) -> None:
     image.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     with pytest.raises(MediaError, match="x.png is corrupt or truncated"):
         load_clip(image, 2, SCALE)
+    import runtime.video
+
+    sizes = [(8, 8), (6, 8)]
+    monkeypatch.setattr(runtime.video, "read_frames", lambda path, limit: iter(
+        np.zeros((*size, 3), np.uint8) for size in sizes))
+    with pytest.raises(MediaError, match=r"frame size changes within the first 2 frames "
+                                         r"\(8x6, 8x8\)"):
+        load_clip(image, 2, SCALE)
+    sizes = [(1, 9)]
+    with pytest.raises(MediaError, match="frames of 9x1 are too small to downscale by 2"):
+        load_clip(image, 1, SCALE)
 
 
 def test_default_video_is_the_shared_bigbuckbunny(tmp_path: Path,

@@ -5,6 +5,9 @@
 its manifest), a copy in ``--results DIR`` (``DIR/<target>/<model>.json``) when asked, and
 ``latency.png``, ``pareto.png``, ``layers.png`` and ``report.md`` into ``--plots DIR`` (default
 ``BUNDLE/profile/``; with ``--no-bundle`` ``out/profile/<bundle>/``, with the JSON there too).
+``--video CLIP`` (default: bigbuckbunny.mp4 of the shared data when present, as the benchmark
+folders; ``--no-video``: none) adds every rung and the default adaptive policy on the clip's first
+``--video-frames`` frames: Y-PSNR, VMAF NEG, frames/s, tiles per rung (:mod:`profiles.video`).
 Every output is checked before measuring (:mod:`runtime.outputs`): existing files are replaced
 only with ``--force``, except the default folder's own. ``adasr profile --compare A.json B.json``
 shows two profiles side by side.
@@ -17,13 +20,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from profiles.video import MAX_FRAMES as MAX_VIDEO_FRAMES
 from runtime.commands.run import add_force_argument
 
 if TYPE_CHECKING:
     from profiles.schema import Profile
 
-QUICK = {"runs": 5, "warmup": 1, "repeat": 2, "layer_runs": 2, "frame_repeats": 1}
-FULL = {"runs": 20, "warmup": 3, "repeat": 3, "layer_runs": 5, "frame_repeats": 3}
+QUICK = {"runs": 5, "warmup": 1, "repeat": 2, "layer_runs": 2, "frame_repeats": 1,
+         "video_frames": 4}
+FULL = {"runs": 20, "warmup": 3, "repeat": 3, "layer_runs": 5, "frame_repeats": 3,
+        "video_frames": 8}
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -63,6 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, metavar="N", help="first N images per dataset")
     p.add_argument("--frame-repeats", type=int, help="times each benchmark frame is upscaled "
                    f"(default {FULL['frame_repeats']})")
+    p.add_argument("--video", type=Path, metavar="CLIP", help="video quality on this clip: its "
+                   "first frames are the originals, their MATLAB-bicubic x1/scale the input; "
+                   "every rung and the default adaptive policy, Y-PSNR and VMAF NEG (default: "
+                   "bigbuckbunny.mp4 from the shared data when present)")
+    p.add_argument("--no-video", action="store_true", help="no video quality")
+    p.add_argument("--video-frames", type=int, metavar="N", help="first N frames of the clip "
+                   f"(default {FULL['video_frames']}, at most {MAX_VIDEO_FRAMES})")
     p.add_argument("--quick", action="store_true", help="rough smoke measurement: defaults "
                    + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items())
                    + f"; allows --runs < {FULL['runs']}")
@@ -104,14 +117,17 @@ def run(args: argparse.Namespace) -> int:
         check_range("--tiles", tile, *TILES)
     for batch in args.batch:
         check_range("--batch", batch, 1, MAX_BATCH)
+    if args.video_frames is not None:
+        check_range("--video-frames", args.video_frames, 1, MAX_VIDEO_FRAMES)
+    video = _video(args)
     defaults = QUICK if args.quick else FULL
     counts = {key: defaults[key] if getattr(args, key) is None else getattr(args, key)
               for key in FULL}
     options = ProfileOptions(
         tiles=args.tiles or (), batches=args.batch, threads=args.threads or (),
         datasets=tuple(args.dataset or ()), max_images=args.max_images, quick=args.quick,
-        backends=args.backends, **counts)
-    folder, json_path = _claim_outputs(args)
+        backends=args.backends, video=video, **counts)
+    folder, json_path = _claim_outputs(args, video)
     profile = profile_bundle(args.bundle, options, progress=None if args.quiet else _progress)
     results = save_profile(profile, args.bundle, results_dir=args.results,
                            update_bundle=not args.no_bundle)
@@ -120,6 +136,11 @@ def run(args: argparse.Namespace) -> int:
     if json_path is not None:
         atomic_write_json(json_path, profile.to_json())
     plots = _plots(profile, folder)
+    if args.plots is None:  # the command's own folder: no plot of an earlier run stays behind
+        from profiles.plots import PLOTS
+
+        for name in set(PLOTS.values()) - {path.name for path in plots.values()}:
+            (folder / name).unlink(missing_ok=True)
     report = folder / REPORT
     atomic_write_bytes(report, markdown_report(
         profile, {title: path.name for title, path in plots.items()}).encode())
@@ -132,7 +153,31 @@ def run(args: argparse.Namespace) -> int:
 REPORT = "report.md"
 
 
-def _claim_outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
+def _video(args: argparse.Namespace) -> Path | None:
+    """The clip to measure: ``--video``, else the shared bigbuckbunny.mp4 when present and the
+    VMAF tool is installed (else a note on stderr), None with ``--no-video``."""
+    from profiles.profiler import default_video
+    from runtime.errors import ConfigError
+
+    if args.no_video:
+        if args.video is not None:
+            raise ConfigError(f"--video {args.video} and --no-video contradict: give one")
+        return None
+    if args.video is not None:
+        return Path(args.video)
+    found = default_video()
+    if found is not None:
+        from runtime.vmaf import ffmpeg_path
+
+        try:
+            ffmpeg_path()
+        except ConfigError as err:
+            print(f"adasr profile: no video quality on {found}: {err}", file=sys.stderr)
+            return None
+    return found
+
+
+def _claim_outputs(args: argparse.Namespace, video: Path | None) -> tuple[Path, Path | None]:
     """Check every output before measuring; the plots folder and the JSON path (None: none)."""
     from profiles.plots import PLOTS
     from profiles.profiler import PROFILE_NAME
@@ -147,7 +192,8 @@ def _claim_outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
     writes_here = {bundle / PROFILE_NAME, bundle / "manifest.json"}
     guard = Outputs([p for p in bundle.rglob("*") if p.is_file()
                      and (p not in writes_here or args.no_bundle)
-                     and not (own and p.parent == folder)], args.force)
+                     and not (own and p.parent == folder)] + ([] if video is None else [video]),
+                    args.force)
     if json_path is not None:
         guard.claim(json_path, "--json", replace=own and json_path.parent == folder)
     for name in [*PLOTS.values(), REPORT]:

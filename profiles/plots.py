@@ -5,6 +5,8 @@
 * ``pareto.png`` -- PSNR against ms per frame (:data:`~profiles.schema.PARETO_UNIT`): the static
   engines, their front as a staircase, the adaptive dispatcher highlighted.
 * ``layers.png`` -- the top per-layer times of each engine (bundle's tile, first batch).
+* ``video.png`` (profiles with a video measurement) -- VMAF NEG and Y-PSNR against ms per clip
+  frame, one point per policy (every rung and the adaptive one).
 
 Each file is written atomically.
 """
@@ -18,12 +20,13 @@ from typing import Any
 from profiles.layers import OTHER
 from profiles.pareto import Point, pareto_front
 from profiles.report import reference_entries
-from profiles.schema import Profile
+from profiles.schema import Profile, VideoQuality
 from runtime.fileio import atomic_write_bytes
 
 __all__ = ["PLOTS", "write_plots"]
 
-PLOTS = {"latency": "latency.png", "pareto": "pareto.png", "layers": "layers.png"}
+PLOTS = {"latency": "latency.png", "pareto": "pareto.png", "layers": "layers.png",
+         "video": "video.png"}
 DPI = 120
 
 
@@ -124,10 +127,35 @@ def plot_layers(profile: Profile, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_video(video: VideoQuality, title: str, path: Path) -> Path:
+    fig = _figure(10.0, 4.2)
+    for ax, label, values in zip(
+            fig.subplots(1, 2), (f"VMAF NEG ({video.vmaf_model})", "PSNR (dB, Y)"),
+            ([p.vmaf_neg for p in video.policies], [p.psnr for p in video.policies]),
+            strict=True):
+        for index, (p, value) in enumerate(zip(video.policies, values, strict=True)):
+            adaptive = not p.policy.startswith("fixed:")
+            ax.scatter([p.ms_per_frame], [value], marker="*" if adaptive else "o",
+                       s=220 if adaptive else 40, color="tab:red" if adaptive else "tab:blue",
+                       zorder=4 if adaptive else 3)
+            ax.annotate(p.policy if adaptive else p.name, (p.ms_per_frame, value),
+                        textcoords="offset points", xytext=(6, (4, -13, 14)[index % 3]),
+                        color="tab:red" if adaptive else "black")
+        ax.set_xlabel("ms per frame (through the dispatcher)")
+        ax.set_ylabel(label)
+    fig.suptitle(f"{title}: {Path(video.clip).name}, {video.frames} frames "
+                 f"{video.width}x{video.height}")
+    return _save(fig, path)
+
+
 def write_plots(profile: Profile, folder: Path) -> dict[str, Path]:
-    """Write the three plots into ``folder``; plot name -> path."""
-    return {
+    """Write the plots into ``folder`` (``video`` only for a profile with one); name -> path."""
+    plots = {
         "latency": plot_latency(profile, folder / PLOTS["latency"]),
         "pareto": plot_pareto(profile, folder / PLOTS["pareto"]),
         "layers": plot_layers(profile, folder / PLOTS["layers"]),
     }
+    if profile.video is not None:
+        plots["video"] = plot_video(profile.video, f"{profile.model} on {profile.target}",
+                                    folder / PLOTS["video"])
+    return plots

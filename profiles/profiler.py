@@ -12,6 +12,10 @@
 2. **quality** -- every engine through ``Dispatcher(policy="fixed:NAME")`` and the adaptive
    dispatcher (``policy="threshold"``) on the same benchmark frames (:mod:`profiles.frames`).
 3. **Pareto** -- the adaptive point against the static front (:mod:`profiles.pareto`).
+4. **video** (with ``video``) -- every rung and the bundle's default adaptive policy on the first
+   ``video_frames`` frames of a clip: Y-PSNR, VMAF NEG, frames/s, tiles per rung
+   (:mod:`profiles.video`). The clip is decoded and the VMAF tool found before step 1, so bad
+   input fails before any measuring.
 
 :func:`save_profile` writes the result to ``<results>/<target>/<model>.json`` when a results folder
 is given and into the bundle as ``profile.json``, then points ``manifest.profile`` at it
@@ -36,6 +40,7 @@ from profiles.frames import measure_frames
 from profiles.pareto import Evidence, Point, assess_adaptive
 from profiles.schema import EngineEntry, FrameQuality, LayerTime, Profile, Settings
 from profiles.timing import PeakMemory, Timer, latency_stats, spread, time_runs, wall_clock
+from profiles.video import check_frames, load_clip, measure_video
 from runtime.backends import runtime_backend
 from runtime.benchmark import BenchmarkImage, load_benchmark
 from runtime.bundle import Bundle, open_bundle
@@ -49,14 +54,16 @@ if TYPE_CHECKING:
     from runtime.engines.tensorrt import TensorRTEngine  # imported when a bundle needs it
 
 __all__ = [
-    "DEFAULT_BENCHMARKS", "MIN_RUNS", "PROFILE_NAME", "RESULTS_DIR", "ProfileOptions",
-    "default_datasets", "profile_bundle", "results_path", "save_profile",
+    "DEFAULT_BENCHMARKS", "DEFAULT_VIDEO", "MIN_RUNS", "PROFILE_NAME", "RESULTS_DIR",
+    "ProfileOptions", "default_datasets", "default_video", "profile_bundle", "results_path",
+    "save_profile",
 ]
 
 MIN_RUNS = 20  # timed runs per repeat unless ``quick``
 PROFILE_NAME = "profile.json"  # inside the bundle, referenced by manifest.profile
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_BENCHMARKS = ("Set5", "Set14")
+DEFAULT_VIDEO = "video/bigbuckbunny.mp4"  # under the shared data
 _REPO = Path(__file__).resolve().parent.parent
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -85,6 +92,8 @@ class ProfileOptions:
     # backends to time every engine with as well (entries NAME@BACKEND, right after the
     # bundle's own; engines a backend cannot run are noted): side by side in one run
     backends: tuple[str, ...] = ()
+    video: Path | None = None  # a clip for the video quality (None: none measured)
+    video_frames: int = 8  # its first frames
 
     def __post_init__(self) -> None:
         if self.runs < (1 if self.quick else MIN_RUNS):
@@ -108,18 +117,29 @@ class ProfileOptions:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
         if self.max_images is not None and self.max_images < 1:
             raise ConfigError(f"max_images must be >= 1, got {self.max_images}")
+        check_frames(self.video_frames)
+
+
+def _shared_roots() -> list[Path]:
+    """``$ADASR_SHARED_DATA`` (when set), then ``../shared/data`` next to the repository."""
+    roots = [Path(os.environ["ADASR_SHARED_DATA"])] if os.environ.get("ADASR_SHARED_DATA") else []
+    return [*roots, _REPO.parent / "shared" / "data"]
 
 
 def default_datasets() -> tuple[Path, ...]:
     """Set5 and Set14 from the shared data (``$ADASR_SHARED_DATA`` or ``../shared/data``)."""
-    roots = [Path(os.environ["ADASR_SHARED_DATA"])] if os.environ.get("ADASR_SHARED_DATA") else []
-    roots.append(_REPO.parent / "shared" / "data")
-    for root in roots:
+    for root in _shared_roots():
         found = tuple(root / "benchmarks" / name for name in DEFAULT_BENCHMARKS
                       if (root / "benchmarks" / name / "HR").is_dir())
         if found:
             return found
     return ()
+
+
+def default_video() -> Path | None:
+    """bigbuckbunny.mp4 from the shared data (as :func:`default_datasets`), or None."""
+    return next((root / DEFAULT_VIDEO for root in _shared_roots()
+                 if (root / DEFAULT_VIDEO).is_file()), None)
 
 
 def _images(datasets: Sequence[Path], scale: int, limit: int | None) -> list[BenchmarkImage]:
@@ -228,6 +248,13 @@ def profile_bundle(root: Path, options: ProfileOptions | None = None, *,
                           f"{'/'.join(DEFAULT_BENCHMARKS)} under $ADASR_SHARED_DATA or "
                           f"{_REPO.parent / 'shared' / 'data'}: pass --dataset DIR (HR/ inside)")
     images = _images(datasets, bundle.scale, options.max_images)
+    clip = None
+    if options.video is not None:
+        from runtime.vmaf import ffmpeg_path
+
+        ffmpeg_path()  # the VMAF tool, before measuring
+        say(f"decoding {options.video_frames} frames of {options.video}")
+        clip = load_clip(options.video, options.video_frames, bundle.scale)
     backend = runtime_backend(manifest.backend)
     tiles = options.tiles or (manifest.tile,)
     threads = (options.threads or (manifest.threads,)) if backend.threads else (0,)
@@ -294,6 +321,13 @@ def profile_bundle(root: Path, options: ProfileOptions | None = None, *,
                        bitops=None if gbitops[_engine_of(e.name), e.tile] is None
                        else (gbitops[_engine_of(e.name), e.tile] or 0.0) * e.batch)
                for e in entries]
+    video = None
+    if clip is not None:
+        if len(clip.hr) < clip.requested:
+            notes.append(f"video {clip.path} has {len(clip.hr)} frames, not the "
+                         f"{clip.requested} asked for: measured on {len(clip.hr)}")
+        video = measure_video(bundle, clip, batch=frame_batch, threads=frame_threads,
+                              progress=say)
     pareto = assess_adaptive(
         [Point(q.name, q.latency_ms.mean, q.psnr) for q in quality],
         Point("adaptive", adaptive.latency_ms.mean, adaptive.psnr),
@@ -309,7 +343,7 @@ def profile_bundle(root: Path, options: ProfileOptions | None = None, *,
         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         device=device_info(), versions=library_versions(manifest), settings=settings,
         engines=tuple(entries), quality=quality, adaptive=adaptive, pareto=pareto,
-        notes=tuple(dict.fromkeys(notes)))
+        notes=tuple(dict.fromkeys(notes)), video=video)
 
 
 def results_path(profile: Profile, results_dir: Path | None = None) -> Path:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from profiles.schema import PARETO_UNIT, EngineEntry, Profile
+from profiles.schema import PARETO_UNIT, EngineEntry, Profile, VideoQuality
 
 __all__ = ["compare_table", "format_table", "frame_rows", "latency_rows", "markdown_report",
-           "reference_entries", "terminal_report"]
+           "reference_entries", "terminal_report", "video_rows"]
 
 LATENCY_HEADER = ("engine", "tile", "batch", "threads", "median ms", "p10", "p90", "spread",
                   "Mpix/s", "RSS MiB", "PSNR", "SSIM", "FAB", "GBitOPs")
 FRAME_HEADER = ("engine", "ms/frame", "p10", "p90", "overhead ms", "PSNR", "SSIM", "FAB",
                 "GBitOPs", "tiles")
+VIDEO_HEADER = ("policy", "frames/s", "ms/frame", "PSNR (Y)", "loss vs top", "VMAF NEG",
+                "tiles per rung")
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -58,6 +60,22 @@ def frame_rows(profile: Profile) -> list[list[str]]:
              _num(q.bitops), _mix(q.histogram)] for q in (*profile.quality, profile.adaptive)]
 
 
+def video_rows(video: VideoQuality) -> list[list[str]]:
+    top = video.policy(video.top)
+    return [[p.policy if p.policy.startswith("fixed:") else f"{p.name} ({p.policy})",
+             _num(p.fps), _num(p.ms_per_frame, 1), _num(p.psnr),
+             "-" if top is None else f"{top.psnr - p.psnr:+.4f}", _num(p.vmaf_neg),
+             _mix(p.histogram)] for p in video.policies]
+
+
+def _video_title(video: VideoQuality) -> str:
+    return (f"{video.clip}: first {video.frames} frames ({video.width}x{video.height}) as the "
+            f"originals, their MATLAB-bicubic downscale as the input; every rung (fixed:NAME) "
+            f"and the default adaptive policy (hysteresis {video.hysteresis:g}), interleaved "
+            f"per frame, batch {video.batch}; PSNR (Y) and VMAF NEG ({video.vmaf_model}) "
+            f"against the originals, loss against {video.top}")
+
+
 def reference_entries(profile: Profile) -> list[EngineEntry]:
     """The entries at the bundle's tile (the dispatcher's), else those of the first tile."""
     tile = profile.adaptive.tile
@@ -97,6 +115,11 @@ def terminal_report(profile: Profile) -> str:
         format_table(FRAME_HEADER, frame_rows(profile)),
         "",
         f"Pareto: {profile.pareto.explanation}",
+    ]
+    if profile.video is not None:
+        parts += ["", f"video: {_video_title(profile.video)}",
+                  format_table(VIDEO_HEADER, video_rows(profile.video)), ""]
+    parts += [
         f"noise: largest spread of the {s.repeat} repeated medians: {profile.max_spread:.1%}",
     ]
     layers = _top_layers(profile, 3)
@@ -142,6 +165,9 @@ def markdown_report(profile: Profile, plots: Mapping[str, str] | None = None) ->
         f"Static engines on the front (fastest first): {', '.join(profile.pareto.front)}.",
         "",
     ]
+    if profile.video is not None:
+        lines += ["## Video quality", "", _video_title(profile.video) + ".", "",
+                  format_table(VIDEO_HEADER, video_rows(profile.video), markdown=True), ""]
     for title, path in (plots or {}).items():
         lines += [f"![{title}]({path})", ""]
     lines += ["## Per-layer time", ""]
@@ -162,7 +188,8 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def compare_table(a: Profile, b: Profile) -> str:
     """Two profiles side by side: entries matched by (engine, tile, batch, threads), per-frame
-    rows by engine name; ratios are B / A (above 1: B is slower)."""
+    rows by engine name, video rows (when both have one) by policy; ratios are B / A (above 1:
+    B is slower)."""
     keyed_b = {(e.name, e.tile, e.batch, e.threads): e for e in b.engines}
     rows, matched = [], set()
     for e in a.engines:
@@ -192,4 +219,16 @@ def compare_table(a: Profile, b: Profile) -> str:
     if only_a or only_b:
         parts.append(f"unmatched configurations: only in A: {', '.join(only_a) or '-'}; "
                      f"only in B: {', '.join(only_b) or '-'}")
+    if a.video is not None and b.video is not None:
+        video_b = {p.policy: p for p in b.video.policies}
+        parts += ["", f"video (A: {a.video.clip}, {a.video.frames} frames; B: {b.video.clip}, "
+                      f"{b.video.frames} frames):",
+                  format_table(("policy", "A ms/frame", "B ms/frame", "B/A", "A PSNR", "B PSNR",
+                                "A VMAF NEG", "B VMAF NEG"),
+                               [[p.policy, _num(p.ms_per_frame, 1),
+                                 _num(video_b[p.policy].ms_per_frame, 1),
+                                 _ratio(p.ms_per_frame, video_b[p.policy].ms_per_frame),
+                                 _num(p.psnr), _num(video_b[p.policy].psnr), _num(p.vmaf_neg),
+                                 _num(video_b[p.policy].vmaf_neg)]
+                                for p in a.video.policies if p.policy in video_b])]
     return "\n".join(parts)

@@ -15,6 +15,10 @@ A profile holds, for one bundle on one device:
   on the same frames, so engines and the adaptive dispatcher are comparable: the Pareto unit is
   ``latency_ms.mean``, the mean over the benchmark images of each image's median frame time.
 * ``pareto``: where the adaptive point lies against the front of the static engines, and why.
+* ``video`` (null when no clip was measured; absent in older profiles, read as null): every
+  rung (``fixed:NAME``) and the bundle's default adaptive policy on the first frames of a real
+  clip (:mod:`profiles.video`): Y-PSNR against the original frames, VMAF NEG, frames/s and tiles
+  per rung (:class:`VideoQuality`).
 
 Every reader goes through :func:`profile_from_json`, which names the first bad field.
 """
@@ -42,6 +46,8 @@ __all__ = [
     "ParetoVerdict",
     "Profile",
     "Settings",
+    "VideoPolicy",
+    "VideoQuality",
     "profile_from_json",
     "read_profile",
 ]
@@ -58,6 +64,10 @@ UNITS = {
     "bitops": "GBitOPs per frame (engines.bitops: per call): MACs x w_bits/32 x a_bits/32",
     "fab": "feature average bit-width (float layers count 32)",
     "psnr": "dB, Y channel, `scale` border pixels cropped",
+    "video.policies.psnr": "dB, Y channel, `scale` border pixels cropped, mean over the frames",
+    "video.policies.vmaf_neg": "VMAF with the NEG model (video.vmaf_model), 0..100, mean over "
+                               "the frames, against the original frames",
+    "video.policies.ms_per_frame": "ms per Dispatcher.upscale of one clip frame (1000 / fps)",
 }
 
 
@@ -166,6 +176,39 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class VideoPolicy:
+    """One policy on the clip: a rung or engine (``fixed:NAME``) or the adaptive default."""
+
+    name: str  # rung / engine name, or "adaptive"
+    policy: str  # fixed:NAME, or the bundle's default policy (quality / threshold)
+    psnr: float  # dB, Y, ``scale`` border cropped, mean over the frames
+    vmaf_neg: float  # 0..100, mean over the frames
+    fps: float  # frames per second of the timed Dispatcher.upscale calls
+    ms_per_frame: float
+    histogram: dict[str, int] = field(default_factory=dict)  # tiles per rung, all frames
+
+
+@dataclass(frozen=True)
+class VideoQuality:
+    """Every rung and the bundle's default adaptive policy on the first frames of a clip (HR:
+    those frames; LR: their MATLAB-bicubic x1/scale)."""
+
+    clip: str
+    frames: int
+    width: int  # of the HR frames (the outputs)
+    height: int
+    vmaf_model: str
+    hysteresis: float  # of the adaptive policy
+    batch: int
+    threads: int
+    top: str  # the quality reference: the ladder's top rung, else the reference engine
+    policies: tuple[VideoPolicy, ...]  # fixed rungs cheapest first, then "adaptive"
+
+    def policy(self, name: str) -> VideoPolicy | None:
+        return next((p for p in self.policies if p.name == name), None)
+
+
+@dataclass(frozen=True)
 class Profile:
     target: str
     model: str
@@ -180,6 +223,7 @@ class Profile:
     adaptive: FrameQuality
     pareto: ParetoVerdict
     notes: tuple[str, ...] = ()
+    video: VideoQuality | None = None
     schema: str = SCHEMA
 
     @property
@@ -242,6 +286,20 @@ def _quality(f: Field) -> FrameQuality:
                                  x["frame_ms"].number(0)) for x in f["images"].items()))
 
 
+def _video(f: Field) -> VideoQuality:
+    return VideoQuality(
+        clip=f["clip"].text(), frames=_count(f["frames"]), width=_count(f["width"]),
+        height=_count(f["height"]), vmaf_model=f["vmaf_model"].text(256),
+        hysteresis=f["hysteresis"].number(0, 1), batch=_count(f["batch"]),
+        threads=_count(f["threads"]), top=f["top"].text(256),
+        policies=tuple(VideoPolicy(
+            name=p["name"].text(256), policy=p["policy"].text(256),
+            psnr=p["psnr"].number(infinite=True), vmaf_neg=p["vmaf_neg"].number(0, 100),
+            fps=p["fps"].number(0), ms_per_frame=p["ms_per_frame"].number(0),
+            histogram={key: _count(v) for key, v in p["histogram"].members()})
+            for p in f["policies"].items(1)))
+
+
 def _ints(f: Field) -> tuple[int, ...]:
     return tuple(_count(v) for v in f.items())
 
@@ -270,7 +328,7 @@ def profile_from_json(data: object) -> Profile:
         adaptive_on_front=p["adaptive_on_front"].boolean(),
         dominated_by=_texts(p["dominated_by"]), margin_db=_optional(p.get("margin_db")),
         explanation=p["explanation"].text(1 << 16, lines=True))
-    notes = f.get("notes")
+    notes, video = f.get("notes"), f.get("video")
     return Profile(
         target=f["target"].text(256), model=f["model"].text(256), backend=f["backend"].text(256),
         bundle=f["bundle"].text(), created=f["created"].text(256),
@@ -278,7 +336,8 @@ def profile_from_json(data: object) -> Profile:
         engines=tuple(_engine(e) for e in f["engines"].items()),
         quality=tuple(_quality(q) for q in f["quality"].items()),
         adaptive=_quality(f["adaptive"]), pareto=pareto,
-        notes=() if notes is None else tuple(n.text(1 << 16, lines=True) for n in notes.items()))
+        notes=() if notes is None else tuple(n.text(1 << 16, lines=True) for n in notes.items()),
+        video=None if video is None else _video(video))
 
 
 def _versions(f: Field) -> dict[str, str | None]:

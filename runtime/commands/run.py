@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 _BITRATE_UNITS = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
 _MIN_BITRATE, _MAX_BITRATE = 10_000, 2_000_000_000
 MAX_BATCH = 1024  # tiles per engine call
+VIDEO_HYSTERESIS = 0.1  # default --hysteresis for a video input (images: 0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="intra-op threads of CPU engines (default: the bundle's)")
     p.add_argument("--hysteresis", type=float,
                    help="relative threshold margin before a tile changes engine between frames "
-                   "(default 0.1 for video, 0 for images)")
+                   f"(default {VIDEO_HYSTERESIS:g} for video, 0 for images)")
     p.add_argument("--frames", type=int, metavar="N", help="upscale the first N frames only")
     p.add_argument("--stitch", default="crop", metavar="crop|feather",
                    help="tile seams: cut at the overlap centre (crop, default) or blend (feather)")
@@ -90,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     _claim_outputs(args, inputs, bundle.root)
     policy, latencies = bundle_policy(args.policy, bundle.root, manifest)
     video = inputs.video
-    hysteresis = args.hysteresis if args.hysteresis is not None else 0.1 if video else 0.0
+    hysteresis = (args.hysteresis if args.hysteresis is not None
+                  else VIDEO_HYSTERESIS if video else 0.0)
     dispatcher = Dispatcher(manifest, bundle.engines(threads=args.threads), mode=args.mode,
                             policy=policy, batch=args.batch, stitch=args.stitch,
                             hysteresis=hysteresis, latencies=latencies)

@@ -24,7 +24,7 @@ def test_profile_writes_json_plots_and_updates_the_bundle(
     out, plots, results = tmp_path / "out.json", tmp_path / "plots", tmp_path / "results"
     code = main(["profile", str(tiny_bundle), "--json", str(out), "--plots", str(plots),
                  "--results", str(results), "--dataset", str(benchmark_dir), "--quick",
-                 "--runs", "3", "--batch", "2", "--quiet"])
+                 "--runs", "3", "--batch", "2", "--quiet", "--no-video"])
     assert code == 0
     data = json.loads(out.read_text())
     assert [e["name"] for e in data["engines"]] == list(ENGINES)
@@ -85,7 +85,7 @@ def test_profile_writes_into_the_bundle_not_the_package(
 
     committed = sorted(str(p) for p in RESULTS_DIR.rglob("*"))
     args = ["profile", str(tiny_bundle), "--dataset", str(benchmark_dir), "--quick", "--runs",
-            "2", "--batch", "1", "--layer-runs", "0", "--quiet"]
+            "2", "--batch", "1", "--layer-runs", "0", "--quiet", "--no-video"]
     assert main(args) == 0
     assert sorted(str(p) for p in RESULTS_DIR.rglob("*")) == committed
     assert {p.name for p in (tiny_bundle / "profile").iterdir()} == {

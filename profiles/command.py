@@ -5,7 +5,7 @@
 its manifest), a copy in ``--results DIR`` (``DIR/<target>/<model>.json``) when asked, and
 ``latency.png``, ``pareto.png``, ``layers.png`` and ``report.md`` into ``--plots DIR`` (default
 ``BUNDLE/profile/``; with ``--no-bundle`` ``out/profile/<bundle>/``, with the JSON there too).
-``--video CLIP`` (default: bigbuckbunny.mp4 of the shared data when present, as the benchmark
+``--video CLIP`` (default: carphone_pristine.mp4 of the shared data when present, as the benchmark
 folders; ``--no-video``: none) adds every rung and the default adaptive policy on the clip's first
 ``--video-frames`` frames: Y-PSNR, VMAF NEG, frames/s, tiles per rung (:mod:`profiles.video`).
 Every output is checked before measuring (:mod:`runtime.outputs`): existing files are replaced
@@ -72,7 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", type=Path, metavar="CLIP", help="video quality on this clip: its "
                    "first frames are the originals, their MATLAB-bicubic x1/scale the input; "
                    "every rung and the default adaptive policy, Y-PSNR and VMAF NEG (default: "
-                   "bigbuckbunny.mp4 from the shared data when present)")
+                   "carphone_pristine.mp4 from the shared data when present; a 720p clip "
+                   "takes about a minute a frame per rung on a CPU)")
     p.add_argument("--no-video", action="store_true", help="no video quality")
     p.add_argument("--video-frames", type=int, metavar="N", help="first N frames of the clip "
                    f"(default {FULL['video_frames']}, at most {MAX_VIDEO_FRAMES})")
@@ -154,7 +155,7 @@ REPORT = "report.md"
 
 
 def _video(args: argparse.Namespace) -> Path | None:
-    """The clip to measure: ``--video``, else the shared bigbuckbunny.mp4 when present and the
+    """The clip to measure: ``--video``, else the shared carphone_pristine.mp4 when present and the
     VMAF tool is installed (else a note on stderr), None with ``--no-video``."""
     from profiles.profiler import default_video
     from runtime.errors import ConfigError

@@ -63,7 +63,7 @@ MIN_RUNS = 20  # timed runs per repeat unless ``quick``
 PROFILE_NAME = "profile.json"  # inside the bundle, referenced by manifest.profile
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_BENCHMARKS = ("Set5", "Set14")
-DEFAULT_VIDEO = "video/bigbuckbunny.mp4"  # under the shared data
+DEFAULT_VIDEO = "video/carphone_pristine.mp4"  # under the shared data: QCIF, seconds a rung
 _REPO = Path(__file__).resolve().parent.parent
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -137,7 +137,7 @@ def default_datasets() -> tuple[Path, ...]:
 
 
 def default_video() -> Path | None:
-    """bigbuckbunny.mp4 from the shared data (as :func:`default_datasets`), or None."""
+    """carphone_pristine.mp4 from the shared data (as :func:`default_datasets`), or None."""
     return next((root / DEFAULT_VIDEO for root in _shared_roots()
                  if (root / DEFAULT_VIDEO).is_file()), None)
 

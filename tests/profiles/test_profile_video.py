@@ -65,9 +65,9 @@ def ladder_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifest = make_manifest({"near": ((-1, 0, 1), 8.0), "cubic": ((), 32.0)}, root=root,
                              machine=(platform.machine(),))
     ladder = RungLadder(rungs=(
-        Rung("bicubic", None, 0.1, LossModel((np.log(0.05), 0, 0, 1, 0))),
-        Rung("near", "near", 1.0, LossModel((np.log(0.5), 0, 0, 1, 0))),
-        Rung("cubic", "cubic", 4.0)), reference_error=LossModel((np.log(10.0), 0, 0, 0, 0)))
+        Rung("bicubic", None, 0.1, LossModel((np.log(0.05), 0, 0, 1, 0, 0))),
+        Rung("near", "near", 1.0, LossModel((np.log(0.5), 0, 0, 1, 0, 0))),
+        Rung("cubic", "cubic", 4.0)), reference_error=LossModel((np.log(10.0), 0, 0, 0, 0, 0)))
     write_manifest(root, replace(manifest, rungs=ladder))
     return root
 
@@ -215,9 +215,9 @@ def test_options_and_loader_refuse_bad_values(tmp_path: Path,
         load_clip(image, 1, SCALE)
 
 
-def test_default_video_is_the_shared_bigbuckbunny(tmp_path: Path,
+def test_default_video_is_the_shared_carphone(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    clip = tmp_path / "video" / "bigbuckbunny.mp4"
+    clip = tmp_path / "video" / "carphone_pristine.mp4"
     clip.parent.mkdir()
     clip.write_bytes(b"")
     monkeypatch.setenv("ADASR_SHARED_DATA", str(tmp_path))
@@ -235,7 +235,7 @@ def test_without_the_vmaf_tool(module_bundle: Path, benchmark_dir: Path, tmp_pat
         raise ConfigError("VMAF needs the imageio-ffmpeg package")
 
     monkeypatch.setattr(runtime.vmaf, "ffmpeg_path", missing)
-    clip = tmp_path / "video" / "bigbuckbunny.mp4"
+    clip = tmp_path / "video" / "carphone_pristine.mp4"
     clip.parent.mkdir()
     clip.write_bytes(b"")
     monkeypatch.setenv("ADASR_SHARED_DATA", str(tmp_path))

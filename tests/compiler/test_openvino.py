@@ -2,9 +2,12 @@
 where the CPU has BF16, settings as ONNX Runtime's, and parity with the simulation.
 
 The tiny IMDN x2 of tests/compiler/test_parity.py is built for cpu-x86 with ``--backend
-openvino``. OpenVINO requantizes in FP32 with its own operation order (``FakeQuantize``), so an
-output next to a rounding tie can land on the neighbouring level and the flip propagates (not bit
-exact, unlike ONNX Runtime's QLinearConv): its engines are held to >= 50 dB against the simulation.
+openvino``. OpenVINO requantizes in FP32 with its own operation order (``FakeQuantize``: a
+reciprocal scale and a float shift; the epilogue ``* scale + bias`` fused), and its
+low-precision Add rescales one branch onto the other's grid, so an output next to a rounding tie
+can land on the neighbouring level and the flip propagates (not bit exact, unlike ONNX Runtime's
+QLinearConv; see the README): its INT8 engines measure 55.5 dB and more against the simulation
+here and are held to >= 52 dB; the BF16 engine (image path in FP32) to >= 58 dB (60.2).
 """
 
 from __future__ import annotations
@@ -105,11 +108,12 @@ def test_quantized_convs_run_on_int8_kernels(
 
 
 def test_engines_match_the_simulation(ov_bundle: tuple[Path, dict[str, Any], Path]) -> None:
-    """INT8 engines >= 50 dB against their simulation (not exact: see the module docstring),
-    the FP32 reference the FP network to the float rounding, BF16 within BF16's precision."""
+    """INT8 engines >= 52 dB against their simulation (not exact: see the module docstring),
+    the FP32 reference the FP network to the float rounding, BF16 (its image path in FP32)
+    >= 58 dB."""
     weights, record, root = ov_bundle
     bundle = open_bundle(root)
-    floor = {"int8": 50.0, "mixed": 50.0, "fp32": 80.0, "bf16": 35.0}
+    floor = {"int8": 52.0, "mixed": 52.0, "fp32": 80.0, "bf16": 58.0}
     for spec in bundle.manifest.engines:
         summary = None if not any(layer.act_bits for layer in spec.layers) else \
             lowering_summary(onnx.load(root / spec.onnx.path))

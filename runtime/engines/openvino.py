@@ -3,11 +3,14 @@ plugin, one compiled model and infer request per engine, made in ``activate``.
 
 OpenVINO reads the same Q/DQ graphs as ONNX Runtime and runs their quantized convs on INT8
 kernels (its low-precision transformations fuse ``DQ -> Conv <- DQ(W)``; tests check the compiled
-model's per-layer ``runtimePrecision``). An engine whose precision is ``bf16`` is the FP32 graph
-compiled with ``INFERENCE_PRECISION_HINT=bf16``: real BF16 kernels on CPUs whose capability list
+model's per-layer ``runtimePrecision``); a residual add of two 8-bit tensors is kept out of the
+conv before it (:mod:`runtime.engines.openvino_exact`: that fusion drops a rounding).
+
+An engine whose precision is ``bf16`` is the FP32 graph compiled with
+``INFERENCE_PRECISION_HINT=bf16``: real BF16 kernels on CPUs whose capability list
 (``OPTIMIZATION_CAPABILITIES``) names BF16 (AVX512-BF16, AMX), except on the image path -- the
-nodes that read or write the image stay FP32 (:mod:`runtime.engines.openvino_precise`: BF16's 8
-significant bits would move pixels by up to half a level). Every other engine is compiled with
+nodes that read or write the image stay FP32 (:mod:`runtime.engines.openvino_precise`: BF16's
+8 significant bits would move pixels by up to half a level). Every other engine is compiled with
 ``f32`` so that OpenVINO never lowers its float layers on its own (its default on AMX CPUs).
 
 Settings as the ONNX Runtime engine's: ``threads`` inference threads (0 = OpenVINO's default,
@@ -27,6 +30,7 @@ import numpy as np
 
 from runtime.backends import Capabilities, OpenRequest, RuntimeBackend
 from runtime.engines.base import Batch, Engine
+from runtime.engines.openvino_exact import unfuse_quantized_adds
 from runtime.engines.openvino_precise import keep_image_path
 from runtime.errors import EngineError, check_range
 from runtime.manifest import THREADS
@@ -74,6 +78,7 @@ class OpenVinoEngine(Engine):
         core = _core()
         try:
             model = core.read_model(str(self.path))
+            unfuse_quantized_adds(model)
             if self.precision == BF16:
                 model, self.kept_fp32 = keep_image_path(core, model)
             self._compiled = core.compile_model(model, "CPU",

@@ -9,9 +9,10 @@ in 98% of values and the graph's ``Q(Q(conv) + skip)`` in only 82% (a 2-input te
 tests/compiler/test_openvino.py). Each such level seeds a cascade through EDSR's trunk: the
 EDSR x2 hardware INT8 engine was 50.2 dB from ONNX Runtime on Set5, 55.6 dB with this fix.
 
-The plugin fuses the add only when the conv is its input's sole reader (``GraphOptimizer::
-FuseConvolutionSumAndConvolutionSumActivation``), so every Add of two dequantized 8-bit tensors
-gets one more reader of each input: a 1-element slice, returned as an extra model output that
+The same holds where the skip is a float tensor (the trunk ends kept FP32). The plugin fuses the
+add only when the conv is its input's sole reader (``GraphOptimizer::
+FuseConvolutionSumAndConvolutionSumActivation``), so each dequantized 8-bit input of an Add of
+two tensors gets one more reader: a 1-element slice, returned as an extra model output that
 nobody reads (the engine takes output 0). The conv keeps its INT8 kernel and fused output
 FakeQuantize; the add and its FakeQuantize run as one small elementwise kernel.
 """
@@ -42,16 +43,20 @@ def _dequantized(output: Any) -> bool:
 
 
 def unfuse_quantized_adds(model: Any) -> int:
-    """Give each input of every Add of two dequantized 8-bit tensors in ``model`` (an
+    """Give each dequantized 8-bit input of every Add of two tensors in ``model`` (an
     ``openvino.Model``, changed in place) a second reader, a 1-element slice returned as an
     extra output after the model's own; returns how many Adds."""
     import openvino.opset13 as ops
 
     adds = [op for op in model.get_ordered_ops() if op.get_type_name() == "Add"
-            and all(_dequantized(port.get_source_output()) for port in op.inputs())]
+            and any(_dequantized(port.get_source_output()) for port in op.inputs())
+            and not any(port.get_source_output().get_node().get_type_name() == "Constant"
+                        for port in op.inputs())]
     for add in adds:
         for port in add.inputs():
             tensor = port.get_source_output()
+            if not _dequantized(tensor):
+                continue
             rank = tensor.get_partial_shape().rank.get_length()
             start = ops.constant(np.zeros(rank, dtype=np.int64))
             step = ops.constant(np.ones(rank, dtype=np.int64))

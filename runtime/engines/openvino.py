@@ -3,10 +3,15 @@ plugin, one compiled model and infer request per engine, made in ``activate``.
 
 OpenVINO reads the same Q/DQ graphs as ONNX Runtime and runs their quantized convs on INT8
 kernels (its low-precision transformations fuse ``DQ -> Conv <- DQ(W)``; tests check the compiled
-model's per-layer ``runtimePrecision``). An engine whose precision is ``bf16`` is the FP32 graph
-compiled with ``INFERENCE_PRECISION_HINT=bf16``: real BF16 kernels on CPUs whose capability list
-(``OPTIMIZATION_CAPABILITIES``) names BF16 (AVX512-BF16, AMX); every other engine is compiled
-with ``f32`` so that OpenVINO never lowers its float layers on its own (its default on AMX CPUs).
+model's per-layer ``runtimePrecision``); a residual add of two 8-bit tensors is kept out of the
+conv before it (:mod:`runtime.engines.openvino_exact`: that fusion drops a rounding).
+
+An engine whose precision is ``bf16`` is the FP32 graph compiled with
+``INFERENCE_PRECISION_HINT=bf16``: real BF16 kernels on CPUs whose capability list
+(``OPTIMIZATION_CAPABILITIES``) names BF16 (AVX512-BF16, AMX), except on the image path -- the
+nodes that read or write the image stay FP32 (:mod:`runtime.engines.openvino_precise`: BF16's
+8 significant bits would move pixels by up to half a level). Every other engine is compiled with
+``f32`` so that OpenVINO never lowers its float layers on its own (its default on AMX CPUs).
 
 Settings as the ONNX Runtime engine's: ``threads`` inference threads (0 = OpenVINO's default,
 one per physical core), one stream, the latency hint, no core pinning (several engines of a
@@ -25,12 +30,15 @@ import numpy as np
 
 from runtime.backends import Capabilities, OpenRequest, RuntimeBackend
 from runtime.engines.base import Batch, Engine
+from runtime.engines.openvino_exact import unfuse_quantized_adds
+from runtime.engines.openvino_precise import keep_image_path
 from runtime.errors import EngineError, check_range
 from runtime.manifest import THREADS
 
 NOT_INSTALLED = "OpenVINO is not installed here: pip install 'adasr[openvino]'"
 # OpenVINO's capability names -> the kernel precisions they give
 _CAPABILITIES = {"INT8": "int8", "BF16": "bf16", "FP32": "fp32"}
+BF16 = "bf16"
 
 
 @cache
@@ -49,7 +57,7 @@ def compile_config(threads: int, precision: str) -> dict[str, Any]:
     config: dict[str, Any] = {
         "PERFORMANCE_HINT": "LATENCY",
         "NUM_STREAMS": 1,
-        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == BF16 else "f32",
         "ENABLE_CPU_PINNING": False,
     }
     if threads:
@@ -64,11 +72,15 @@ class OpenVinoEngine(Engine):
         self.path, self.threads, self.precision = path, threads, precision
         self._compiled: Any = None
         self._request: Any = None
+        self.kept_fp32: frozenset[str] = frozenset()  # a BF16 engine's image path (FP32)
 
     def _activate_impl(self) -> None:
         core = _core()
         try:
             model = core.read_model(str(self.path))
+            unfuse_quantized_adds(model)
+            if self.precision == BF16:
+                model, self.kept_fp32 = keep_image_path(core, model)
             self._compiled = core.compile_model(model, "CPU",
                                                 compile_config(self.threads, self.precision))
         except RuntimeError as err:  # OpenVINO raises RuntimeError with a multi-line report

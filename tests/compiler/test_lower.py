@@ -200,6 +200,36 @@ def test_quantized_convs_fuse_into_qlinearconv(fp_model: onnx.ModelProto,
         assert "tail.0.0" in expected
 
 
+def test_qlinearconv_biases_are_stored_on_the_int32_lattice(
+        fp_model: onnx.ModelProto, records: dict[str, dict[str, Any]]) -> None:
+    """Each ``DQ -> Conv -> Q`` conv's bias is an integer multiple of fp32(s_x * s_w), the value
+    QLinearConv adds (so a backend adding the float bias adds the same: OpenVINO); the float
+    biases of convs without an output Q are the network's own."""
+    engine = lower_engine(fp_model, engine_layers(records["adabm_w8a8_fq"], 0))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in engine.graph.initializer}
+    producer = {out: node for node in engine.graph.node for out in node.output}
+    readers: dict[str, list[str]] = {}
+    for node in engine.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    found = 0
+    for conv in (n for n in engine.graph.node if n.op_type == "Conv" and len(n.input) > 2):
+        x, w = producer.get(conv.input[0]), producer.get(conv.input[1])
+        if (x is None or w is None or {x.op_type, w.op_type} != {"DequantizeLinear"}
+                or set(readers[conv.output[0]]) != {"QuantizeLinear"}):
+            continue
+        step = (inits[x.input[1]].astype(np.float32)
+                * inits[w.input[1]].astype(np.float32).reshape(-1)).astype(np.float32)
+        levels = inits[conv.input[2]].astype(np.float64) / step
+        # fp32 holds q * step to 2^-24 relative: large q (a bias far above the step) are
+        # integers only to that precision
+        off = np.abs(levels - np.round(levels))
+        assert (off <= 1e-3 + 2.0**-23 * np.abs(levels)).all(), conv.name
+        assert conv.input[2].endswith(".lattice")
+        found += 1
+    assert found >= 3
+
+
 def test_exact_placement_without_requantization(tiny: tuple[Path, Path],
                                                 fp_model: onnx.ModelProto,
                                                 records: dict[str, dict[str, Any]],

@@ -2,9 +2,12 @@
 where the CPU has BF16, settings as ONNX Runtime's, and parity with the simulation.
 
 The tiny IMDN x2 of tests/compiler/test_parity.py is built for cpu-x86 with ``--backend
-openvino``. OpenVINO requantizes in FP32 with its own operation order (``FakeQuantize``), so an
-output next to a rounding tie can land on the neighbouring level and the flip propagates (not bit
-exact, unlike ONNX Runtime's QLinearConv): its engines are held to >= 50 dB against the simulation.
+openvino``. OpenVINO requantizes in FP32 with its own operation order (``FakeQuantize``: a
+reciprocal scale and a float shift; the epilogue ``* scale + bias`` fused), and its
+low-precision Add rescales one branch onto the other's grid, so an output next to a rounding tie
+can land on the neighbouring level and the flip propagates (not bit exact, unlike ONNX Runtime's
+QLinearConv; see the README): its INT8 engines measure 55.5 dB and more against the simulation
+here and are held to >= 52 dB; the BF16 engine (image path in FP32) to >= 58 dB (60.2).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from compiler.lower.qdq import lowering_summary
 from compiler.parity import simulate_engine
 from compiler.plan import plan_engines
 from compiler.quant.patches import sample_patches
+from compiler.quant.qmodel import QuantSettings
 from compiler.simulate import TorchUpscaler
 from compiler.zoo import load_model
 from runtime.backends import runtime_backend
@@ -105,11 +109,12 @@ def test_quantized_convs_run_on_int8_kernels(
 
 
 def test_engines_match_the_simulation(ov_bundle: tuple[Path, dict[str, Any], Path]) -> None:
-    """INT8 engines >= 50 dB against their simulation (not exact: see the module docstring),
-    the FP32 reference the FP network to the float rounding, BF16 within BF16's precision."""
+    """INT8 engines >= 52 dB against their simulation (not exact: see the module docstring),
+    the FP32 reference the FP network to the float rounding, BF16 (its image path in FP32)
+    >= 58 dB."""
     weights, record, root = ov_bundle
     bundle = open_bundle(root)
-    floor = {"int8": 50.0, "mixed": 50.0, "fp32": 80.0, "bf16": 35.0}
+    floor = {"int8": 52.0, "mixed": 52.0, "fp32": 80.0, "bf16": 58.0}
     for spec in bundle.manifest.engines:
         summary = None if not any(layer.act_bits for layer in spec.layers) else \
             lowering_summary(onnx.load(root / spec.onnx.path))
@@ -170,3 +175,105 @@ def test_the_onnxruntime_build_of_the_same_target_has_no_bf16_rung(
     assert "bf16" not in {e.name for e in plan.engines}
     with pytest.raises(ConfigError, match="unknown backend of target 'cpu-x86' 'tensorrt'"):
         target.with_backend("tensorrt")
+
+
+def _residual_graph(outputs: tuple[str, ...]) -> bytes:
+    """``Q/DQ -> Conv(DQ(w_int8)) -> Q/DQ`` plus a Q/DQ skip, added, then Q/DQ: the residual
+    add of an EDSR block on 8-bit grids (the steps and zero points of a real bundle)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    consts = {"sx": (0.01, np.float32), "zx": (0, np.uint8), "sa": (0.00341293, np.float32),
+              "za": (133, np.uint8), "sb": (0.00469036, np.float32), "zb": (136, np.uint8),
+              "so": (0.00391475, np.float32), "zo": (132, np.uint8), "ws": (0.002, np.float32),
+              "wz": (0, np.int8),
+              "wi": (np.clip(np.round(rng.standard_normal((8, 8, 3, 3)) * 25), -127, 127),
+                     np.int8)}
+    inits = [numpy_helper.from_array(np.array(v, dtype=t), k) for k, (v, t) in consts.items()]
+
+    def qdq(x: str, s: str, z: str, out: str) -> list[onnx.NodeProto]:
+        return [helper.make_node("QuantizeLinear", [x, s, z], [f"{out}_q"]),
+                helper.make_node("DequantizeLinear", [f"{out}_q", s, z], [out])]
+
+    nodes = [*qdq("x", "sx", "zx", "xd"),
+             helper.make_node("DequantizeLinear", ["wi", "ws", "wz"], ["w"]),
+             helper.make_node("Conv", ["xd", "w"], ["y"], pads=[1, 1, 1, 1]),
+             *qdq("y", "sa", "za", "a"), *qdq("r", "sb", "zb", "b"),
+             helper.make_node("Add", ["a", "b"], ["s"]), *qdq("s", "so", "zo", "o")]
+    shape = [1, 8, 32, 32]
+    graph = helper.make_graph(
+        nodes, "residual", [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+                            for n in ("x", "r")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def test_openvinos_fused_conv_and_residual_add_drops_a_rounding_and_the_engine_unfuses_it(
+        ) -> None:
+    """Why OpenVINO's INT8 engines were further from the simulation (pinned on OpenVINO
+    2026.4): its CPU plugin fuses a requantized conv output and the residual add into the conv
+    (an in-place ``sum`` post-op between two FakeQuantize post-ops) and adds the conv's
+    unrounded value: 18% of this add's outputs are a level off the graph's ONNX meaning
+    ``Q(DQ(Q(y)) + DQ(Q(r)))``, which ONNX Runtime (and the simulation) computes, and all but
+    2% equal ``Q(y + DQ(Q(r)))``. ``unfuse_quantized_adds`` (the engine applies it) gives the
+    add's inputs a second reader, the plugin no longer fuses, and the outputs match exactly
+    with the conv still on an INT8 kernel."""
+    import onnxruntime as ort
+
+    from runtime.engines.openvino import _core
+    from runtime.engines.openvino_exact import unfuse_quantized_adds
+
+    rng = np.random.default_rng(1)
+    feed = {"x": rng.random((1, 8, 32, 32)).astype(np.float32),
+            "r": (rng.standard_normal((1, 8, 32, 32)) * 0.3).astype(np.float32)}
+    data = _residual_graph(("o", "y", "b"))
+    o, y, b = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feed)
+    unrounded = (np.clip(np.round((y + b) / np.float32(0.00391475)) + 132, 0, 255) - 132) \
+        * np.float32(0.00391475)
+    fused_model = _core().read_model(_residual_graph(("o",)), b"")
+    fixed_model = _core().read_model(_residual_graph(("o",)), b"")
+    assert unfuse_quantized_adds(fixed_model) == 1 and len(fixed_model.outputs) == 3
+    results = {}
+    for key, model in (("fused", fused_model), ("fixed", fixed_model)):
+        compiled = _core().compile_model(model, "CPU", compile_config(1, "int8"))
+        results[key] = compiled(feed)[0]
+        kernels = {op.get_rt_info()["runtimePrecision"].astype(str)
+                   for op in compiled.get_runtime_model().get_ordered_ops()
+                   if op.get_rt_info()["layerType"].astype(str) == "Convolution"}
+        assert kernels == {"u8"}
+    assert 0.10 < float(np.mean(results["fused"] != o)) < 0.30
+    assert float(np.mean(results["fused"] != unrounded)) < 0.05
+    assert float(np.mean(results["fixed"] != o)) == 0.0
+
+
+def test_a_residual_int8_engine_matches_onnxruntime_bit_for_bit(
+        tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """The tiny EDSR (2 residual blocks) all-INT8 engine on OpenVINO: identical to ONNX
+    Runtime's on the same graph, with the residual adds kept out of the convs and the
+    QLinearConv biases on the int32 lattice (54.4 dB, 24% of the values off, with the adds
+    fused); so as close to the simulation as ONNX Runtime is (a level on a few pixels: the
+    image-grid output's folded constant, compiler.lower.ort)."""
+    from tests.conftest import calibrate_tiny
+
+    weights, calib = tiny
+    record = calibrate_tiny(tiny, {"w8a6": QuantSettings(method="adabm", wbits=8, abits=6,
+                                                         fq=True)})["w8a6"]
+    target = load_target("cpu-x86").with_backend("openvino")
+    plan = plan_engines(record, target, "hardware", tile=16, overlap=4, floats="none")
+    write_bundle(load_model(weights), record, plan, tmp_path / "bundle",
+                 patches=sample_patches(calib, 4, 16, seed=0).numpy())
+    bundle = open_bundle(tmp_path / "bundle")
+    spec = bundle.manifest.engine("int8")
+    assert {layer.precision for layer in spec.layers} == {"int8"}
+    summary = lowering_summary(onnx.load(tmp_path / "bundle" / spec.onnx.path))
+    sim = TorchUpscaler(simulate_engine(weights, record, spec, summary=summary), 2)
+    with (bundle.engine("int8", threads=1) as engine,
+          bundle.engine("int8", threads=1, backend="onnxruntime") as ort):
+        for image in _images():
+            x = (image.transpose(2, 0, 1)[None] / 255).astype(np.float32)
+            out, ref = (to_uint8(e.infer(x)[0].transpose(1, 2, 0)) for e in (engine, ort))
+            simulated = to_uint8(sim(image))
+            assert int(np.sum(out != ref)) == 0
+            assert int(np.sum(out != simulated)) == int(np.sum(ref != simulated)) <= 20

@@ -138,15 +138,6 @@ def _stored(grid: Grid) -> tuple[int, int]:
     return grid.low + k, grid.high + k
 
 
-def _set_ints(node: onnx.NodeProto, name: str, values: Sequence[int]) -> None:
-    for attr in node.attribute:
-        if attr.name == name:
-            del attr.ints[:]
-            attr.ints.extend(values)
-            return
-    node.attribute.append(helper.make_attribute(name, list(values)))
-
-
 class TensorRTEncoding(Encoding):
     """Symmetric int8 Q/DQ with a float Clip before each narrower Q (module docstring); every
     conv with a quantized input computes on its integer levels (:meth:`feed`, :meth:`lower_conv`).
@@ -324,7 +315,9 @@ def _pad_outside(g: GraphEditor, conv: onnx.NodeProto, tensor: str, value: np.fl
         return tensor
     half = len(pads) // 2
     onnx_pads = np.array([0, 0, *pads[:half], 0, 0, *pads[half:]], dtype=np.int64)
-    _set_ints(conv, "pads", [0] * len(pads))
+    conv_pads = next(attr for attr in conv.attribute if attr.name == "pads")  # non-zero: present
+    del conv_pads.ints[:]
+    conv_pads.ints.extend([0] * len(pads))
     return g.node("Pad", [tensor, g.constant(f"{base}.pads", onnx_pads),
                           g.constant(f"{base}.pad_value", np.array(value, dtype=F32))],
                   f"{base}.pad", mode="constant")

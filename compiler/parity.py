@@ -358,7 +358,7 @@ class ExactAttention(CCALayer):
         with torch.no_grad():
             mean = exact_mean(x)
             centred = x - mean
-            y = newton_root(exact_mean(centred * centred)) + mean
+            y = newton_root(exact_mean(centred * centred), centred) + mean
             for layer in self.conv_du:
                 if isinstance(layer, nn.Conv2d):
                     y = tree_conv(y, layer)
@@ -380,9 +380,12 @@ def exact_mean(y: Tensor) -> Tensor:
     return mean
 
 
-def newton_root(v: Tensor) -> Tensor:
-    """The square root of ``compiler.lower.pooled._power``: Newton steps from 1."""
-    root, half = torch.tensor(np.float32(1)), torch.tensor(np.float32(0.5))
+def newton_root(v: Tensor, deviations: Tensor) -> Tensor:
+    """The root of ``v = mean(deviations^2)`` as ``compiler.lower.pooled._power`` computes it:
+    Newton steps from ``max(max |deviations|, tiny)``."""
+    largest = deviations.abs().amax(dim=(2, 3), keepdim=True)
+    root = torch.maximum(largest, torch.tensor(TINY))
+    half = torch.tensor(np.float32(0.5))
     for _ in range(NEWTON_STEPS):
         root = (root + v / root) * half
     return root

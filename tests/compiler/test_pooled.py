@@ -137,7 +137,10 @@ def test_logistic_and_root_are_accurate() -> None:
     z = torch.linspace(-30, 30, 600001)
     exact = torch.sigmoid(z.double())
     assert float((logistic(z).double() - exact).abs().max()) < 2.5e-7
-    v = torch.logspace(-16, 16, 100001, dtype=torch.float64).float()
-    root, true = newton_root(v), torch.sqrt(v.double())
+    v = torch.logspace(-16, 16, 100001, dtype=torch.float64).float().reshape(-1, 1, 1, 1)
+    true = torch.sqrt(v.double())
     ulp = torch.from_numpy(np.spacing(np.sqrt(v.numpy())).astype(np.float64))
-    assert float(((root.double() - true).abs() / ulp).max()) < 1.0
+    # the start max |c| is between the root and sqrt(H W) <= 2^12 times it (2^24 pixels)
+    for ratio in (1.0, 3.0, 4096.0):
+        root = newton_root(v, (true * ratio).float())
+        assert float(((root.double() - true).abs() / ulp).max()) <= 1.0, ratio

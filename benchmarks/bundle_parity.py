@@ -23,9 +23,11 @@ graph (whole images). Each is checked with ``check_tensorrt_graph`` at opset 17 
 the lowest target parser), run in ONNX Runtime (CPU, graph optimizations off: the graph's ONNX
 semantics; ORT's optimizer would substitute its own QLinearConv arithmetic) and compared with
 ``simulate_engine(..., dialect="tensorrt")``, which models the graph's arithmetic (convs on
-integer levels, ``compiler.lower.trt``). ``--requantize bundle`` (default) requantizes conv
-outputs on both ladders, as TensorRT bundles do; ``ladder`` does so only on the hardware
-ladder, as ORT bundles do (emulate engines then have the ORT table's placement).
+integer levels, ``compiler.lower.trt``; per-image statistics as the FP32 graph computes them,
+``compiler.lower.pooled``, when its ``statistics`` fact says so). ``--requantize bundle``
+(default) requantizes conv outputs on both ladders, as TensorRT bundles do; ``ladder`` does so
+only on the hardware ladder, as ORT bundles do (emulate engines then have the ORT table's
+placement).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from compiler.backends import builder
 from compiler.bundle import write_bundle
 from compiler.lower.dialects import lower_engine
 from compiler.lower.export import INPUT_NAME, export_onnx
-from compiler.lower.qdq import lowering_summary
+from compiler.lower.qdq import lowering_facts, lowering_summary
 from compiler.parity import simulate_engine
 from compiler.plan import plan_engines
 from compiler.quant.calibrate import CalibrationConfig, calibrate
@@ -70,7 +72,7 @@ TENSORRT_OPSET = 17  # the FP graph's opset (the checker enforces it as the max)
 FP_OPSET = 17  # compiler.bundle.BuildOptions.opset
 
 Run = Callable[[np.ndarray], np.ndarray]  # N x 3 x H x W float32 in [0, 1] -> SR, not clipped
-Engine = tuple[EngineSpec, list[dict[str, Any]] | None, Run]
+Engine = tuple[EngineSpec, list[dict[str, Any]] | None, str, Run]  # str: statistics fact
 
 
 def calibration_record(key: str, weights: Path, scale: int, args: argparse.Namespace
@@ -113,8 +115,9 @@ def _ort_engines(weights: Path, record: dict[str, Any], ladder: str, patches: np
                 graph = onnx.load(str(root / spec.onnx.path))
                 floating = not any(layer.act_bits for layer in spec.layers)  # FP32, BF16
                 summary = None if floating else lowering_summary(graph)
+                statistics = lowering_facts(graph).get("statistics", "float")
                 with bundle.engine(spec.name, threads=args.threads) as engine:
-                    yield spec, summary, engine.infer
+                    yield spec, summary, statistics, engine.infer
 
         yield engines()
 
@@ -158,7 +161,8 @@ def _tensorrt_engines(weights: Path, record: dict[str, Any], ladder: str, patche
                                  requantize=requantize, max_opset=TENSORRT_OPSET)
             check_tensorrt_graph(model, TENSORRT_OPSET)
             summary = None if spec.reference else lowering_summary(model)
-            yield spec, summary, _session(model, args.threads)
+            statistics = lowering_facts(model).get("statistics", "float")
+            yield spec, summary, statistics, _session(model, args.threads)
 
     yield engines()
 
@@ -197,9 +201,10 @@ def main() -> None:
         patches = sample_patches(calib, 8, 48, seed=0, downscale=scale).numpy()
         for ladder in ("hardware", "emulate"):
             with engines_of(weights, record, ladder, patches, args) as engines:
-                for spec, summary, run in engines:
+                for spec, summary, statistics, run in engines:
                     sim = TorchUpscaler(simulate_engine(weights, record, spec, summary=summary,
-                                                        dialect=args.dialect), scale)
+                                                        dialect=args.dialect,
+                                                        statistics=statistics), scale)
                     vs_sim, hr_engine, hr_sim, differing = [], [], [], []
                     for image in images:
                         lr = image.lr.astype(np.float32).transpose(2, 0, 1)[None] / 255

@@ -26,10 +26,12 @@ simulation that rounds like the engine except in FP32 sums is not close, it is 3
 TensorRT-dialect engines that record ``integer_conv`` are simulated as exactly
 (:class:`TensorRTConv2d`: the input Q's Mul by ``u / step`` and shift, exact sums, the FP32
 epilogue, the symmetric output Q), so run by ONNX Runtime without optimizations they match bit
-for bit as well (``benchmarks/bundle_parity.py --dialect tensorrt``: EDSR x2 both ladders and
-IMDN x4 emulate on Set5), except where IMDN's attention statistics, which stay FP32 there
-(TensorRT has no FP64), differ from torch's by ulps next to a rounding tie of the next conv's
-input: on Set5 'baby' the IMDN x4 hardware engine flipped levels at IMDB5.c5's input (108
+for bit as well (``benchmarks/bundle_parity.py --dialect tensorrt``: every quantized engine
+of EDSR x2 and IMDN x4, both ladders, on Set5). IMDN's attention statistics stay FP32 there
+(TensorRT has no FP64); FP32 graphs compute them with ops whose results do not depend on the
+implementation (``compiler.lower.pooled``), simulated op for op by :class:`ExactAttention`.
+Before that, ONNX Runtime's and torch's FP32 statistics differed by ulps, and on Set5 'baby'
+the IMDN x4 hardware engine flipped levels at IMDB5.c5's input next to a rounding tie (108
 values), which spread to 17% of the output (48.3 dB). Before the lowering computed on integer
 levels, FP32 sums in ONNX Runtime's order against torch's left IMDN x4 engines 33-41 dB from
 this simulation.
@@ -48,10 +50,12 @@ from torch import Tensor, nn
 
 from compiler.lower.dialects import dialect_of
 from compiler.lower.image import PIXEL_LEVELS, ImageConv, image_conv_constants
+from compiler.lower.pooled import CLAMP, LOGISTIC_P, LOGISTIC_Q, NEWTON_STEPS, SCALE, TINY
 from compiler.quant.qmodel import QConv2d
 from compiler.quant.quantizers import MAX_INT_BITS, quantize_asymmetric
 from compiler.quant.record import apply_record
 from compiler.zoo import load_model
+from compiler.zoo.imdn import CCALayer
 from runtime.errors import ConfigError
 from runtime.manifest import EngineSpec
 
@@ -61,8 +65,13 @@ FLOAT_BITS = 32.0
 def simulate_engine(weights: Path, record: Mapping[str, Any], spec: EngineSpec,
                     scale: int | None = None,
                     summary: Sequence[Mapping[str, Any]] | None = None,
-                    dialect: str = "ort") -> nn.Module:
-    """The simulated network that ``spec`` (an engine of a bundle built from ``record``) runs."""
+                    dialect: str = "ort", statistics: str = "float") -> nn.Module:
+    """The simulated network that ``spec`` (an engine of a bundle built from ``record``) runs.
+
+    ``statistics="exact"``: the engine computes its per-image statistics as
+    ``compiler.lower.pooled`` writes them (the ``statistics`` fact of a TensorRT-dialect
+    lowering, :func:`compiler.lower.qdq.lowering_facts`); IMDN's attention is simulated so
+    (:class:`ExactAttention`)."""
     rules = dialect_of(dialect).arithmetic
     loaded = load_model(weights, scale=scale)
     if all(layer.act_bits is None for layer in spec.layers):  # a float engine (FP32, BF16 ...)
@@ -112,6 +121,10 @@ def simulate_engine(weights: Path, record: Mapping[str, Any], spec: EngineSpec,
         for module in qnet.modules():
             if hasattr(module, "fp64_statistics"):
                 setattr(module, "fp64_statistics", True)  # noqa: B010
+    if statistics == "exact":
+        for module in qnet.modules():
+            if isinstance(module, CCALayer):
+                module.__class__ = ExactAttention
     qnet.forced_d_img = spec.offsets[0] if spec.offsets else 0
     qnet.eval()
     streams = [entry["name"] for entry in summary or () if entry.get("stream_bounds")]
@@ -333,6 +346,80 @@ class ExactImageConv(QConv2d):
             scale = torch.from_numpy(form.scale).reshape(1, -1, 1, 1)
             out: Tensor = acc.float() * scale + torch.from_numpy(form.bias).reshape(1, -1, 1, 1)
             return out
+
+
+class ExactAttention(CCALayer):
+    """IMDN's attention as ``compiler.lower.pooled`` computes it, op for op: exact means on a
+    grid of ``2^24`` levels of each channel's largest magnitude, the square as a product, the
+    root by Newton steps, the 1x1 convs as products summed in a tree of pairs, the rational
+    logistic."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            mean = exact_mean(x)
+            centred = x - mean
+            y = newton_root(exact_mean(centred * centred), centred) + mean
+            for layer in self.conv_du:
+                if isinstance(layer, nn.Conv2d):
+                    y = tree_conv(y, layer)
+                elif isinstance(layer, nn.Sigmoid):
+                    y = logistic(y)
+                else:
+                    y = layer(y)
+            return x * y
+
+
+def exact_mean(y: Tensor) -> Tensor:
+    """The mean over H and W of ``compiler.lower.pooled._exact_mean``."""
+    scale = torch.tensor(SCALE)
+    m = torch.maximum(y.abs().amax(dim=(2, 3), keepdim=True), torch.tensor(TINY))
+    levels = torch.round(y / m * scale)
+    total = levels.to(torch.int64).sum(dim=(2, 3), keepdim=True)
+    count = torch.tensor(float(y.shape[2] * y.shape[3]), dtype=torch.float32)
+    mean: Tensor = total.float() / count * m / scale
+    return mean
+
+
+def newton_root(v: Tensor, deviations: Tensor) -> Tensor:
+    """The root of ``v = mean(deviations^2)`` as ``compiler.lower.pooled._power`` computes it:
+    Newton steps from ``max(max |deviations|, tiny)``."""
+    largest = deviations.abs().amax(dim=(2, 3), keepdim=True)
+    root = torch.maximum(largest, torch.tensor(TINY))
+    half = torch.tensor(np.float32(0.5))
+    for _ in range(NEWTON_STEPS):
+        root = (root + v / root) * half
+    return root
+
+
+def tree_conv(y: Tensor, conv: nn.Conv2d) -> Tensor:
+    """A 1x1 conv on a pooled ``[N, C, 1, 1]`` tensor as ``compiler.lower.pooled._pooled_conv``
+    computes it: products (zero padded to a power of two) summed in pairs, then the bias."""
+    weight = conv.weight.detach()[:, :, 0, 0]
+    outs, ins = weight.shape
+    width = 1 << max(ins - 1, 0).bit_length()
+    products = F.pad(y.reshape(-1, 1, ins), (0, width - ins)) * F.pad(weight, (0, width - ins))
+    while width > 1:
+        products = products.reshape(y.shape[0], outs, -1, 2).sum(dim=-1)
+        width //= 2
+    pooled = products.reshape(y.shape[0], outs, 1, 1)
+    return pooled if conv.bias is None else pooled + conv.bias.detach().reshape(outs, 1, 1)
+
+
+def logistic(z: Tensor) -> Tensor:
+    """The rational logistic of ``compiler.lower.pooled._logistic``."""
+    x = z.clamp(-float(CLAMP), float(CLAMP))
+    x2 = x * x
+
+    def horner(coefficients: tuple[np.float32, ...]) -> Tensor:
+        acc = x2 * torch.tensor(coefficients[0])
+        for i, c in enumerate(coefficients[1:], 1):
+            acc = acc + torch.tensor(c)
+            if i < len(coefficients) - 1:
+                acc = acc * x2
+        return acc
+
+    ratio = horner(LOGISTIC_P) * x / horner(LOGISTIC_Q)
+    return (ratio + torch.tensor(np.float32(0.5))).clamp(0.0, 1.0)
 
 
 def _levels(grid: Mapping[str, Any]) -> tuple[int, int]:

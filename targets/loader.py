@@ -1,7 +1,7 @@
 """Device targets: load, validate and detect the ``targets/*.toml`` data files.
 
 A target says what a device really runs (backend, TensorRT versions, kernel precisions, ONNX
-opset, DLA cores, tile defaults) and how to recognise it. Every rule a target file must obey is
+opset, tile defaults) and how to recognise it. Every rule a target file must obey is
 checked here, in :func:`_target_from_table`, so the compiler can trust a :class:`Target`.
 
 Only the standard library and :mod:`runtime.errors` are imported: this module runs on a device
@@ -36,14 +36,11 @@ GPU_ARCHS: tuple[str, ...] = get_args(GpuArch)
 
 TARGETS_DIR = Path(__file__).resolve().parent
 DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
-MAX_DLA_CORES = 2
 NVIDIA_SMI_TIMEOUT_S = 10.0
 
-# Hardware facts (deployment.md): FP8 tensor cores from Ada/Hopper on, FP4 from Blackwell on;
-# DLA exists on Xavier (Volta) and Orin (Ampere) modules only.
+# Hardware facts (deployment.md): FP8 tensor cores from Ada/Hopper on, FP4 from Blackwell on.
 _FP8_ARCHS = frozenset({"ada", "hopper", "blackwell"})
 _FP4_ARCHS = frozenset({"blackwell"})
-_DLA_ARCHS = frozenset({"volta", "ampere"})
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _VERSION = re.compile(r"^\d+(\.\d+){0,2}$")
@@ -55,10 +52,7 @@ _TOP_KEYS: dict[str, str] = {
     "backends": "other backends the device runs (adasr build --backend), same device kind",
     "tensorrt": "TensorRT version range {min, max} (tensorrt backend only)",
     "gpu_arch": "GPU architecture (tensorrt backend only)",
-    "strongly_typed": "build with the STRONGLY_TYPED network flag",
-    "legacy_precision_flags": "build with BuilderFlag.FP16/INT8 (TensorRT < 11)",
     "max_opset": "highest ONNX opset the backend parses",
-    "dla_cores": "number of DLA cores",
     "default_tile": "LR tile size in pixels",
     "default_overlap": "tile overlap in LR pixels",
     "threads": "intra-op threads, 0 = the backend's default (CPU backends only)",
@@ -102,10 +96,7 @@ class Target:
     backend: Backend
     tensorrt: TensorRTRange | None
     gpu_arch: GpuArch | None
-    strongly_typed: bool
-    legacy_precision_flags: bool
     max_opset: int
-    dla_cores: int
     default_tile: int
     default_overlap: int
     threads: int | None
@@ -255,20 +246,12 @@ class _Table:
             raise ConfigError(f"{self.path}: {unknown_name(label, value, allowed)}")
         return value
 
-    def integer(self, key: str, minimum: int, default: int | None = None) -> int:
-        if default is not None and key not in self.data:
-            return default
+    def integer(self, key: str, minimum: int) -> int:
         value = self._get(key)
         if not isinstance(value, int) or isinstance(value, bool):
             raise self.fail(key, f"must be an integer, got {value!r}")
         if value < minimum:
             raise self.fail(key, f"must be >= {minimum}, got {value}")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.data.get(key, default)
-        if not isinstance(value, bool):
-            raise self.fail(key, f"must be true or false, got {value!r}")
         return value
 
     def strings(self, key: str, allow_empty: bool = True) -> tuple[str, ...]:
@@ -302,13 +285,7 @@ def _target_from_table(data: Mapping[str, object], path: Path) -> Target:
     description = t.string("description")
     backend = t.choice("backend", BACKENDS)
 
-    strongly_typed = t.boolean("strongly_typed", False)
-    legacy = t.boolean("legacy_precision_flags", False)
     max_opset = t.integer("max_opset", MIN_OPSET)
-    dla_cores = t.integer("dla_cores", 0, default=0)
-    if dla_cores > MAX_DLA_CORES:
-        raise t.fail("dla_cores", f"must be <= {MAX_DLA_CORES} (Jetson modules have 0-2), "
-                     f"got {dla_cores}")
     tile = t.integer("default_tile", 16)
     overlap = t.integer("default_overlap", 0)
     if 2 * overlap >= tile:
@@ -329,25 +306,18 @@ def _target_from_table(data: Mapping[str, object], path: Path) -> Target:
         label = " / ".join(b.label for b in backends)
         for key in ("tensorrt", "gpu_arch"):
             t.absent(key, f"only GPU targets have it ({label} runs on the CPU)")
-        for key, flag in (("strongly_typed", strongly_typed), ("legacy_precision_flags", legacy)):
-            if flag:
-                raise t.fail(key, f"must be false for a {label} target (a TensorRT flag)")
-        if dla_cores:
-            raise t.fail("dla_cores", f"is {dla_cores}: DLA is reachable only through TensorRT")
         threads = t.integer("threads", 0)
     else:
         t.absent("threads", "it sets CPU intra-op threads; GPU targets run on the GPU")
         tensorrt = _tensorrt_range(t.table("tensorrt"))
         gpu_arch = cast(GpuArch, t.choice("gpu_arch", GPU_ARCHS))
-        _check_tensorrt_rules(t, tensorrt, gpu_arch, strongly_typed, legacy, max_opset,
-                              dla_cores, ladder)
+        _check_tensorrt_rules(t, tensorrt, gpu_arch, ladder)
 
     _check_ladder(t, backends, ladder)
     match = _device_match(t, backends[0]) if t.has("device_match") else DeviceMatch()
     return Target(
         name=name, description=description, backend=backend, tensorrt=tensorrt,
-        gpu_arch=gpu_arch, strongly_typed=strongly_typed, legacy_precision_flags=legacy,
-        max_opset=max_opset, dla_cores=dla_cores, default_tile=tile, default_overlap=overlap,
+        gpu_arch=gpu_arch, max_opset=max_opset, default_tile=tile, default_overlap=overlap,
         threads=threads, precision_ladder=_backend_ladder(ladder, backend),
         top_precision=ladder[-1], device_match=match, source=path,
         backends=tuple(b.name for b in backends), device_ladder=ladder,
@@ -413,24 +383,18 @@ def _tensorrt_range(t: _Table) -> TensorRTRange:
     return TensorRTRange(minimum=low, maximum=high)
 
 
-def _check_tensorrt_rules(t: _Table, trt: TensorRTRange, arch: str, strongly_typed: bool,
-                          legacy: bool, max_opset: int, dla_cores: int,
+def _check_tensorrt_rules(t: _Table, trt: TensorRTRange, arch: str,
                           ladder: tuple[str, ...]) -> None:
-    if trt.minimum[0] < 10 or legacy or not strongly_typed:
-        raise t.fail("tensorrt", f"is {trt} with strongly_typed = {strongly_typed}, "
-                     f"legacy_precision_flags = {legacy}: adasr builds strongly typed networks "
-                     "with TensorRT >= 10 only (JetPack 6+; JetPack 5's TensorRT 8.5 and Python "
-                     "3.8 are not supported): set min >= 10, strongly_typed = true, "
-                     "legacy_precision_flags = false")
+    if trt.minimum[0] < 10:
+        raise t.fail("tensorrt", f"is {trt}: adasr builds strongly typed networks with TensorRT "
+                     ">= 10 only (JetPack 6+; JetPack 5's TensorRT 8.5 and Python 3.8 are not "
+                     "supported): set min >= 10")
     if "fp8" in ladder and arch not in _FP8_ARCHS:
         raise t.fail("precision_ladder", f"has 'fp8' but gpu_arch {arch!r} has no FP8 kernels "
                      f"(needs {', '.join(sorted(_FP8_ARCHS))})")
     if "fp4" in ladder and arch not in _FP4_ARCHS:
         raise t.fail("precision_ladder", f"has 'fp4' but gpu_arch {arch!r} has no FP4 kernels "
                      "(needs blackwell)")
-    if dla_cores and arch not in _DLA_ARCHS:
-        raise t.fail("dla_cores", f"is {dla_cores} but gpu_arch {arch!r} has no DLA (Xavier "
-                     "and Orin modules only)")
 
 
 def _device_match(t: _Table, backend: RuntimeBackend) -> DeviceMatch:

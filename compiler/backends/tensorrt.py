@@ -47,7 +47,7 @@ class TensorRTBuilder(Builder):
         from compiler.lower.trt_check import check_tensorrt_graph
 
         target = plan.target
-        float_type = "fp16" if target.strongly_typed and target.top_precision == "fp16" else "fp32"
+        float_type = "fp16" if target.top_precision == "fp16" else "fp32"
         model = lower_engine(fp, planned.specs, dialect="tensorrt", float_type=float_type,
                              max_opset=target.max_opset)
         check_tensorrt_graph(model, target.max_opset)

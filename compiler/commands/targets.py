@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_table(targets: Sequence[Target], detected: Target | None, facts: DeviceFacts) -> None:
-    header = ("", "name", "backend", "TensorRT", "build", "opset", "DLA",
+    header = ("", "name", "backend", "TensorRT", "build", "opset",
               "precisions (cheapest first)", "tile/overlap")
     rows = [header]
     for t in targets:
@@ -45,7 +45,6 @@ def _print_table(targets: Sequence[Target], detected: Target | None, facts: Devi
             str(t.tensorrt) if t.tensorrt else "-",
             _build_mode(t),
             str(t.max_opset),
-            str(t.dla_cores) if t.dla_cores else "-",
             " ".join(t.device_ladder),
             f"{t.default_tile}/{t.default_overlap}",
         ))
@@ -74,7 +73,6 @@ def _print_details(t: Target, is_here: bool) -> None:
         ("GPU architecture", t.gpu_arch or "-"),
         ("build", _build_mode(t)),
         ("max ONNX opset", str(t.max_opset)),
-        ("DLA cores", str(t.dla_cores)),
         ("precisions", " < ".join(t.device_ladder) + f"  (top: {t.top_precision})"),
         ("default tile", f"{t.default_tile} px LR, overlap {t.default_overlap}"),
         ("threads", "-" if t.threads is None else (str(t.threads) if t.threads
@@ -88,8 +86,5 @@ def _print_details(t: Target, is_here: bool) -> None:
 
 
 def _build_mode(t: Target) -> str:
-    if t.strongly_typed:
-        return "strongly typed"
-    if t.legacy_precision_flags:
-        return "legacy flags"
-    return "-"
+    """TensorRT targets build strongly typed networks (the only mode adasr builds)."""
+    return "strongly typed" if t.tensorrt is not None else "-"

@@ -439,11 +439,19 @@ def _lower_output(g: GraphEditor, encoding: Encoding, conv: onnx.NodeProto, laye
 # -- reading an engine back ---------------------------------------------------------------------
 
 
+def lowering_facts(engine: onnx.ModelProto) -> dict[str, Any]:
+    """The lowering's metadata (dialect, its facts such as ``statistics``, ``layers``); empty
+    for a graph that was not lowered."""
+    props = {p.key: p.value for p in engine.metadata_props}
+    facts: dict[str, Any] = json.loads(props[METADATA_KEY]) if METADATA_KEY in props else {}
+    return facts
+
+
 def lowering_summary(engine: onnx.ModelProto) -> list[dict[str, Any]]:
     """Per layer: bits, output placement, frozen gate, truncated grid and the dialect's notes
     (TensorRT: ``input_shift``), from the metadata."""
-    props = {p.key: p.value for p in engine.metadata_props}
-    if METADATA_KEY not in props:
+    facts = lowering_facts(engine)
+    if not facts:
         raise EngineError(f"not a lowered engine: no {METADATA_KEY!r} metadata")
-    layers: list[dict[str, Any]] = json.loads(props[METADATA_KEY])["layers"]
+    layers: list[dict[str, Any]] = facts["layers"]
     return layers

@@ -54,9 +54,13 @@ ONNX Runtime checks these graphs' numbers with its graph optimizations off (its 
 substitute its own QLinearConv arithmetic). Unoptimized, it computes the graph's ONNX semantics,
 which ``compiler.parity.simulate_engine(dialect="tensorrt")`` simulates op for op
 (``TensorRTConv2d``): ``benchmarks/bundle_parity.py --dialect tensorrt`` compares them on whole
-Set5 images. What still rounds in FP32 on both sides in different orders: the FP32 reference
-engine's convs and IMDN's attention statistics (TensorRT has no FP64, so they stay FP32; ORT's
-and torch's means differ by ulps, which can flip a level next to a rounding tie).
+Set5 images. Per-image statistics (IMDN's attention) stay FP32 (TensorRT has no FP64), and
+FP32 reductions, 1x1 convs and Sigmoids differ by ulps between implementations, which flipped
+levels next to a rounding tie (IMDN x4 hardware, Set5 'baby': 48.3 dB); in FP32 graphs they are
+rewritten with ops that every IEEE implementation computes to the same bits
+(``compiler.lower.pooled``; the lowering's ``statistics`` fact is ``"exact"``), which the
+simulation mirrors: identical on Set5 since. FP16 graphs keep their FP16 statistics (the fact is
+``"float"``). What still rounds in FP32 in different orders: the FP32 reference engine's convs.
 
 ``compiler.lower.trt_check.check_tensorrt_graph`` validates any graph against these rules.
 """
@@ -76,6 +80,7 @@ from compiler.lower.exact import exact_epilogue, plain_constant, power_of_two_ab
 from compiler.lower.export import pin_ir_version
 from compiler.lower.graph import GraphEditor
 from compiler.lower.image import EXACT_SUM, exact_image_conv
+from compiler.lower.pooled import exact_statistics
 from compiler.lower.qdq import (
     FLOAT_TYPES,
     OUTPUT_BITS,
@@ -133,15 +138,6 @@ def _stored(grid: Grid) -> tuple[int, int]:
     return grid.low + k, grid.high + k
 
 
-def _set_ints(node: onnx.NodeProto, name: str, values: Sequence[int]) -> None:
-    for attr in node.attribute:
-        if attr.name == name:
-            del attr.ints[:]
-            attr.ints.extend(values)
-            return
-    node.attribute.append(helper.make_attribute(name, list(values)))
-
-
 class TensorRTEncoding(Encoding):
     """Symmetric int8 Q/DQ with a float Clip before each narrower Q (module docstring); every
     conv with a quantized input computes on its integer levels (:meth:`feed`, :meth:`lower_conv`).
@@ -151,13 +147,23 @@ class TensorRTEncoding(Encoding):
     """
 
     dialect = "tensorrt"  # residual streams stay float between Q/DQ; statistics FP32 (no FP64)
+    # but exact in FP32 graphs (compiler.lower.pooled)
 
-    def __init__(self, float_type: str = "fp32") -> None:
+    def __init__(self, float_type: str = "fp32", opset: int = MIN_OPSET) -> None:
         self.quantizers: dict[str, tuple[int, int]] = {}
         self.fed: dict[str, tuple[Grid, int, float, float]] = {}
         self.cut: set[Grid] = set()  # input grids cut to fit int8 with 0 (fit_int8)
-        # the integer image conv's sums reach 2^24: exact in FP32 graphs only
+        # the integer image conv's sums reach 2^24, the exact means' grid has 2^24 levels:
+        # exact in FP32 graphs only
         self.exact_image = float_type == "fp32"
+        self.statistics = "exact" if float_type == "fp32" else "float"
+        self.opset = opset
+
+    def finish(self, g: GraphEditor) -> None:
+        """FP32 graphs: per-image statistics that every implementation computes to the same
+        bits (``compiler.lower.pooled``)."""
+        if self.statistics == "exact":
+            exact_statistics(g, self.opset)
 
     def image_conv(self, g: GraphEditor, conv: onnx.NodeProto, name: str
                    ) -> dict[str, Any] | None:
@@ -309,7 +315,9 @@ def _pad_outside(g: GraphEditor, conv: onnx.NodeProto, tensor: str, value: np.fl
         return tensor
     half = len(pads) // 2
     onnx_pads = np.array([0, 0, *pads[:half], 0, 0, *pads[half:]], dtype=np.int64)
-    _set_ints(conv, "pads", [0] * len(pads))
+    conv_pads = next(attr for attr in conv.attribute if attr.name == "pads")  # non-zero: present
+    del conv_pads.ints[:]
+    conv_pads.ints.extend([0] * len(pads))
     return g.node("Pad", [tensor, g.constant(f"{base}.pads", onnx_pads),
                           g.constant(f"{base}.pad_value", np.array(value, dtype=F32))],
                   f"{base}.pad", mode="constant")
@@ -423,13 +431,14 @@ def lower_tensorrt(fp_model: onnx.ModelProto, layers: Sequence[EngineLayer], *,
         raise ConfigError(unknown_name("float type", float_type, FLOAT_TYPES))
     opset = target_opset(model_opset(fp_model), float_type, max_opset)
     fp = _convert_opset(fp_model, opset)
-    encoding = TensorRTEncoding(float_type)
+    encoding = TensorRTEncoding(float_type, opset)
     model, summary = lower_graph(fp, layers, encoding, requantize=requantize)
     if float_type == "fp16":
         fp16_weights = _to_fp16(model)
         for entry in summary:
             entry["fp16_weights"] = f"{entry['name']}.weight" in fp16_weights
     finish_engine(model, encoding.dialect, summary, float_type=float_type, opset=opset,
+                  statistics=encoding.statistics,
                   quantizers={name: list(r) for name, r in encoding.quantizers.items()})
     check_tensorrt_graph(model, opset)
     return model

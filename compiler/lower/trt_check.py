@@ -7,7 +7,6 @@ and names the offending node. A lowered graph records every Q's stored range in 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,7 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler.lower.qdq import METADATA_KEY
+from compiler.lower.qdq import lowering_facts
 from runtime.errors import EngineError
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -54,12 +53,6 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _lowering_facts(model: onnx.ModelProto) -> dict[str, Any]:
-    props = {p.key: p.value for p in model.metadata_props}
-    facts: dict[str, Any] = json.loads(props[METADATA_KEY]) if METADATA_KEY in props else {}
-    return facts
-
-
 class _Checker:
     """What the rules need to know of a graph; each ``check_*`` raises on a broken rule."""
 
@@ -68,7 +61,7 @@ class _Checker:
         self.consts = _constants(graph)
         self.producers = {out: node for node in graph.node for out in node.output}
         self.types = _tensor_types(model)
-        facts = _lowering_facts(model)
+        facts = lowering_facts(model)
         self.quantizers: dict[str, list[int]] | None = facts.get("quantizers")
         self.float_type = facts.get("float_type")
 

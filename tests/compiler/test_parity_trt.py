@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 from compiler.lower.dialects import lower_engine
 from compiler.lower.export import INPUT_NAME, export_onnx
-from compiler.lower.qdq import lowering_summary
+from compiler.lower.qdq import lowering_facts, lowering_summary
 from compiler.lower.trt_check import check_tensorrt_graph
 from compiler.parity import simulate_engine
 from compiler.plan import PlannedEngine, plan_engines
@@ -104,8 +104,9 @@ def test_tensorrt_engines_are_bit_exact_with_their_simulation(
         summary = lowering_summary(model_proto)
         assert any(entry["integer_conv"] for entry in summary)
         shifts |= {entry["input_shift"] for entry in summary}
+        assert lowering_facts(model_proto)["statistics"] == "exact"
         qnet = simulate_engine(weights, record, _spec(planned), summary=summary,
-                               dialect="tensorrt")
+                               dialect="tensorrt", statistics="exact")
         assert not any(conv.integer_bias for conv in _qconvs(qnet).values())
         sim = TorchUpscaler(qnet, 2)
         session = _session(model_proto)

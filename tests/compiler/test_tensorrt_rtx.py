@@ -98,6 +98,40 @@ def test_every_bundle_graph_parses_and_builds_with_int8_convs(
     assert built >= len(models) * 2  # a quantized engine and the reference
 
 
+def test_fp32_graphs_with_exact_statistics_build_with_int8_convs(
+        models: dict[str, tuple[Path, dict[str, Any]]], tmp_path: Path) -> None:
+    """An FP32 TensorRT-dialect IMDN engine (``float_type="fp32"``: what the parity checks
+    run), whose attention statistics ``compiler.lower.pooled`` rewrote (int64 sums, Round,
+    Newton roots, a tree of pair sums, the rational logistic), parses and builds with every
+    quantized conv still DQ -> Conv."""
+    from compiler.lower.dialects import lower_engine
+    from compiler.lower.export import export_onnx
+    from compiler.lower.qdq import lowering_facts, lowering_summary
+    from targets.loader import load_target
+
+    weights, record = models["imdn"]
+    target = load_target(EMULATED)
+    fp = export_onnx(load_model(weights).model, TILE, dynamic=True, dynamic_batch=True)
+    planned = next(p for p in plan_engines(record, target, "hardware", tile=TILE,
+                                           overlap=4).engines if not p.reference)
+    model = lower_engine(fp, planned.specs, dialect="tensorrt", float_type="fp32",
+                         max_opset=target.max_opset)
+    assert lowering_facts(model)["statistics"] == "exact"
+    ops = {node.op_type for node in model.graph.node}
+    assert {"Round", "ReduceSum"} <= ops and not {"ReduceMean", "Sigmoid", "Pow"} & ops
+    path = tmp_path / "imdn_fp32.onnx"
+    onnx.save(model, str(path))
+    plan_bytes, report = build_with(tensorrt_rtx, TrtBuildSpec(path, INPUT_NAME,
+                                                               (BATCH, 3, TILE, TILE)))
+    fed = {entry["name"] for entry in lowering_summary(model) if entry.get("integer_conv")}
+    assert {conv.kernel for conv in report.quantized} == {f"{n}.weight_dq" for n in fed}
+    assert len(report.int8) == len(report.quantized) == len(fed) > 0
+    assert plan_bytes
+    print(f"\nFP32 IMDN engine with exact statistics: {len(report.layers)} layers, "
+          f"{len(report.int8)}/{len(report.quantized)} quantized convs DQ -> Conv, "
+          f"{len(plan_bytes)} bytes")
+
+
 def test_a_pad_between_dq_and_conv_is_refused(tmp_path: Path) -> None:
     """The check fails on the graph the lowering wrote before: ``DQ -> Pad -> Conv``."""
     import numpy as np

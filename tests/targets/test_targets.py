@@ -28,10 +28,7 @@ description = "a test board"
 backend = "tensorrt"
 tensorrt = { min = "10.3", max = "10.3" }
 gpu_arch = "ampere"
-strongly_typed = true
-legacy_precision_flags = false
 max_opset = 17
-dla_cores = 1
 default_tile = 64
 default_overlap = 4
 precision_ladder = ["int8", "fp16"]
@@ -86,11 +83,9 @@ def test_every_shipped_file_loads(name: str) -> None:
     assert load_target(TARGETS_DIR / f"{name}.toml") == target
     if target.backend == "onnxruntime":
         assert target.tensorrt is None and target.gpu_arch is None and target.threads is not None
-        assert not target.strongly_typed and not target.legacy_precision_flags
     else:
         assert target.tensorrt is not None and target.gpu_arch is not None
         assert target.threads is None
-        assert target.strongly_typed and not target.legacy_precision_flags
 
 
 def test_target_is_frozen() -> None:
@@ -117,7 +112,7 @@ def test_precision_facts() -> None:
 
 def test_tensorrt_facts() -> None:
     thor = load_target("jetson-thor")
-    assert thor.strongly_typed and not thor.legacy_precision_flags and thor.gpu_arch == "blackwell"
+    assert thor.gpu_arch == "blackwell"
     assert thor.tensorrt is not None and thor.tensorrt.contains("11.4.0")
     assert not thor.tensorrt.contains("10.3.0") and not thor.tensorrt.contains("12.0")
     nano = load_target("jetson-orin-nano")
@@ -131,9 +126,12 @@ def test_tensorrt_facts() -> None:
     assert load_target("h100").gpu_arch == "hopper"
 
 
-def test_dla_only_on_agx_orin() -> None:
-    with_dla = {t.name: t.dla_cores for t in list_targets() if t.dla_cores}
-    assert with_dla == {"jetson-agx-orin": 2}
+@pytest.mark.parametrize("key", ["strongly_typed = true", "legacy_precision_flags = false",
+                                 "dla_cores = 2"])
+def test_removed_build_keys_are_unknown(tmp_path: Path, key: str) -> None:
+    """adasr builds strongly typed networks only and never uses DLA: those keys are gone."""
+    message = _error(tmp_path, "max_opset = 17", f"max_opset = 17\n{key}")
+    assert f"unknown key '{key.split()[0]}'" in message and "\n" not in message
 
 
 # ---------------------------------------------------------------- names, paths, validation
@@ -158,7 +156,7 @@ def test_missing_file_path() -> None:
 def test_custom_target_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _write(tmp_path, CUSTOM)
     target = load_target(path)
-    assert target.name == "my-board" and target.dla_cores == 1 and target.source == path
+    assert target.name == "my-board" and target.source == path
     assert target.precision_ladder == ("int8", "fp16")
     assert target.device_match.jetson_model == ("My Board",)
     # also as a relative string path
@@ -168,9 +166,9 @@ def test_custom_target_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_unknown_key_names_key_file_and_suggestion(tmp_path: Path) -> None:
-    message = _error(tmp_path, "dla_cores = 1", "dla_core = 1")
-    assert "unknown key 'dla_core'" in message
-    assert "did you mean 'dla_cores'?" in message
+    message = _error(tmp_path, "default_tile = 64", "default_tiles = 64")
+    assert "unknown key 'default_tiles'" in message
+    assert "did you mean 'default_tile'?" in message
     assert "my-board.toml" in message
     assert "allowed:" in message and "precision_ladder" in message
 
@@ -193,12 +191,7 @@ def test_unknown_nested_keys(tmp_path: Path) -> None:
     ('top_precision = "fp16"', 'top_precision = "fp32"', "ladder's most precise rung"),
     ("max_opset = 17", "max_opset = 12", "max_opset must be >= 13, got 12"),
     ("max_opset = 17", 'max_opset = "17"', "max_opset must be an integer"),
-    ("dla_cores = 1", "dla_cores = 3", "dla_cores must be <= 2"),
-    ('gpu_arch = "ampere"', 'gpu_arch = "hopper"', "has no DLA"),
     ("default_overlap = 4", "default_overlap = 32", "twice the overlap"),
-    ("strongly_typed = true", "strongly_typed = 1", "must be true or false"),
-    ("legacy_precision_flags = false", "legacy_precision_flags = true", "TensorRT >= 10 only"),
-    ("strongly_typed = true", "strongly_typed = false", "TensorRT >= 10 only"),
     ('name = "my-board"', 'name = "other"', "must agree"),
     ('description = "a test board"', 'description = ""', "non-empty string"),
     ('min = "10.3"', 'min = "ten"', "must be a version like"),
@@ -215,10 +208,8 @@ def test_bad_values_are_one_line_errors(tmp_path: Path, old: str, new: str,
 
 
 def test_tensorrt_before_10_is_not_a_target(tmp_path: Path) -> None:
-    jetpack5 = (CUSTOM.replace('min = "10.3", max = "10.3"', 'min = "8.5", max = "8.5"')
-                .replace("strongly_typed = true", "strongly_typed = false")
-                .replace("legacy_precision_flags = false", "legacy_precision_flags = true"))
-    with pytest.raises(ConfigError, match=r"8\.5\.x .*JetPack 5's TensorRT 8\.5 and Python 3\.8"):
+    jetpack5 = CUSTOM.replace('min = "10.3", max = "10.3"', 'min = "8.5", max = "8.5"')
+    with pytest.raises(ConfigError, match=r"8\.5\.x: .*JetPack 5's TensorRT 8\.5 and Python 3\.8"):
         load_target(_write(tmp_path, jetpack5))
 
 
@@ -228,8 +219,6 @@ def test_cpu_target_rules(tmp_path: Path) -> None:
     for old, new, expected in [
         ('["int8", "bf16", "fp32"]', '["fp8", "fp32"]',
          r"no backend of this target \(ONNX Runtime, OpenVINO\) has fp8 kernels"),
-        ("dla_cores = 0", "dla_cores = 1", "only through TensorRT"),
-        ("strongly_typed = false", "strongly_typed = true", "must be false"),
         ('machine = ["x86_64", "amd64"]', 'gpu_name = ["RTX"]',
          "is for GPU targets; CPU targets match on 'machine'"),
         ("threads = 0 ", "threads = -1 ", "threads must be >= 0"),

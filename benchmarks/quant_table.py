@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The quantization table: AdaBM vs static PTQ baselines vs DDTB, simulated, on Set5 and Set14.
+"""The quantization table: AdaBM, static PTQ, DDTB, Granular-DQ, CADyQ, simulated, Set5 / Set14.
 
 For EDSR x2 (8 blocks) and IMDN x4, calibrated on ../shared/data/calibration with the default
 calibration settings (100 patches x 48x48, 500 steps, seed 0; the photos bicubic-downscaled by the
@@ -37,6 +37,7 @@ ROWS = [  # method, wbits, abits, fq
     ("adabm", 4, 4, True), ("minmax", 4, 4, True), ("percentile", 4, 4, True),
     ("ddtb", 4, 4, True),
     ("granular", 8, 6, False), ("granular", 4, 4, False),
+    ("cadyq", 8, 6, False), ("cadyq", 4, 4, False),
 ]
 SETS = ("Set5", "Set14")
 

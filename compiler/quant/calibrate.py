@@ -534,49 +534,11 @@ class Calibrator:
         return lowered
 
     def fit_selector_budget(self, patches: Tensor) -> float:
-        """CADyQ's budget: the smallest logit shift (high candidate -> low one, the same for every
-        selector, see ``BitSelector.shift_``) that brings the FAB of the calibration patches to
-        <= ``base - bit_margin``; 0 if it is there already. The room is for content busier than
-        the calibration patches, as AdaBM's ``fit_budget``.
-
-        The shift is searched on the logits of one pass (each layer's features held at the
-        unshifted network's), then applied; the returned shift is the applied one."""
-        target = self.settings.abits - self.config.bit_margin
+        """CADyQ's budget (``fit_selector_budget``) to ``base - bit_margin``; 0 keeps it."""
         if self.config.bit_margin <= 0:
             return 0.0
-        selectors = [conv.selector for _, conv in self.qnet.qconvs() if conv.selector is not None]
-        logits: list[list[Tensor]] = [[] for _ in selectors]
-        handles = []
-        for index, selector in enumerate(selectors):
-            def keep(_m: nn.Module, _i: Any, out: Tensor, index: int = index) -> None:
-                logits[index].append(out.detach())
-            handles.append(selector.linear.register_forward_hook(keep))
-        try:
-            with torch.no_grad():
-                for chunk in patches.split(16):
-                    self.qnet(chunk)
-        finally:
-            for handle in handles:
-                handle.remove()
-        scores = torch.stack([torch.cat(chunks) for chunks in logits])  # [L, P, 3]
-        candidates = torch.stack([s.candidates for s in selectors])  # [L, 3]
-
-        def fab(delta: float) -> float:
-            shifted = scores + torch.tensor([delta, 0.0, -delta])
-            choice = shifted.argmax(dim=2)  # [L, P]
-            return float(candidates.gather(1, choice).mean())
-
-        if fab(0.0) <= target:
-            return 0.0
-        low, high = 0.0, 1.0
-        while fab(high) > target and high < 1e4:
-            low, high = high, high * 2
-        for _ in range(30):
-            middle = (low + high) / 2
-            low, high = (low, middle) if fab(middle) <= target else (middle, high)
-        for selector in selectors:
-            selector.shift_(high)
-        return high
+        return fit_selector_budget(self.qnet, patches,
+                                   self.settings.abits - self.config.bit_margin)
 
     def refine(self, patches: Tensor, teacher: Teacher, lowered: list[str]) -> dict[str, Any]:
         """Stage 4: re-fit the quantizers to the bits the budget left (``refine_steps``).
@@ -672,6 +634,50 @@ class Calibrator:
             **training,
         }
         return CalibrationResult(self.qnet, record_of(self.qnet, self.loaded, info))
+
+
+def fit_selector_budget(qnet: QuantizedSR, patches: Tensor, target: float) -> float:
+    """CADyQ's bit budget: the smallest logit shift (high candidate -> low one, the same for every
+    selector, see ``BitSelector.shift_``) that brings the FAB of ``patches`` to <= ``target``; 0
+    if it is there already. The room below the base is for content busier than the calibration
+    patches, as AdaBM's ``Calibrator.fit_budget``. Training does not depend on it, so a record
+    calibrated with no margin gives any other margin's record through this function.
+
+    The shift is searched on the logits of one pass (each layer's features held at the unshifted
+    network's), then applied to ``qnet``; returns it."""
+    selectors = [conv.selector for _, conv in qnet.qconvs() if conv.selector is not None]
+    logits: list[list[Tensor]] = [[] for _ in selectors]
+    handles = []
+    for index, selector in enumerate(selectors):
+        def keep(_m: nn.Module, _i: Any, out: Tensor, index: int = index) -> None:
+            logits[index].append(out.detach())
+        handles.append(selector.linear.register_forward_hook(keep))
+    try:
+        with torch.no_grad():
+            for chunk in patches.split(16):
+                qnet(chunk)
+    finally:
+        for handle in handles:
+            handle.remove()
+    scores = torch.stack([torch.cat(chunks) for chunks in logits])  # [L, P, 3]
+    candidates = torch.stack([s.candidates for s in selectors])  # [L, 3]
+
+    def fab(delta: float) -> float:
+        shifted = scores + torch.tensor([delta, 0.0, -delta])
+        choice = shifted.argmax(dim=2)  # [L, P]
+        return float(candidates.gather(1, choice).mean())
+
+    if fab(0.0) <= target:
+        return 0.0
+    low, high = 0.0, 1.0
+    while fab(high) > target and high < 1e4:
+        low, high = high, high * 2
+    for _ in range(30):
+        middle = (low + high) / 2
+        low, high = (low, middle) if fab(middle) <= target else (middle, high)
+    for selector in selectors:
+        selector.shift_(high)
+    return high
 
 
 def calibrate(loaded: LoadedModel, settings: QuantSettings, config: CalibrationConfig,

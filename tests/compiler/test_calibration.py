@@ -314,3 +314,22 @@ def test_cadyq_selects_a_candidate_per_patch_and_layer(tiny: tuple[Path, Path],
     with torch.no_grad():
         assert torch.equal(rebuilt(x), out)
     assert torch.equal(rebuilt.sample_bits(), qnet.sample_bits())
+
+
+def test_cadyq_budget_of_a_margin_0_record_is_the_calibrated_one(tiny: tuple[Path, Path]) -> None:
+    """Training does not depend on the margin: the budget applied to a ``--bit-margin 0`` record
+    gives exactly the selectors of a calibration with that margin (benchmarks/cadyq_budget.py)."""
+    from compiler.quant.calibrate import fit_selector_budget
+    from compiler.quant.patches import sample_patches
+
+    settings = QuantSettings(method="cadyq", wbits=8, abits=6)
+    unbudgeted = calibrate(load_model(tiny[0]), settings, replace(FAST, bit_margin=0.0), tiny[1])
+    budgeted = calibrate(load_model(tiny[0]), settings, replace(FAST, bit_margin=0.5), tiny[1])
+    assert unbudgeted.record["calibration"]["selector_shift"] == 0.0
+    qnet = apply_record(load_model(tiny[0]), unbudgeted.record)
+    patches = sample_patches(tiny[1], FAST.patches, FAST.patch_size, FAST.seed)
+    shift = fit_selector_budget(qnet, patches, 6 - 0.5)
+    assert shift > 0 and shift == budgeted.record["calibration"]["selector_shift"]
+    for (_, mine), (_, theirs) in zip(qnet.qconvs(), budgeted.qnet.qconvs(), strict=True):
+        assert mine.selector is not None and theirs.selector is not None
+        assert torch.equal(mine.selector.linear.bias, theirs.selector.linear.bias)

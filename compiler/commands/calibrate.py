@@ -62,7 +62,8 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
                    help="adabm: after training, lower layers one bit at a time (the cheapest "
                    "first) until the mean layer offset is <= -MARGIN, room for content busier "
                    "than the calibration patches; cadyq: shift every selector toward its low "
-                   "candidate until the calibration FAB is <= abits - MARGIN; 0 keeps the "
+                   "candidates (or back toward the high ones) until the calibration FAB is just "
+                   "<= abits - MARGIN; 0 keeps the "
                    "learned mapping (default 0.15)")
     p.add_argument("--refine-steps", type=int, default=0,
                    help="adabm: after the bit budget, train the activation bounds and weight "

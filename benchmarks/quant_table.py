@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The quantization table: AdaBM vs static PTQ baselines vs DDTB, simulated, on Set5 and Set14.
+"""The quantization table: AdaBM, static PTQ, DDTB, Granular-DQ, CADyQ, simulated, Set5 / Set14.
 
 For EDSR x2 (8 blocks) and IMDN x4, calibrated on ../shared/data/calibration with the default
 calibration settings (100 patches x 48x48, 500 steps, seed 0; the photos bicubic-downscaled by the
@@ -37,6 +37,7 @@ ROWS = [  # method, wbits, abits, fq
     ("adabm", 4, 4, True), ("minmax", 4, 4, True), ("percentile", 4, 4, True),
     ("ddtb", 4, 4, True),
     ("granular", 8, 6, False), ("granular", 4, 4, False),
+    ("cadyq", 8, 6, False), ("cadyq", 4, 4, False),
 ]
 SETS = ("Set5", "Set14")
 
@@ -56,15 +57,15 @@ class Row:
 
 
 def _calibrate_and_score(weights: Path, settings: QuantSettings, scale: int,
-                         sets: dict[str, Any], args: argparse.Namespace,
-                         seed: int) -> tuple[float, dict[str, float], dict[str, float]]:
-    """Calibrate with ``seed`` (or read its record, ``--records``); seconds, PSNR and FAB per
-    set."""
+                         sets: dict[str, Any], args: argparse.Namespace, seed: int,
+                         records: str | None) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Calibrate with ``seed`` (or read its record from the ``records`` pattern); seconds, PSNR
+    and FAB per set."""
     qnet: torch.nn.Module
-    if args.records:
-        record = read_record(Path(args.records.format(seed=seed)))
+    if records:
+        record = read_record(Path(records.format(seed=seed)))
         if record.settings != settings or record.data["calibration"]["config"]["seed"] != seed:
-            raise SystemExit(f"{args.records.format(seed=seed)}: not a {settings} seed {seed} "
+            raise SystemExit(f"{records.format(seed=seed)}: not a {settings} seed {seed} "
                              "record")
         qnet = apply_record(load_model(weights), record)
         seconds = float(record.data["calibration"]["seconds"])
@@ -111,8 +112,9 @@ def main() -> None:
     parser.add_argument("--sets", default=",".join(SETS), help="benchmark sets (default "
                         f"{','.join(SETS)})")
     parser.add_argument("--records", help="evaluate the records of `adasr calibrate` runs instead "
-                        "of calibrating: a path with {seed} (one model, one row); the calib "
-                        "seconds are the records'")
+                        "of calibrating: a path with {seed} (one model, one row), or several, "
+                        "comma-separated (one row each, labelled with the records' bit margin); "
+                        "the calib seconds are the records'")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", help="results file stem in benchmarks/results (default: "
                         "quant_table, or quant_table_rows with --rows; _tileN appended)")
@@ -135,14 +137,21 @@ def main() -> None:
                         {s: [v] for s, v in fp_psnr.items()}))
         print(f"{name} FP: " + ", ".join(f"{s} {v:.3f}" for s, v in fp_psnr.items()), flush=True)
         chosen = [int(i) for i in args.rows.split(",")] if args.rows else range(len(ROWS))
-        for method, wbits, abits, fq in (ROWS[i] for i in chosen):
+        patterns: list[str | None] = list(args.records.split(",")) if args.records else [None]
+        for (method, wbits, abits, fq), pattern in ((ROWS[i], p) for i in chosen
+                                                    for p in patterns):
             settings = QuantSettings(method=method, wbits=wbits, abits=abits, fq=fq)
-            runs = [_calibrate_and_score(weights, settings, scale, sets, args, seed)
+            runs = [_calibrate_and_score(weights, settings, scale, sets, args, seed, pattern)
                     for seed in seeds]
+            label = f"{method} W{wbits}A{abits}"
+            if len(patterns) > 1 and pattern:
+                config = read_record(Path(pattern.format(seed=seeds[0]))).data["calibration"][
+                    "config"]
+                label += f" margin {config['bit_margin']:g}"
             per_seed = {s: [run[1][s] for run in runs] for s in set_names}
             psnr = {s: statistics.fmean(v) for s, v in per_seed.items()}
             fab = {s: statistics.fmean(run[2][s] for run in runs) for s in set_names}
-            row = Row(name, f"{method} W{wbits}A{abits}", fq,
+            row = Row(name, label, fq,
                       statistics.fmean(run[0] for run in runs), psnr,
                       {s: psnr[s] - fp_psnr[s] for s in set_names}, fab,
                       {s: max(v) - min(v) for s, v in per_seed.items()}, seeds, per_seed)

@@ -1,4 +1,5 @@
-"""``adasr calibrate``: AdaBM / DDTB / static PTQ calibration from unlabeled LR images."""
+"""``adasr calibrate``: AdaBM / Granular-DQ / CADyQ / DDTB / static PTQ calibration from unlabeled
+LR images."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
                    f"(default {'on' if fq_default else 'off'}; --no-fq: body only)")
     p.add_argument("--method", default="adabm",
                    help="adabm (default), granular (Granular-DQ: one bit-width per patch "
-                   "for every layer, base - 2 / base / base + 2), ddtb, minmax, percentile")
+                   "for every layer, base - 2 / base / base + 2), cadyq (CADyQ: a trained "
+                   "selector per layer picks base - 2 / base / base + 2 per patch from the image "
+                   "gradients and the layer's input std), ddtb, minmax, percentile")
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
                    help="weight clips per output channel (default: at <= 4 weight bits; "
                    "--no-per-channel: one per tensor, as in the paper)")
@@ -58,7 +61,10 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
     p.add_argument("--bit-margin", type=float, default=0.15,
                    help="adabm: after training, lower layers one bit at a time (the cheapest "
                    "first) until the mean layer offset is <= -MARGIN, room for content busier "
-                   "than the calibration patches; 0 keeps the learned offsets (default 0.15)")
+                   "than the calibration patches; cadyq: shift every selector toward its low "
+                   "candidates (or back toward the high ones) until the calibration FAB is just "
+                   "<= abits - MARGIN; 0 keeps the "
+                   "learned mapping (default 0.15)")
     p.add_argument("--refine-steps", type=int, default=0,
                    help="adabm: after the bit budget, train the activation bounds and weight "
                    "clips this many more steps at the final bits (default 0)")

@@ -32,11 +32,23 @@ def complexity(x: Tensor) -> Tensor:
     (``/8``) Sobel kernels, replicate padding, and the mean over both directions and all pixels.
     Twin of ``runtime.statistic.complexity_batch`` (a test keeps their decisions identical).
     """
+    mean_x, mean_y = _gradient_means(x)
+    return 1000.0 * (mean_x + mean_y) / 2.0
+
+
+def gradient_features(x: Tensor) -> Tensor:
+    """``[N, 2]``: ``1000 * mean |Sobel_x(gray)|`` and ``1000 * mean |Sobel_y(gray)|`` per sample
+    (CADyQ's image input to its bit selectors; ``complexity`` is their mean)."""
+    mean_x, mean_y = _gradient_means(x)
+    return 1000.0 * torch.stack([mean_x, mean_y], dim=1)
+
+
+def _gradient_means(x: Tensor) -> tuple[Tensor, Tensor]:
     gray = _LUMA[0] * x[:, 0] + _LUMA[1] * x[:, 1] + _LUMA[2] * x[:, 2]
     padded = F.pad(gray.unsqueeze(1), (1, 1, 1, 1), mode="replicate").squeeze(1)
     mean_x = _sobel_x(padded).abs().mean(dim=(1, 2))
     mean_y = _sobel_x(padded.transpose(1, 2)).abs().mean(dim=(1, 2))
-    return 1000.0 * (mean_x + mean_y) / 2.0
+    return mean_x, mean_y
 
 
 def _hard_ste(hard: Tensor, soft: Tensor) -> Tensor:

@@ -42,6 +42,13 @@ base + 2`` (the paper's coarse 4 / 6 / 8 at base 6) from the same complexity sta
 at the 25th / 75th percentiles (the calibration average at the base), trained like AdaBM's image
 thresholds; no layer offsets, so no budget. The paper's fine split of the 8-bit class into
 4 / 5 / 8 is not implemented.
+CADyQ (``cadyq``): a bit selector per adaptive layer picks ``base - 2 / base / base + 2`` per patch
+from the image gradients and the per-channel std of the layer's input (``compiler.quant.cadyq``).
+Trained here without HR, like AdaBM: distilled from the FP network on the calibration patches
+(the same loss, the bit hinge holding the average at the base), the selectors in the mapping
+epochs at ``lr_selector``; activation bounds bit-aware clipped at the base like AdaBM's. Its bit
+budget (``fit_selector_budget``) moves every selector's logits between the high candidate and
+the low one by one shared amount until the calibration FAB is just <= ``base - bit_margin``.
 Static baselines (``minmax``, ``percentile``) stop after stage 1, at uniform bits.
 """
 
@@ -58,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compiler.quant.bitmap import complexity
+from compiler.quant.bitmap import complexity, gradient_features
 from compiler.quant.ddtb import DynamicGate
 from compiler.quant.patches import list_images, sample_patches
 from compiler.quant.qmodel import FIXED_BITS, QConv2d, QuantizedSR, QuantSettings
@@ -87,6 +94,7 @@ class CalibrationConfig:
     lr_act: float = 0.001  # the paper's 0.01 over-fits the bounds to a few smooth photos
     lr_layer: float = 0.01
     lr_image: float = 0.1
+    lr_selector: float = 0.01  # CADyQ's selectors (on standardized features)
     lr_gate: float = 0.01
     skt_weight: float = 10.0
     bit_weight: float = 50.0
@@ -127,6 +135,7 @@ class LayerStats:
     global_min: float = math.inf
     global_max: float = -math.inf
     stds: list[Tensor] = field(default_factory=list)
+    channel_stds: list[Tensor] = field(default_factory=list)  # [N, C] per batch (CADyQ)
     sample_max: list[Tensor] = field(default_factory=list)
     sample_min: list[Tensor] = field(default_factory=list)
     first_batch: Tensor | None = None  # a subsample of values, for percentiles and BaC
@@ -141,6 +150,7 @@ class LayerStats:
         self.global_min, self.global_max = min(self.global_min, lo), max(self.global_max, hi)
         flat = x.flatten(1)
         self.stds.append(flat.std(dim=1))
+        self.channel_stds.append(x.std(dim=(2, 3)))
         self.sample_max.append(flat.amax(dim=1))
         self.sample_min.append(flat.amin(dim=1))
         values = x.flatten()
@@ -166,6 +176,7 @@ class Teacher:
     outputs: Tensor
     features: list[Tensor]
     complexities: Tensor
+    gradients: Tensor  # [P, 2] CADyQ's image-gradient features
 
 
 @dataclass
@@ -262,7 +273,8 @@ class Calibrator:
             for handle in handles:
                 handle.remove()
         per_block = [torch.cat([f[i] for f in features]) for i in range(len(self.blocks))]
-        teacher = Teacher(torch.cat(outputs), per_block, complexity(patches))
+        teacher = Teacher(torch.cat(outputs), per_block, complexity(patches),
+                          gradient_features(patches))
         return teacher, stats
 
     # -- stage 1 -----------------------------------------------------------------------------
@@ -299,12 +311,21 @@ class Calibrator:
             else:  # global, and the fixed layers of a percentile init
                 lower, upper = s.global_min, s.global_max
             conv.act_quant.set_bounds(lower, upper)
-            if method == "adabm" and self._bit_aware_clipping():
+            if method in ("adabm", "cadyq") and self._bit_aware_clipping():
                 bits = FIXED_BITS if conv.layer_index is None else (
                     self.settings.abits + offsets[conv.layer_index])
                 self._bit_aware_clip(conv, s, bits)
         if method == "ddtb":
             self._attach_gates(stats)
+        if self.settings.selector:
+            self._init_selectors(teacher, stats)
+
+    def _init_selectors(self, teacher: Teacher, stats: dict[str, LayerStats]) -> None:
+        """Each selector standardized on, and started from, its calibration features."""
+        for name, conv in self.qnet.qconvs():
+            if conv.selector is not None:
+                conv.selector.init_from(torch.cat([teacher.gradients,
+                                                   torch.cat(stats[name].channel_stds)], dim=1))
 
     def _bit_aware_clipping(self) -> bool:
         """BaC ``on``, ``off``, or ``auto``: only at a base of 4 bits or fewer. Measured on EDSR x2
@@ -350,6 +371,9 @@ class Calibrator:
             # Granular-DQ keeps every layer offset at 0: only the thresholds learn
             layer = [qnet.layer_to_bit.offsets] if self.settings.layer_mapping else []
             groups["mapping"] = [*layer, qnet.image_to_bit.lower, qnet.image_to_bit.upper]
+        if self.settings.selector:
+            groups["mapping"] = [p for _, conv in qnet.qconvs() if conv.selector is not None
+                                 for p in conv.selector.parameters()]
         return groups
 
     def _loss(self, x: Tensor, index: Tensor, teacher: Teacher, recorder: _BlockRecorder,
@@ -361,7 +385,7 @@ class Calibrator:
             loss = loss + self.config.skt_weight * _skt_loss(
                 feats, [f[index] for f in teacher.features])
         avg_bits = self.qnet.sample_bits().mean()
-        if with_bits and self.settings.adaptive:
+        if with_bits and self.settings.dynamic:
             loss = loss + self.config.bit_weight * F.relu(avg_bits - self.settings.abits)
         return loss, avg_bits.item()
 
@@ -385,7 +409,8 @@ class Calibrator:
 
     def _quant_state(self) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.qnet.state_dict().items()
-                if not k.startswith("model.") or "_quant" in k or ".gate." in k}
+                if not k.startswith("model.") or "_quant" in k or ".gate." in k
+                or ".selector." in k}
 
     def _epoch(self, patches: Tensor, teacher: Teacher, recorder: _BlockRecorder,
                optimizers: list[torch.optim.Optimizer], steps: int, with_bits: bool,
@@ -418,7 +443,9 @@ class Calibrator:
         for key, params in groups.items():
             if not params:
                 continue
-            if key == "mapping":
+            if key == "mapping" and self.settings.selector:
+                optimizers[key] = torch.optim.Adam(params, lr=cfg.lr_selector)
+            elif key == "mapping":
                 layer = params[:-2]  # the layer offsets (none for Granular-DQ), then thresholds
                 param_groups = [*([{"params": layer, "lr": cfg.lr_layer}] if layer else []),
                                 {"params": params[-2:], "lr": cfg.lr_image}]
@@ -436,7 +463,7 @@ class Calibrator:
         cyclic_order = [k for k in ("weight", "act", "mapping") if k in optimizers]
         try:
             for epoch in range(1, cfg.epochs + 1):
-                if cfg.schedule == "cyclic" and self.settings.adaptive:
+                if cfg.schedule == "cyclic" and self.settings.dynamic:
                     active = [cyclic_order[(epoch - 1) % len(cyclic_order)]]
                 else:
                     active = list(optimizers)
@@ -506,6 +533,14 @@ class Calibrator:
                 bar.close()
         return lowered
 
+    def fit_selector_budget(self, patches: Tensor) -> float:
+        """CADyQ's budget (``fit_selector_budget``) to ``base - bit_margin``; a margin of 0
+        keeps the learned selectors."""
+        if self.config.bit_margin <= 0:
+            return 0.0
+        return fit_selector_budget(self.qnet, patches,
+                                   self.settings.abits - self.config.bit_margin)
+
     def refine(self, patches: Tensor, teacher: Teacher, lowered: list[str]) -> dict[str, Any]:
         """Stage 4: re-fit the quantizers to the bits the budget left (``refine_steps``).
 
@@ -573,9 +608,11 @@ class Calibrator:
         self._stats = stats
         self.initialize(teacher, stats)
         training: dict[str, Any] = {}
-        if self.settings.method in ("adabm", "granular", "ddtb") and cfg.steps > 0:
+        if self.settings.method in ("adabm", "granular", "ddtb", "cadyq") and cfg.steps > 0:
             training = self.train(patches, teacher)
         training["budget_lowered"] = self.fit_budget(patches, teacher)
+        if self.settings.selector:
+            training["selector_shift"] = self.fit_selector_budget(patches)
         training.update(self.refine(patches, teacher, training["budget_lowered"]))
         for name, conv in self.qnet.qconvs():
             conv.output_range = (stats[name].out_min, stats[name].out_max)
@@ -598,6 +635,55 @@ class Calibrator:
             **training,
         }
         return CalibrationResult(self.qnet, record_of(self.qnet, self.loaded, info))
+
+
+def fit_selector_budget(qnet: QuantizedSR, patches: Tensor, target: float) -> float:
+    """CADyQ's bit budget: the logit shift (high candidate -> low one, the same for every selector,
+    see ``BitSelector.shift_``) that puts the FAB of ``patches`` at the largest value <=
+    ``target``: positive when training left it above, negative (toward the high candidates) when
+    the hinge left bits unused below it (EDSR x2 W8A6: 5.83 after training). The room below the
+    base is for content busier than the calibration patches, as AdaBM's ``Calibrator.fit_budget``.
+    Training does not depend on it, so a record calibrated with no budget gives any target's
+    record through this function.
+
+    The shift is searched on the logits of one pass (each layer's features held at the unshifted
+    network's), then applied to ``qnet``; returns it."""
+    selectors = [conv.selector for _, conv in qnet.qconvs() if conv.selector is not None]
+    logits: list[list[Tensor]] = [[] for _ in selectors]
+    handles = []
+    for index, selector in enumerate(selectors):
+        def keep(_m: nn.Module, _i: Any, out: Tensor, index: int = index) -> None:
+            logits[index].append(out.detach())
+        handles.append(selector.linear.register_forward_hook(keep))
+    try:
+        with torch.no_grad():
+            for chunk in patches.split(16):
+                qnet(chunk)
+    finally:
+        for handle in handles:
+            handle.remove()
+    scores = torch.stack([torch.cat(chunks) for chunks in logits])  # [L, P, 3]
+    candidates = torch.stack([s.candidates for s in selectors])  # [L, 3]
+
+    def fab(delta: float) -> float:
+        shifted = scores + torch.tensor([delta, 0.0, -delta])
+        choice = shifted.argmax(dim=2)  # [L, P]
+        return float(candidates.gather(1, choice).mean())
+
+    if fab(0.0) <= target:  # the largest FAB <= target lies at a shift <= 0
+        low, high = -1.0, 0.0
+        while fab(low) <= target and low > -1e4:
+            low, high = low * 2, low
+    else:
+        low, high = 0.0, 1.0
+        while fab(high) > target and high < 1e4:
+            low, high = high, high * 2
+    for _ in range(30):
+        middle = (low + high) / 2
+        low, high = (low, middle) if fab(middle) <= target else (middle, high)
+    for selector in selectors:
+        selector.shift_(high)
+    return high
 
 
 def calibrate(loaded: LoadedModel, settings: QuantSettings, config: CalibrationConfig,

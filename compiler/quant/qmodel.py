@@ -3,6 +3,8 @@
 ``QuantizedSR`` replaces the model's adaptive convs (and, in the fully quantized setting, its
 fixed convs at 8 bits) by ``QConv2d``. Per forward pass it computes each sample's image offset
 from the input's complexity; each adaptive conv then runs at ``base + d_img + d_layer``.
+CADyQ (``cadyq``) instead gives each adaptive conv a bit selector that picks its bits per sample
+from the image gradients and the conv's input (``compiler.quant.cadyq``).
 Non-adaptive methods (DDTB, static PTQ) run every adaptive conv at ``base``.
 """
 
@@ -14,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compiler.quant.bitmap import ImageToBit, LayerToBit, complexity
+from compiler.quant.bitmap import ImageToBit, LayerToBit, complexity, gradient_features
+from compiler.quant.cadyq import BitSelector, candidate_bits, selector_features
 from compiler.quant.ddtb import DynamicGate
 from compiler.quant.quantizers import (
     MAX_INT_BITS,
@@ -27,8 +30,9 @@ from compiler.zoo.base import SRNet
 from runtime.errors import ConfigError, unknown_name
 from runtime.manifest import METHODS, QUANT_BITS
 
-# Granular-DQ calibrates and simulates; bundles (runtime.manifest.METHODS) do not take it yet
-CALIBRATION_METHODS = (*METHODS, "granular")
+# Granular-DQ and CADyQ calibrate and simulate; bundles (runtime.manifest.METHODS) do not take
+# them yet
+CALIBRATION_METHODS = (*METHODS, "granular", "cadyq")
 FIXED_BITS = 8  # head / upsampler / tail in the fully quantized setting
 PER_CHANNEL_BITS = 4  # default weight granularity: per channel at this many bits or fewer
 OUTPUT_BITS = 8  # an engine's requantized conv outputs (simulated only for engine parity)
@@ -53,6 +57,10 @@ class QuantSettings:
             if not QUANT_BITS[0] <= bits <= QUANT_BITS[1]:
                 raise ConfigError(f"--{name} {bits} is out of range: allowed "
                                   f"{QUANT_BITS[0]}..{QUANT_BITS[1]}")
+        if self.selector and self.abits - self.image_step < QUANT_BITS[0]:
+            raise ConfigError(f"--abits {self.abits} is too low for cadyq: its lowest candidate "
+                              f"is abits - {self.image_step}; allowed "
+                              f"{QUANT_BITS[0] + self.image_step}..{QUANT_BITS[1]}")
 
     def weights_per_channel(self, bits: int) -> bool:
         """Weight clips per output channel for a layer with ``bits``-bit weights: as set, or by
@@ -72,10 +80,21 @@ class QuantSettings:
         return self.method == "adabm"
 
     @property
+    def selector(self) -> bool:
+        """Bits chosen per patch and per layer by a trained selector (CADyQ)."""
+        return self.method == "cadyq"
+
+    @property
+    def dynamic(self) -> bool:
+        """Bits that vary per patch: the bit loss and the bit mapping's training apply."""
+        return self.adaptive or self.selector
+
+    @property
     def image_step(self) -> int:
         """Bits between neighbouring image classes: Granular-DQ's coarse classes are
-        base - 2 / base / base + 2 (4 / 6 / 8 at base 6), AdaBM's base -1 / 0 / +1."""
-        return 2 if self.method == "granular" else 1
+        base - 2 / base / base + 2 (4 / 6 / 8 at base 6), AdaBM's base -1 / 0 / +1; CADyQ's
+        candidates are base - 2 / base / base + 2 (the paper's 4 / 6 / 8)."""
+        return 2 if self.method in ("granular", "cadyq") else 1
 
 
 
@@ -88,6 +107,7 @@ class BitContext:
     enabled: bool = True
     d_img: Tensor = field(default_factory=lambda: torch.zeros(1))
     d_layer: Tensor = field(default_factory=lambda: torch.zeros(0))
+    gradients: Tensor = field(default_factory=lambda: torch.zeros(1, 2))  # CADyQ: [N, 2]
 
 
 class QConv2d(nn.Module):
@@ -100,6 +120,8 @@ class QConv2d(nn.Module):
         self.weight_quant = WeightQuantizer(conv.weight.detach(), wbits, per_channel)
         self.act_quant = ActQuantizer(symmetric)
         self.gate: DynamicGate | None = None
+        self.selector: BitSelector | None = None  # CADyQ: bits per sample from this input
+        self.chosen_bits: Tensor | None = None  # the selector's bits of the last forward ([N])
         self.layer_index = layer_index  # None: a fixed (8-bit) layer
         self.output_range: tuple[float, float] | None = None  # FP output min/max (calibration)
         self.input_range: tuple[float, float] | None = None  # FP input min/max (calibration)
@@ -120,6 +142,8 @@ class QConv2d(nn.Module):
             return torch.full((batch,), float(self.forced_bits))
         if self.layer_index is None:
             return torch.full((batch,), float(FIXED_BITS))
+        if self.selector is not None and self.chosen_bits is not None:
+            return self.chosen_bits
         return ctx.base + ctx.step * ctx.d_img + ctx.d_layer[self.layer_index]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -127,13 +151,30 @@ class QConv2d(nn.Module):
         if not self.context.enabled:
             return conv(x)
         gate = self.gate(x) if self.gate is not None else None
-        xq = self.act_quant(x, self.bits(x.shape[0]), gate)
+        if self.selector is not None and self.forced_bits is None:
+            xq = self._select_and_quantize(x)
+        else:
+            xq = self.act_quant(x, self.bits(x.shape[0]), gate)
         wq = self.weight_quant(conv.weight)
         bias = conv.bias
         if self.integer_bias and bias is not None and gate is None:
             bias = self._lattice_bias(bias, x.shape[0])
         y = F.conv2d(xq, wq, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         return self.requantize(y)
+
+    def _select_and_quantize(self, x: Tensor) -> Tensor:
+        """CADyQ: the selector's bits per sample; in training the input is the hard choice
+        forward and the softmax-weighted mixture of the candidates' quantizations backward."""
+        assert self.selector is not None
+        bits, probs, choice = self.selector(selector_features(self.context.gradients, x))
+        self.chosen_bits = bits
+        if not (self.training and torch.is_grad_enabled()):
+            return self.act_quant(x, bits.detach())
+        quantized = torch.stack([self.act_quant(x, b) for b in self.selector.candidates], dim=1)
+        shape = (*probs.shape, *([1] * (x.dim() - 1)))
+        soft = (probs.reshape(shape) * quantized).sum(dim=1)
+        hard = (choice.reshape(shape) * quantized).sum(dim=1)
+        return soft + (hard - soft).detach()
 
     def requantize(self, y: Tensor) -> Tensor:
         """An engine's 8-bit requantization of the conv's output (``output_bounds``), if any."""
@@ -190,9 +231,13 @@ class QuantizedSR(nn.Module):
             if not isinstance(conv, nn.Conv2d):
                 kind = type(conv).__name__
                 raise ConfigError(f"adaptive layer {name!r} is a {kind}, not a Conv2d")
-            _replace(model, name, QConv2d(conv, self.context, settings.wbits,
-                                          settings.weights_per_channel(settings.wbits),
-                                          settings.symmetric, index))
+            qconv = QConv2d(conv, self.context, settings.wbits,
+                            settings.weights_per_channel(settings.wbits), settings.symmetric,
+                            index)
+            if settings.selector:
+                qconv.selector = BitSelector(conv.in_channels,
+                                             candidate_bits(settings.abits, settings.image_step))
+            _replace(model, name, qconv)
         for name in self.fixed_names:
             conv = model.get_submodule(name)
             _replace(model, name, QConv2d(conv, self.context, FIXED_BITS,
@@ -228,18 +273,25 @@ class QuantizedSR(nn.Module):
     def sample_bits(self) -> Tensor:
         """Average activation bits over the adaptive layers, per sample of the last forward."""
         ctx = self.context
+        if self.settings.selector:
+            batch = ctx.gradients.shape[0]
+            return torch.stack([conv.bits(batch) for _, conv in self.qconvs()
+                                if conv.layer_index is not None]).mean(dim=0)
         return ctx.base + ctx.step * ctx.d_img + ctx.d_layer.mean()
 
     def forward(self, x: Tensor) -> Tensor:
         ctx = self.context
         ctx.d_img = self.image_offsets(x)
         ctx.d_layer = self.layer_offsets()
+        if self.settings.selector:
+            ctx.gradients = gradient_features(x)
         return self.model(x)
 
     def bit_vectors(self) -> dict[int, list[float]]:
-        """Per-layer activation bits of the adaptive layers for each image offset (-1, 0, +1)."""
+        """Per-layer activation bits of the adaptive layers for each image offset (-1, 0, +1);
+        for CADyQ each layer's low / base / high candidate (its selector picks per sample)."""
         base, step = float(self.settings.abits), self.settings.image_step
         offsets = self.layer_to_bit.hard() if self.settings.layer_mapping else [0] * len(
             self.adaptive_names)
-        d_imgs = (-1, 0, 1) if self.settings.adaptive else (0,)
+        d_imgs = (-1, 0, 1) if self.settings.dynamic else (0,)
         return {d: [base + step * d + o for o in offsets] for d in d_imgs}

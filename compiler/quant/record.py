@@ -1,8 +1,9 @@
 """The calibration record: a small versioned JSON file that fully determines a quantized network.
 
 It holds the settings, the checkpoint's identity (sha256), the image thresholds, and per layer
-the weight clip, activation bounds, layer offset, (DDTB) gate weights and whether the layer is
-one of the trunk's ends (``SRNet.trunk_ends``: what the engine plan keeps at top precision).
+the weight clip, activation bounds, layer offset, (DDTB) gate weights, (CADyQ) bit selector and
+whether the layer is one of the trunk's ends (``SRNet.trunk_ends``: what the engine plan keeps
+at top precision).
 Loading it executes no code (plain JSON). ``apply_record`` rebuilds the exact quantized network
 on the loaded model.
 """
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from compiler.quant.cadyq import CANDIDATES, GRADIENT_FEATURES, BitSelector, candidate_bits
 from compiler.quant.ddtb import DynamicGate
 from compiler.quant.qmodel import CALIBRATION_METHODS, QuantizedSR, QuantSettings
 from compiler.quant.quantizers import MAX_INT_BITS
@@ -30,6 +32,8 @@ from runtime.manifest import METHODS, QUANT_BITS, SCALES, sha256_problem
 
 SCHEMA = "adasr.calibration/2"
 SCHEMA_V1 = "adasr.calibration/1"  # read and migrated: no settings.image_step, no granular
+# Schema 2 also holds CADyQ (method "cadyq", a "selector" per adaptive layer): an optional field
+# and a method a schema-2 reader without it refuses by name, so no new version.
 V1_METHODS = METHODS  # the methods of schema 1
 
 _GATE_TENSORS = {
@@ -58,6 +62,12 @@ def record_of(qnet: QuantizedSR, loaded: LoadedModel,
             gate = {key: _values(state[src]) for key, src in _GATE_TENSORS.items()}
             gate["channels"] = conv.conv.in_channels
             gate["mean_scale"] = list(conv.gate_mean) if conv.gate_mean else None
+        selector = None
+        if conv.selector is not None:
+            sel = conv.selector
+            selector = {"candidates": [int(b) for b in sel.candidates.tolist()],
+                        "weight": _values(sel.linear.weight), "bias": _values(sel.linear.bias),
+                        "mean": _values(sel.mean), "scale": _values(sel.scale)}
         layers.append({
             "name": name,
             "kind": "fixed" if conv.layer_index is None else "adaptive",
@@ -69,6 +79,7 @@ def record_of(qnet: QuantizedSR, loaded: LoadedModel,
             "output_range": list(conv.output_range) if conv.output_range else None,
             "input_range": list(conv.input_range) if conv.input_range else None,
             "gate": gate,
+            "selector": selector,
             "trunk_end": name in ends,
         })
     s = qnet.settings
@@ -117,6 +128,18 @@ class RecordGate:
 
 
 @dataclass(frozen=True, eq=False)
+class RecordSelector:
+    """A CADyQ bit selector: candidates (low, base, high), ``logits = weight @ z + bias`` on the
+    standardized features ``z = (f - mean) / scale``, ``f`` = image gradients (2) + channel stds."""
+
+    candidates: tuple[int, int, int]
+    weight: np.ndarray  # [3, 2 + C]
+    bias: np.ndarray  # [3]
+    mean: np.ndarray  # [2 + C]
+    scale: np.ndarray  # [2 + C], > 0
+
+
+@dataclass(frozen=True, eq=False)
 class RecordLayer:
     name: str
     kind: str  # "fixed" | "adaptive"
@@ -129,6 +152,7 @@ class RecordLayer:
     input_range: tuple[float, float] | None
     gate: RecordGate | None
     trunk_end: bool
+    selector: RecordSelector | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,21 +202,61 @@ def _gate(f: Field) -> RecordGate:
                       mean_scale=mean_scale)
 
 
+def _shaped(f: Field, shape: tuple[int, ...]) -> np.ndarray:
+    array = _tensor(f)
+    if array.shape != shape:
+        f.fail(f"numbers of shape {list(shape)}")
+    return array
+
+
+def _selector(f: Field, channels: int | None) -> RecordSelector:
+    if channels is None:
+        f.fail("a selector on a layer with in_channels")
+    low, base, high = (v.integer(0, MAX_VECTOR_BITS) for v in f["candidates"].items(3, 3))
+    if not low < base < high:
+        f["candidates"].fail("three increasing bit-widths")
+    width = channels + GRADIENT_FEATURES
+    scale = _shaped(f["scale"], (width,))
+    if not bool((scale > 0).all()):
+        f["scale"].fail("positive numbers")
+    return RecordSelector(candidates=(low, base, high),
+                          weight=_shaped(f["weight"], (CANDIDATES, width)),
+                          bias=_shaped(f["bias"], (CANDIDATES,)),
+                          mean=_shaped(f["mean"], (width,)), scale=scale)
+
+
 def _layer(f: Field) -> RecordLayer:
     clip = f["w_clip"]
     w_clip: float | tuple[float, ...] = (
         tuple(v.number(0) for v in clip.items(1, 1 << 16)) if isinstance(clip.value, list)
         else clip.number(0))
     in_channels, gate, trunk_end = f.get("in_channels"), f.get("gate"), f.get("trunk_end")
+    channels = None if in_channels is None else in_channels.integer(1, 1 << 16)
+    selector = f.get("selector")
     return RecordLayer(
         name=f["name"].text(256), kind=f["kind"].choice(LAYER_KINDS),
-        in_channels=None if in_channels is None else in_channels.integer(1, 1 << 16),
+        in_channels=channels,
         w_bits=f["w_bits"].integer(*QUANT_BITS), w_clip=w_clip, a_bounds=_range(f["a_bounds"]),
         layer_offset=f["layer_offset"].integer(-1, 1),
         output_range=_optional_range(f.get("output_range")),
         input_range=_optional_range(f.get("input_range")),
         gate=None if gate is None else _gate(gate),
-        trunk_end=False if trunk_end is None else trunk_end.boolean())
+        trunk_end=False if trunk_end is None else trunk_end.boolean(),
+        selector=None if selector is None else _selector(selector, channels))
+
+
+def _check_selectors(f: Field, settings: QuantSettings, layers: tuple[RecordLayer, ...]) -> None:
+    """CADyQ: a selector on every adaptive layer, with the settings' candidates; none otherwise."""
+    expected = candidate_bits(settings.abits, settings.image_step)
+    for index, layer in enumerate(layers):
+        wanted = settings.selector and layer.kind == "adaptive"
+        where = f["layers"].items()[index]
+        if wanted and layer.selector is None:
+            where.fail(f"a selector (method {settings.method}, adaptive layer)")
+        if not wanted and layer.selector is not None:
+            where["selector"].fail(f"null (method {settings.method}, {layer.kind} layer)")
+        if layer.selector is not None and layer.selector.candidates != expected:
+            where["selector"]["candidates"].fail(f"{list(expected)} for --abits {settings.abits}")
 
 
 def _settings(f: Field) -> QuantSettings:
@@ -228,7 +292,7 @@ def migrate(data: Mapping[str, Any], source: str) -> Mapping[str, Any]:
 
 def _bit_vectors(f: Field, settings: QuantSettings,
                  adaptive: int) -> dict[int, tuple[int, ...]]:
-    expected = ("-1", "0", "1") if settings.adaptive else ("0",)
+    expected = ("-1", "0", "1") if settings.dynamic else ("0",)
     members = dict(f.members())
     if sorted(members) != sorted(expected):
         f.fail(f"one bit vector per image offset {', '.join(expected)} ({settings.method})")
@@ -259,6 +323,7 @@ def record_from_json(data: object, source: str = "calibration record") -> Calibr
     if len(set(names)) != len(names):
         f["layers"].fail("layers with distinct names")
     adaptive = sum(layer.kind == "adaptive" for layer in layers)
+    _check_selectors(f, settings, layers)
     thresholds = _range(f["image_thresholds"])
     vectors = _bit_vectors(f["bit_vectors"], settings, adaptive)
     calibration = f.get("calibration")
@@ -330,6 +395,14 @@ def _apply_layer(qnet: QuantizedSR, conv: Any, layer: RecordLayer) -> None:
         conv.output_range = layer.output_range
     if layer.input_range:
         conv.input_range = layer.input_range
+    if layer.selector is not None:
+        sel = layer.selector
+        selector = BitSelector(conv.conv.in_channels, sel.candidates)
+        selector.load_state_dict({
+            name: torch.tensor(value, dtype=torch.float32) for name, value in (
+                ("linear.weight", sel.weight), ("linear.bias", sel.bias), ("mean", sel.mean),
+                ("scale", sel.scale), ("candidates", np.asarray(sel.candidates)))})
+        conv.selector = selector
     if layer.gate is not None:
         gate = DynamicGate(layer.gate.channels)
         gate.load_state_dict({src: torch.tensor(layer.gate.tensors[key], dtype=torch.float32)

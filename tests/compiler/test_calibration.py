@@ -239,3 +239,97 @@ def test_granular_gives_every_layer_the_patch_bits(tiny: tuple[Path, Path],
         bits = rebuilt.sample_bits()
     d_img = rebuilt.context.d_img.round()
     assert torch.equal(bits, 6 + 2 * d_img)
+
+
+def _cadyq_fab_after_training(tiny: tuple[Path, Path], bit_weight: float) -> tuple[float, float]:
+    """CADyQ on the tiny EDSR with every selector started on its high candidate: the FAB on the
+    calibration patches before and after training (joint schedule, no budget)."""
+    from compiler.quant.calibrate import Calibrator
+    from compiler.quant.patches import sample_patches
+
+    config = replace(FAST, schedule="joint", bit_margin=0.0, bit_weight=bit_weight,
+                     lr_selector=0.05)
+    calibrator = Calibrator(load_model(tiny[0]), QuantSettings(method="cadyq", wbits=8, abits=6),
+                            config)
+    patches = sample_patches(tiny[1], config.patches, config.patch_size, config.seed)
+    teacher, stats = calibrator.measure(patches)
+    calibrator.initialize(teacher, stats)
+
+    def fab() -> float:
+        with torch.no_grad():
+            calibrator.qnet(patches)
+        return float(calibrator.qnet.sample_bits().mean())
+
+    for _, conv in calibrator.qnet.qconvs():
+        if conv.selector is not None:
+            conv.selector.shift_(-3.0)  # 3 logits from the low candidate to the high one
+    before = fab()
+    calibrator.train(patches, teacher)
+    return before, fab()
+
+
+def test_cadyq_bit_loss_moves_the_fab_toward_the_base(tiny: tuple[Path, Path]) -> None:
+    """Started mostly on the high candidate (FAB >= 7), the bit hinge pulls the average bits
+    down toward the base 6; distillation alone keeps them up."""
+    before, with_loss = _cadyq_fab_after_training(tiny, bit_weight=50.0)
+    _, without = _cadyq_fab_after_training(tiny, bit_weight=0.0)
+    assert before >= 7.0
+    assert with_loss < before - 0.5 and with_loss < without
+    assert with_loss >= 6.0 - 2.0
+
+
+def test_cadyq_selects_a_candidate_per_patch_and_layer(tiny: tuple[Path, Path],
+                                                      tmp_path: Path) -> None:
+    """Each adaptive layer picks base - 2 / base / base + 2 per sample; the FAB is their mean;
+    busier content gets more bits; the budget holds the calibration FAB under base - margin;
+    the record rebuilds the same network with the same choices."""
+    from compiler.quant.patches import sample_patches
+
+    config = replace(FAST, bit_margin=0.25)
+    result = calibrate(load_model(tiny[0]), QuantSettings(method="cadyq", wbits=8, abits=6),
+                       config, tiny[1])
+    record, qnet = result.record, result.qnet
+    assert record["bit_vectors"] == {"-1": [4] * 4, "0": [6] * 4, "1": [8] * 4}
+    selectors = [layer["selector"] for layer in record["layers"]]
+    assert all(s is not None and s["candidates"] == [4, 6, 8] for s in selectors)
+    assert len(record["calibration"]["validation_loss"]) == FAST.epochs + 1  # it trained
+    patches = sample_patches(tiny[1], config.patches, config.patch_size, config.seed)
+    with torch.no_grad():
+        qnet(patches)
+    assert float(qnet.sample_bits().mean()) <= 6 - 0.25
+    flat = torch.full((1, 3, 12, 12), 0.5)
+    noise = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([flat, noise, 0.5 + 0.2 * (noise - 0.5)])
+    with torch.no_grad():
+        out = qnet(x)
+    chosen = torch.stack([conv.chosen_bits for _, conv in qnet.qconvs()
+                          if conv.chosen_bits is not None])
+    assert chosen.shape == (4, 3)
+    assert set(chosen.flatten().tolist()) <= {4.0, 6.0, 8.0}
+    assert torch.equal(qnet.sample_bits(), chosen.mean(dim=0))
+    assert chosen[:, 0].mean() < chosen[:, 1].mean()  # flat patch: fewer bits than noise
+    path = tmp_path / "cadyq.json"
+    save_record(path, record)
+    rebuilt = apply_record(load_model(tiny[0]), read_record(path))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), out)
+    assert torch.equal(rebuilt.sample_bits(), qnet.sample_bits())
+
+
+def test_cadyq_budget_of_a_margin_0_record_is_the_calibrated_one(tiny: tuple[Path, Path]) -> None:
+    """Training does not depend on the margin: the budget applied to a ``--bit-margin 0`` record
+    gives exactly the selectors of a calibration with that margin (benchmarks/cadyq_budget.py)."""
+    from compiler.quant.calibrate import fit_selector_budget
+    from compiler.quant.patches import sample_patches
+
+    settings = QuantSettings(method="cadyq", wbits=8, abits=6)
+    unbudgeted = calibrate(load_model(tiny[0]), settings, replace(FAST, bit_margin=0.0), tiny[1])
+    budgeted = calibrate(load_model(tiny[0]), settings, replace(FAST, bit_margin=0.5), tiny[1])
+    assert unbudgeted.record["calibration"]["selector_shift"] == 0.0
+    qnet = apply_record(load_model(tiny[0]), unbudgeted.record)
+    patches = sample_patches(tiny[1], FAST.patches, FAST.patch_size, FAST.seed)
+    shift = fit_selector_budget(qnet, patches, 6 - 0.5)
+    assert shift > 0 and shift == budgeted.record["calibration"]["selector_shift"]
+    for (_, mine), (_, theirs) in zip(qnet.qconvs(), budgeted.qnet.qconvs(), strict=True):
+        assert mine.selector is not None and theirs.selector is not None
+        assert torch.equal(mine.selector.linear.bias, theirs.selector.linear.bias)

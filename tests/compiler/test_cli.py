@@ -59,6 +59,31 @@ def test_calibrate_then_eval_quantized(setup: dict[str, Path]) -> None:
     assert sum(result["images"][0]["d_img"].values()) == 4  # a 24x24 LR image in 16px tiles
 
 
+def test_calibrate_cadyq_then_eval_whole_and_tiled(setup: dict[str, Path]) -> None:
+    """``--method cadyq``: the record holds a selector per adaptive layer; eval reports finite
+    PSNR / SSIM and a FAB within the candidates 4..8, whole images and tile by tile."""
+    import math
+
+    record = setup["root"] / "cadyq.json"
+    assert main(["calibrate", "--weights", str(setup["weights"]), "--calib",
+                 str(setup["data"] / "HR"), "--method", "cadyq", "--wbits", "8", "--abits", "6",
+                 "--patches", "4", "--patch-size", "16", "--steps", "4", "--quiet",
+                 "-o", str(record)]) == 0
+    saved = json.loads(record.read_text())
+    assert saved["settings"]["method"] == "cadyq"
+    assert [layer["selector"] is not None for layer in saved["layers"]] == [True, True]
+    for tile in (None, 16):
+        out = setup["root"] / f"cadyq_{tile}.json"
+        assert main(["eval", "--weights", str(setup["weights"]), "--calibration", str(record),
+                     "--dataset", str(setup["data"]), "--scale", "2", "--json", str(out),
+                     *(["--tile", str(tile)] if tile else [])]) == 0
+        result = json.loads(out.read_text())
+        assert math.isfinite(result["psnr"]) and result["psnr"] > 10
+        assert 0 < result["ssim"] <= 1
+        assert 4.0 <= result["fab"] <= 8.0 and result["bitops"] > 0
+        assert all(4.0 <= image["fab"] <= 8.0 for image in result["images"])
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["eval", "--weights", "nope.pt", "--dataset", ".", "--scale", "2"], "nope.pt"),
     (["calibrate", "--weights", "W", "--calib", "C", "--method", "adabn", "-o", "r.json"],

@@ -26,9 +26,12 @@ Edit = Callable[[dict[str, Any]], None]
 
 @pytest.fixture(scope="module")
 def records(tiny: tuple[Path, Path]) -> dict[str, dict[str, Any]]:
-    """Real records of the tiny EDSR: AdaBM W8A6 FQ, and DDTB W4A4 (with gates)."""
+    """Real records of the tiny EDSR: AdaBM W8A6 FQ, DDTB W4A4 (with gates), CADyQ W8A6 FQ (with
+    selectors)."""
     return calibrate_tiny(tiny, {"adabm": QuantSettings(method="adabm", wbits=8, abits=6, fq=True),
-                                 "ddtb": QuantSettings(method="ddtb", wbits=4, abits=4)})
+                                 "ddtb": QuantSettings(method="ddtb", wbits=4, abits=4),
+                                 "cadyq": QuantSettings(method="cadyq", wbits=8, abits=6,
+                                                        fq=True)})
 
 
 def edited(record: dict[str, Any], edit: Edit) -> dict[str, Any]:
@@ -67,11 +70,11 @@ CASES: list[tuple[str, Edit, str]] = [
     ("A99", lambda r: r["settings"].update(abits=99),
      field("settings.abits: expected an integer in 2..8, got 99")),
     ("method foo", lambda r: r["settings"].__setitem__("method", "foo"),
-     field("settings.method: unknown method 'foo'; allowed: adabm, ddtb, granular, minmax, "
-           "percentile")),
+     field("settings.method: unknown method 'foo'; allowed: adabm, cadyq, ddtb, granular, "
+           "minmax, percentile")),
     ("method typo", lambda r: r["settings"].__setitem__("method", "adabn"),
      field("settings.method: unknown method 'adabn' (did you mean 'adabm'?); allowed: adabm, "
-           "ddtb, granular, minmax, percentile")),
+           "cadyq, ddtb, granular, minmax, percentile")),
     ("NaN bound", set_layer(2, "a_bounds", [float("nan"), 1.0]),
      field("layers[2].a_bounds[0]: expected a finite number, got nan")),
     ("infinite clip", set_layer(0, "w_clip", float("inf")),
@@ -129,6 +132,63 @@ def test_a_bad_ddtb_record_field_is_one_line_naming_it(
     with pytest.raises(CalibrationError) as err:
         read_record(path)
     assert str(err.value) == message
+
+
+def _selector(index: int, key: str, value: object) -> Edit:
+    return lambda r: r["layers"][index]["selector"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize(("record", "edit", "message"), [
+    ("cadyq", _selector(2, "bias", [0.0, 1.0]),
+     field("layers[2].selector.bias: expected numbers of shape [3], got [0.0, 1.0]")),
+    ("cadyq", _selector(2, "weight", [[0.0] * 9] * 3),
+     field("layers[2].selector.weight: expected numbers of shape [3, 10], got a list of 3")),
+    ("cadyq", _selector(2, "scale", [1.0] * 9 + [0.0]),
+     field("layers[2].selector.scale: expected positive numbers, got [1.0, 1.0, 1.0, 1.0, 1.0, "
+           "1.0, 1.0, 1.0, 1.0, 0.0]")),
+    ("cadyq", _selector(2, "candidates", [4, 6, 10]),
+     field("layers[2].selector.candidates: expected [4, 6, 8] for --abits 6, got [4, 6, 10]")),
+    ("cadyq", _selector(2, "candidates", [6, 4, 8]),
+     field("layers[2].selector.candidates: expected three increasing bit-widths, got [6, 4, 8]")),
+    ("cadyq", set_layer(2, "selector", None),
+     field("layers[2]: expected a selector (method cadyq, adaptive layer), got an object")),
+    ("cadyq", lambda r: r["layers"][5].__setitem__("selector", r["layers"][2]["selector"]),
+     field("layers[5].selector: expected null (method cadyq, fixed layer), got an object")),
+    ("adabm", lambda r: r["layers"][2].__setitem__("selector", {}),
+     field("layers[2].selector.candidates: missing")),
+], ids=["short bias", "narrow weight", "zero scale", "candidates off the base",
+        "unordered candidates", "adaptive layer without selector", "fixed layer with one",
+        "adabm layer with one"])
+def test_a_bad_selector_is_one_line_naming_it(tmp_path: Path, records: dict[str, dict[str, Any]],
+                                              record: str, edit: Edit, message: str) -> None:
+    path = write(tmp_path, edited(records[record], edit))
+    with pytest.raises(CalibrationError) as err:
+        read_record(path)
+    assert str(err.value) == message
+
+
+def test_a_cadyq_record_round_trips(tmp_path: Path, tiny: tuple[Path, Path],
+                                    records: dict[str, dict[str, Any]]) -> None:
+    """Written and read back, the record's selectors are the calibrated ones, and the rebuilt
+    network makes the same per-layer choices (record -> file -> record gives the same data)."""
+    record = records["cadyq"]
+    rec = read_record(write(tmp_path, record))
+    assert rec.settings.method == "cadyq" and rec.settings.image_step == 2
+    assert [layer.selector is not None for layer in rec.layers] == [
+        layer["kind"] == "adaptive" for layer in record["layers"]]
+    first = next(layer for layer in rec.layers if layer.selector is not None)
+    assert first.selector is not None and first.selector.candidates == (4, 6, 8)
+    assert first.selector.weight.shape == (3, 8 + 2)
+    data = record_of_json(apply_record(load_model(tiny[0]), rec), tiny[0], record)
+    assert data["layers"] == json.loads(json.dumps(record["layers"]))
+    assert data["bit_vectors"] == json.loads(json.dumps(record["bit_vectors"]))
+
+
+def record_of_json(qnet: Any, weights: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """``record_of`` of a rebuilt network, as a file round trip gives it."""
+    from compiler.quant.record import record_of
+
+    return json.loads(json.dumps(record_of(qnet, load_model(weights), record["calibration"])))
 
 
 def test_a_gate_of_the_wrong_shape_is_one_line(tiny: tuple[Path, Path],

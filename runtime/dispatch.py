@@ -354,6 +354,8 @@ class Dispatcher:
         first = 0
         for engine, last in zip(self._engines, bounds, strict=True):
             if engine is None:  # the interpolation rung, all its tiles at once
+                if first == last:
+                    continue
                 chunk = order[first:last]
                 tick = time.perf_counter()
                 buffer[chunk] = interpolate_tiles(tiles[chunk], self.manifest.model.scale)

@@ -205,7 +205,8 @@ def self_error(luma: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     if height < 2 or width < 2:
         return np.zeros(luma.shape[0])
     even = (luma[:, :height, :width] * 255.0).astype(np.float32)
-    low = even.reshape(-1, height // 2, 2, width // 2, 2).mean(axis=(2, 4), dtype=np.float32)
+    low = (even[:, 0::2, 0::2] + even[:, 1::2, 0::2] + even[:, 0::2, 1::2]
+           + even[:, 1::2, 1::2]) * np.float32(0.25)
     back = _upsample_axis(_upsample_axis(low, -2, 2), -1, 2)
     result: npt.NDArray[np.float64] = ((even - back) ** 2).mean(axis=(1, 2), dtype=np.float64)
     return result
@@ -231,26 +232,42 @@ def _phases(scale: int) -> tuple[int, tuple[tuple[tuple[int, float], ...], ...]]
     return padding, tuple(phases)
 
 
+def _mirror(planes: npt.NDArray[np.float32], axis: int, padding: int) -> npt.NDArray[np.float32]:
+    """``np.pad(planes, padding along axis, mode="symmetric")``; by slices when the axis is at
+    least ``padding`` long (np.pad's own bookkeeping cost as much as a small tile's arithmetic)."""
+    length = planes.shape[axis]
+    if length < padding:
+        pad = [(0, 0)] * planes.ndim
+        pad[axis] = (padding, padding)
+        result: npt.NDArray[np.float32] = np.pad(planes, pad, mode="symmetric")
+        return result
+    head, tail = [slice(None)] * planes.ndim, [slice(None)] * planes.ndim
+    head[axis] = slice(padding - 1, None, -1)
+    stop = length - padding - 1
+    tail[axis] = slice(length - 1, stop if stop >= 0 else None, -1)
+    return np.concatenate([planes[tuple(head)], planes, planes[tuple(tail)]], axis=axis)
+
+
 def _upsample_axis(planes: npt.NDArray[np.float32], axis: int, scale: int,
                    ) -> npt.NDArray[np.float32]:
     """Bicubic x``scale`` of ``planes`` along ``axis`` (-1 or -2) by its polyphase taps."""
     padding, phases = _phases(scale)
-    pad = [(0, 0)] * planes.ndim
-    pad[axis] = (padding, padding)
-    padded = np.pad(planes, pad, mode="symmetric")
+    padded = _mirror(planes, axis, padding)
     length = planes.shape[axis]
     shape = list(planes.shape)
     shape[axis] = length * scale
     result = np.empty(shape, dtype=np.float32)
     window = [slice(None)] * planes.ndim
+    total = np.empty(planes.shape, dtype=np.float32)  # contiguous: each phase summed here
+    term = np.empty(planes.shape, dtype=np.float32)
     for phase, taps in enumerate(phases):
-        window[axis] = slice(phase, None, scale)
-        total = result[tuple(window)]  # a strided view: accumulate in place
         total.fill(0)
-        for offset, weight in taps:
-            window[axis] = slice(padding + offset, padding + offset + length)
-            total += np.float32(weight) * padded[tuple(window)]
-            window[axis] = slice(phase, None, scale)
+        for offset, weight in taps:  # the same float32 operations, in the same order, as
+            window[axis] = slice(padding + offset, padding + offset + length)  # 0 + w x + ...
+            np.multiply(np.float32(weight), padded[tuple(window)], out=term)
+            total += term
+        window[axis] = slice(phase, None, scale)
+        result[tuple(window)] = total
     return result
 
 

@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from runtime.engines.onnxruntime import OnnxRuntimeEngine
+from runtime.backends import OpenRequest, runtime_backend
+from runtime.engines.base import Engine
+from runtime.errors import EngineError
 from runtime.imaging import rgb_to_y
 from runtime.manifest import Manifest
 from runtime.policies import engine_order
@@ -129,7 +131,7 @@ def fit_loss_model(features: npt.NDArray[np.float64], mse: npt.NDArray[np.float6
     return LossModel(tuple(float(c) for c in coefficients), scale)
 
 
-def _run(rung: str, engines: dict[str, OnnxRuntimeEngine], tiles: npt.NDArray[np.uint8],
+def _run(rung: str, engines: dict[str, Engine], tiles: npt.NDArray[np.uint8],
          scale: int) -> npt.NDArray[np.float32]:
     """One rung on N x w x w x 3 uint8 tiles: N x 3 x sw x sw float32."""
     if rung == INTERPOLATION:
@@ -139,7 +141,7 @@ def _run(rung: str, engines: dict[str, OnnxRuntimeEngine], tiles: npt.NDArray[np
                            for i in range(0, len(planes), _BATCH)])
 
 
-def _costs_ms(rungs: Sequence[str], engines: dict[str, OnnxRuntimeEngine],
+def _costs_ms(rungs: Sequence[str], engines: dict[str, Engine],
               tiles: npt.NDArray[np.uint8], scale: int, rounds: int = 7) -> dict[str, float]:
     """ms per tile of each rung: the fastest of ``rounds`` batches after a warm-up, the rungs
     taking turns within each round so that a busy machine slows them alike."""
@@ -153,17 +155,33 @@ def _costs_ms(rungs: Sequence[str], engines: dict[str, OnnxRuntimeEngine],
     return {rung: min(times) * 1000 / len(tiles) for rung, times in runs.items()}
 
 
+def _open_engines(root: Path, manifest: Manifest, names: Sequence[str]) -> dict[str, Engine]:
+    """The engines ``names`` of the bundle being built in ``root``, through the bundle's backend
+    (ONNX Runtime, OpenVINO: any whose engines run from the files already there)."""
+    backend = runtime_backend(manifest.backend)
+    shared = backend.shared_state()
+    engines = {}
+    for name in names:
+        spec = manifest.engine(name)
+        ref = spec.runnable_file
+        if ref is None:
+            raise EngineError(f"engine {name!r} has no runnable file to measure the rung ladder")
+        engines[name] = backend.open(OpenRequest(spec, manifest, root / ref.path, root,
+                                                 manifest.model.scale, None, manifest.threads,
+                                                 shared))
+    return engines
+
+
 def measure_ladder(root: Path, manifest: Manifest, images: Sequence[npt.NDArray[np.uint8]], *,
                    progress: Progress = lambda _: None) -> tuple[RungLadder, str]:
-    """The rung ladder of the ONNX Runtime bundle in ``root`` (module docstring) and a summary."""
+    """The rung ladder of the bundle being built in ``root`` (module docstring) and a summary."""
     scale, tile = manifest.model.scale, manifest.tile
     order = engine_order(manifest)
     top = order[-1]
     low, high = windows(images, scale, tile)
     margin = manifest.overlap // 2 * scale
     progress(f"measuring the rung ladder on {len(low)} calibration windows of {low.shape[1]} px")
-    engines = {name: OnnxRuntimeEngine(name, root / manifest.engine(name).onnx.path, scale,
-                                       threads=manifest.threads) for name in order}
+    engines = _open_engines(root, manifest, order)
     for engine in engines.values():
         engine.activate()
     try:

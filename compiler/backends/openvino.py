@@ -1,7 +1,9 @@
 """OpenVINO's compiler side: the ONNX Runtime dialect's graphs as they are (OpenVINO's CPU plugin
 runs their Q/DQ convs on INT8 kernels), plus a BF16 rung -- the FP32 graph, compiled with BF16
 inference precision -- when the target's ladder lists ``bf16`` and this machine's CPU runs BF16
-kernels (the capability probe; recorded in the manifest's ``build.capabilities``)."""
+kernels (the capability probe; recorded in the manifest's ``build.capabilities``). The build
+measures the rung ladder through OpenVINO's own engines, so the BF16 rung is one of the quality
+policy's rungs."""
 
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ BF16 = "bf16"
 
 class OpenVinoBuilder(Builder):
     name = "openvino"
+    rung_ladder = True  # bicubic, all-INT8, INT8, BF16 (where the CPU has it), FP32
 
     def complete(self, plan: EnginePlan) -> EnginePlan:
-        """``plan`` with a BF16 rung (serving no image offset: ``fixed:bf16``, ``budget:``)
+        """``plan`` with a BF16 rung (serving no image offset: a rung of the ladder's policies)
         before the reference, when the target lists BF16 and this CPU has BF16 kernels."""
         from compiler.plan import PlannedEngine, fab_of
 

@@ -24,15 +24,16 @@ from compiler.lower.export import conv_nodes
 from compiler.lower.qdq import lowering_summary
 from compiler.parity import simulate_engine
 from compiler.plan import plan_engines
-from compiler.quant.patches import sample_patches
+from compiler.quant.patches import list_images, sample_patches
 from compiler.quant.qmodel import QuantSettings
 from compiler.simulate import TorchUpscaler
 from compiler.zoo import load_model
 from runtime.backends import runtime_backend
 from runtime.bundle import open_bundle
+from runtime.dispatch import Dispatcher
 from runtime.engines.openvino import OpenVinoEngine, compile_config
 from runtime.errors import BundleError, ConfigError
-from runtime.imaging import to_uint8
+from runtime.imaging import load_rgb, to_uint8
 from runtime.metrics import psnr
 from runtime.policies import engine_order, parse_policy, policy_engines
 from targets.loader import load_target
@@ -54,8 +55,28 @@ def ov_bundle(tiny: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
     target = load_target("cpu-x86").with_backend("openvino")
     plan = plan_engines(record, target, "hardware", tile=16, overlap=4)
     write_bundle(load_model(weights), record, plan, root / "bundle",
-                 patches=sample_patches(calib, 4, 16, seed=0).numpy())
+                 patches=sample_patches(calib, 4, 16, seed=0).numpy(),
+                 ladder_images=[load_rgb(p) for p in list_images(calib)][:2])
     return weights, record, root / "bundle"
+
+
+def test_the_rung_ladder_runs_openvinos_engines_bf16_included(
+        ov_bundle: tuple[Path, dict[str, Any], Path]) -> None:
+    """The build measures the ladder with OpenVINO's engines: the BF16 rung (where this CPU has
+    it) sits between INT8 and FP32 in predicted loss, and the quality policy can choose it."""
+    bundle = open_bundle(ov_bundle[2])
+    ladder = bundle.manifest.rungs
+    expected = {"bicubic", "int8-all", "int8", "fp32"} | ({"bf16"} if BF16_HERE else set())
+    assert set(ladder.names) == expected and ladder.names[-1] == "fp32"
+    assert all(rung.cost_ms > 0 for rung in ladder.rungs)
+    if BF16_HERE:
+        features = np.ones((1, len(ladder.rung("bf16").loss.coefficients)))
+        bf16, int8 = (ladder.rung(n).loss.predict(features)[0] for n in ("bf16", "int8"))
+        assert 0 <= bf16 < int8
+    frame = np.random.default_rng(0).integers(0, 256, (40, 40, 3)).astype(np.uint8)
+    engines = bundle.engines(threads=1)
+    with Dispatcher(bundle.manifest, engines, policy="quality:0") as dispatcher:
+        assert set(dispatcher.upscale(frame).engines) == {"fp32"}  # 0 dB: the top rung only
 
 
 def test_the_probe_reads_openvinos_capability_list() -> None:

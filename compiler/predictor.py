@@ -51,7 +51,8 @@ Progress = Callable[[str], None]
 # Default quality target of ``quality`` without a number (dB lost against the top rung per
 # frame): about the loss of the INT8 engine with top-precision trunk ends, the previous default;
 # measured against the original frames of both clips of benchmarks/dispatch.py it gave 0.037 /
-# 0.038 dB, 0.1 gave 0.075 / 0.065 (benchmarks/results/dispatch_quality.md).
+# 0.038 dB, 0.1 gave 0.075 / 0.065; with tile-features/2 and the 0.8 reference quantile 0.045 /
+# 0.046 and 0.099 / 0.081 (benchmarks/results/dispatch_quality.md).
 DEFAULT_TARGET_DB = 0.05
 # The top rung's error against the original cannot be seen at run time and varies by domain
 # far more than the features tell: clean video errs about 3x less than photos with the same features

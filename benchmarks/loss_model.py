@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from common import REPO, cpu_name, edsr_record, shared, table
-from dispatch import SMALL_TILE, _build
+from dispatch import SMALL_TILE, _build, _tile_mse
 
 from compiler.predictor import (
     _run,
@@ -46,7 +46,7 @@ from compiler.quant.patches import list_images
 from runtime.bundle import Bundle, open_bundle
 from runtime.dispatch import Dispatcher
 from runtime.fileio import atomic_write_bytes
-from runtime.imaging import load_rgb, mod_crop, rgb_to_y
+from runtime.imaging import load_rgb, mod_crop
 from runtime.policies import allocate_rungs, engine_order
 from runtime.resize import imresize_bicubic
 from runtime.rungs import FEATURE_SETS, FEATURES, INTERPOLATION, tile_features
@@ -56,12 +56,6 @@ from runtime.video import read_frames
 TARGET_DB = 0.05
 QUANTILES = (0.7, 0.8, 0.9)
 Data = dict[str, npt.NDArray[Any]]
-
-
-def _tile_mse(a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8], boxes: list[Any],
-              ) -> npt.NDArray[np.float64]:
-    ya, yb = rgb_to_y(a), rgb_to_y(b)
-    return np.array([((ya[box] - yb[box]) ** 2).mean() for box in boxes])
 
 
 def clip_data(path: Path, bundle: Bundle, frames: int, threads: int) -> Data:
@@ -83,15 +77,14 @@ def clip_data(path: Path, bundle: Bundle, frames: int, threads: int) -> Data:
             lr = imresize_bicubic(hr, 0.5)
             results = {n: d.upscale(lr) for n, d in dispatchers.items()}
             plan = results[names[-1]].plan
-            boxes = [tile.core.slices(plan.scale) for tile in plan.tiles]
             first = plan.tiles[0].source
             out["tiles"].append(extract_tiles(lr, plan)[:, :first.h, :first.w])
             out["area"].append([t.core.h * t.core.w for t in plan.tiles])
             out["frame"].append([index] * len(plan.tiles))
             for n in names:
-                out.setdefault(f"err:{n}", []).append(_tile_mse(results[n].sr, hr, boxes))
+                out.setdefault(f"err:{n}", []).append(_tile_mse(results[n].sr, hr, plan))
                 out.setdefault(f"dev:{n}", []).append(
-                    _tile_mse(results[n].sr, results[names[-1]].sr, boxes))
+                    _tile_mse(results[n].sr, results[names[-1]].sr, plan))
     finally:
         for d in dispatchers.values():
             d.__exit__(None, None, None)

@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from runtime.backends import OpenRequest, runtime_backend
+from runtime.bundle import Bundle
 from runtime.engines.base import Engine
-from runtime.errors import EngineError
 from runtime.imaging import rgb_to_y
 from runtime.manifest import Manifest
 from runtime.policies import engine_order
@@ -156,23 +155,6 @@ def _costs_ms(rungs: Sequence[str], engines: dict[str, Engine],
     return {rung: min(times) * 1000 / len(tiles) for rung, times in runs.items()}
 
 
-def _open_engines(root: Path, manifest: Manifest, names: Sequence[str]) -> dict[str, Engine]:
-    """The engines ``names`` of the bundle being built in ``root``, through the bundle's backend
-    (ONNX Runtime, OpenVINO: any whose engines run from the files already there)."""
-    backend = runtime_backend(manifest.backend)
-    shared = backend.shared_state()
-    engines = {}
-    for name in names:
-        spec = manifest.engine(name)
-        ref = spec.runnable_file
-        if ref is None:
-            raise EngineError(f"engine {name!r} has no runnable file to measure the rung ladder")
-        engines[name] = backend.open(OpenRequest(spec, manifest, root / ref.path, root,
-                                                 manifest.model.scale, None, manifest.threads,
-                                                 shared))
-    return engines
-
-
 def measure_ladder(root: Path, manifest: Manifest, images: Sequence[npt.NDArray[np.uint8]], *,
                    progress: Progress = lambda _: None) -> tuple[RungLadder, str]:
     """The rung ladder of the bundle being built in ``root`` (module docstring) and a summary."""
@@ -182,7 +164,9 @@ def measure_ladder(root: Path, manifest: Manifest, images: Sequence[npt.NDArray[
     low, high = windows(images, scale, tile)
     margin = manifest.overlap // 2 * scale
     progress(f"measuring the rung ladder on {len(low)} calibration windows of {low.shape[1]} px")
-    engines = _open_engines(root, manifest, order)
+    bundle = Bundle(root, manifest)  # being built: the manifest is not written yet
+    # the calibration windows may be smaller than the tile: any input size
+    engines = {name: bundle.engine(name, static=False) for name in order}
     for engine in engines.values():
         engine.activate()
     try:

@@ -28,7 +28,7 @@ FAB_SLACK = 0.05  # ... at FAB <= base + 0.05
 
 
 def _rows(stems: list[str]) -> dict[tuple[Any, ...], tuple[dict[str, Any], str]]:
-    """(model, method, wbits, abits, tile) -> (row, file stem); later files win."""
+    """(model, method, wbits, abits, tile, margin) -> (row, file stem); later files win."""
     found: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
     for stem in stems:
         path = RESULTS / f"{stem}.json"
@@ -38,7 +38,8 @@ def _rows(stems: list[str]) -> dict[tuple[Any, ...], tuple[dict[str, Any], str]]
             raise SystemExit(f"cannot read {path}: {err}") from err
         for row in rows:
             if row.get("method") in ("adabm", *METHODS) and not row.get("fq"):
-                key = (row["model"], row["method"], row["wbits"], row["abits"], row.get("tile"))
+                key = (row["model"], row["method"], row["wbits"], row["abits"], row.get("tile"),
+                       row.get("margin"))
                 found[key] = (row, stem)
     return found
 
@@ -55,15 +56,15 @@ def main() -> None:
     body, results = [], []
     passed = total = 0
     for model, wbits, abits, tile in groups:
-        adabm = found.get((model, "adabm", wbits, abits, tile or None))
-        sets = sorted({s for k, (row, _) in found.items()
-                       if (k[0], k[2], k[3], k[4] or 0) == (model, wbits, abits, tile)
-                       for s in row["psnr"]}, key=lambda s: (len(s), s))
-        for method in ("adabm", *METHODS):
-            entry = found.get((model, method, wbits, abits, tile or None))
-            if entry is None:
-                continue
-            row, stem = entry
+        here = sorted((((k[1], k[5]), entry) for k, entry in found.items()
+                       if (k[0], k[2], k[3], k[4] or 0) == (model, wbits, abits, tile)),
+                      key=lambda item: (("adabm", *METHODS).index(item[0][0]),
+                                        -1.0 if item[0][1] is None else item[0][1]))
+        adabm = next((entry for (method, _), entry in here if method == "adabm"), None)
+        sets = sorted({s for _, (row, _) in here for s in row["psnr"]},
+                      key=lambda s: (len(s), s))
+        for (method, margin), (row, stem) in here:
+            label = method if margin is None else f"{method} m{margin:g}"
             for s in sets:
                 fab_ok = row["fab"][s] <= abits + FAB_SLACK
                 gap = None if adabm is None else row["psnr"][s] - adabm[0]["psnr"][s]
@@ -74,14 +75,15 @@ def main() -> None:
                     verdict = "pass" if ok else ("fail (FAB)" if not fab_ok else "fail (dB)")
                 seeds = ",".join(str(v) for v in row["seeds"])
                 body.append([model, f"W{wbits}A{abits}", f"tile {tile}" if tile else "whole", s,
-                             method, f"{row['psnr'][s]:.3f}", f"{row['drop'][s]:+.3f}",
+                             label, f"{row['psnr'][s]:.3f}", f"{row['drop'][s]:+.3f}",
                              f"{row['fab'][s]:.2f}",
                              f"{row['bitops'][s]:.1f}" if row.get("bitops") else "",
                              "" if gap is None or method == "adabm" else f"{gap:+.3f}",
                              verdict, seeds, stem])
                 results.append({"model": model, "wbits": wbits, "abits": abits, "tile": tile,
-                                "set": s, "method": method, "psnr": row["psnr"][s],
-                                "drop": row["drop"][s], "fab": row["fab"][s],
+                                "set": s, "method": method, "margin": margin,
+                                "psnr": row["psnr"][s], "drop": row["drop"][s],
+                                "fab": row["fab"][s],
                                 "bitops": (row.get("bitops") or {}).get(s),
                                 "gap_to_adabm": gap, "verdict": verdict, "seeds": row["seeds"],
                                 "source": stem})
@@ -89,11 +91,12 @@ def main() -> None:
               "vs AdaBM", f"<= {GAP_DB:g} dB at FAB <= base+{FAB_SLACK:g}", "seeds", "file"]
     text = table(body, header)
     timing = []
-    for (model, method, wbits, abits, tile), (row, stem) in sorted(found.items(),
-                                                                   key=lambda i: str(i[0])):
+    for (model, method, wbits, abits, tile, margin), (row, stem) in sorted(
+            found.items(), key=lambda i: str(i[0])):
         if tile is None:
             cpu = row.get("cpu_seconds")
-            timing.append([model, method, f"W{wbits}A{abits}", f"{row['seconds']:.0f}",
+            label = method if margin is None else f"{method} m{margin:g}"
+            timing.append([model, label, f"W{wbits}A{abits}", f"{row['seconds']:.0f}",
                            "" if cpu is None else f"{cpu:.0f}", str(row.get("threads") or ""),
                            stem])
     times = table(timing, ["model", "method", "bits", "calib wall s", "calib CPU s", "threads",

@@ -54,13 +54,31 @@ class Row:
     spread: dict[str, float]  # max - min of the PSNR over the seeds (0 for one seed)
     seeds: list[int]
     per_seed: dict[str, list[float]]  # PSNR per seed, per set
+    bitops: dict[str, float]  # GBitOPs per image (MACs x w_bits/32 x a_bits/32), mean
+    classes: dict[str, dict[str, int]]  # images (or tiles) per d_img, summed over the set
+    method: str = ""
+    wbits: int = 32
+    abits: int = 32
+    margin: float | None = None  # the calibration's --bit-margin
+    threads: int = 0  # torch threads of the calibration (records: of this evaluation)
+    cpu_seconds: float | None = None  # the calibration's CPU time, where known
+    tile: int | None = None  # LR tile size of a patch-wise evaluation (None: whole images)
+
+
+@dataclass
+class Score:
+    seconds: float
+    psnr: dict[str, float]
+    fab: dict[str, float]
+    bitops: dict[str, float]
+    classes: dict[str, dict[str, int]]
 
 
 def _calibrate_and_score(weights: Path, settings: QuantSettings, scale: int,
                          sets: dict[str, Any], args: argparse.Namespace, seed: int,
-                         records: str | None) -> tuple[float, dict[str, float], dict[str, float]]:
-    """Calibrate with ``seed`` (or read its record from the ``records`` pattern); seconds, PSNR
-    and FAB per set."""
+                         records: str | None) -> Score:
+    """Calibrate with ``seed`` (or read its record from the ``records`` pattern); seconds, PSNR,
+    FAB, BitOPs and the d_img classes per set."""
     qnet: torch.nn.Module
     if records:
         record = read_record(Path(records.format(seed=seed)))
@@ -78,14 +96,22 @@ def _calibrate_and_score(weights: Path, settings: QuantSettings, scale: int,
         qnet = calibrate(load_model(weights), settings, config,
                          shared("calibration/sun_hays8")).qnet
         seconds = time.perf_counter() - start
-    psnr, fab = {}, {}
+    psnr, fab, bitops, classes = {}, {}, {}, {}
     for s, imgs in sets.items():
         up = TorchUpscaler(qnet, scale, tile=args.tile)
         psnr[s] = evaluate(up, imgs, scale).psnr
-        fab[s] = sum(b.fab for b in up.bits) / len(up.bits)
+        fab[s] = statistics.fmean(b.fab for b in up.bits)
+        bitops[s] = statistics.fmean(b.bitops for b in up.bits)
+        classes[s] = {d: sum(b.d_img[d] for b in up.bits) for d in ("-1", "0", "1")}
     print(f"    seed {seed}: " + ", ".join(f"{s} {v:.3f}" for s, v in psnr.items())
           + f" ({seconds:.0f} s)", flush=True)
-    return seconds, psnr, fab
+    return Score(seconds, psnr, fab, bitops, classes)
+
+
+def _record_row(pattern: str, seed: int) -> tuple[str, int, int, bool]:
+    """The (method, wbits, abits, fq) row of a record file."""
+    settings = read_record(Path(pattern.format(seed=seed))).settings
+    return settings.method, settings.wbits, settings.abits, settings.fq
 
 
 def main() -> None:
@@ -112,9 +138,10 @@ def main() -> None:
     parser.add_argument("--sets", default=",".join(SETS), help="benchmark sets (default "
                         f"{','.join(SETS)})")
     parser.add_argument("--records", help="evaluate the records of `adasr calibrate` runs instead "
-                        "of calibrating: a path with {seed} (one model, one row), or several, "
-                        "comma-separated (one row each, labelled with the records' bit margin); "
-                        "the calib seconds are the records'")
+                        "of calibrating: a path with {seed} (one model), or several, "
+                        "comma-separated (one row each; with --rows, labelled with the records' "
+                        "bit margin; without, each record's settings make its row); the calib "
+                        "seconds are the records'")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", help="results file stem in benchmarks/results (default: "
                         "quant_table, or quant_table_rows with --rows; _tileN appended)")
@@ -134,36 +161,48 @@ def main() -> None:
         name = f"{fp.info.arch} x{scale}"
         rows.append(Row(name, "FP32", False, 0.0, fp_psnr, dict.fromkeys(set_names, 0.0),
                         dict.fromkeys(set_names, 32.0), dict.fromkeys(set_names, 0.0), [],
-                        {s: [v] for s, v in fp_psnr.items()}))
+                        {s: [v] for s, v in fp_psnr.items()}, {}, {}, tile=args.tile))
         print(f"{name} FP: " + ", ".join(f"{s} {v:.3f}" for s, v in fp_psnr.items()), flush=True)
-        chosen = [int(i) for i in args.rows.split(",")] if args.rows else range(len(ROWS))
         patterns: list[str | None] = list(args.records.split(",")) if args.records else [None]
-        for (method, wbits, abits, fq), pattern in ((ROWS[i], p) for i in chosen
-                                                    for p in patterns):
+        if args.records and not args.rows:  # each record's own settings make its row
+            jobs = [(_record_row(p, seeds[0]), p) for p in patterns if p]
+        else:
+            chosen = [int(i) for i in args.rows.split(",")] if args.rows else range(len(ROWS))
+            jobs = [(ROWS[i], p) for i in chosen for p in patterns]
+        for (method, wbits, abits, fq), pattern in jobs:
             settings = QuantSettings(method=method, wbits=wbits, abits=abits, fq=fq)
             runs = [_calibrate_and_score(weights, settings, scale, sets, args, seed, pattern)
                     for seed in seeds]
             label = f"{method} W{wbits}A{abits}"
-            if len(patterns) > 1 and pattern:
-                config = read_record(Path(pattern.format(seed=seeds[0]))).data["calibration"][
-                    "config"]
-                label += f" margin {config['bit_margin']:g}"
-            per_seed = {s: [run[1][s] for run in runs] for s in set_names}
+            margin, threads, cpu = args.bit_margin, torch.get_num_threads(), None
+            if pattern:
+                info = read_record(Path(pattern.format(seed=seeds[0]))).data["calibration"]
+                margin, threads = info["config"]["bit_margin"], info.get("threads", 0)
+                cpu = info.get("cpu_seconds")
+                if len(patterns) > 1:
+                    label += f" margin {margin:g}"
+            per_seed = {s: [run.psnr[s] for run in runs] for s in set_names}
             psnr = {s: statistics.fmean(v) for s, v in per_seed.items()}
-            fab = {s: statistics.fmean(run[2][s] for run in runs) for s in set_names}
-            row = Row(name, label, fq,
-                      statistics.fmean(run[0] for run in runs), psnr,
-                      {s: psnr[s] - fp_psnr[s] for s in set_names}, fab,
-                      {s: max(v) - min(v) for s, v in per_seed.items()}, seeds, per_seed)
+            row = Row(name, label, fq, statistics.fmean(run.seconds for run in runs), psnr,
+                      {s: psnr[s] - fp_psnr[s] for s in set_names},
+                      {s: statistics.fmean(run.fab[s] for run in runs) for s in set_names},
+                      {s: max(v) - min(v) for s, v in per_seed.items()}, seeds, per_seed,
+                      {s: statistics.fmean(run.bitops[s] for run in runs) for s in set_names},
+                      {s: {d: sum(run.classes[s][d] for run in runs) for d in ("-1", "0", "1")}
+                       for s in set_names},
+                      method, wbits, abits, margin, threads, cpu, args.tile)
             rows.append(row)
             print(f"  {row.setting:<18} fq={fq!s:<5} " + "  ".join(
-                f"{s} {psnr[s]:.3f} ({row.drop[s]:+.3f} +-{row.spread[s]:.3f}, FAB {fab[s]:.2f})"
-                for s in set_names) + f"  {row.seconds:.0f}s", flush=True)
-    metrics = [f"{s} {k}" for s in set_names for k in ("PSNR", "drop", "spread", "FAB")]
+                f"{s} {psnr[s]:.3f} ({row.drop[s]:+.3f} +-{row.spread[s]:.3f}, "
+                f"FAB {row.fab[s]:.2f})" for s in set_names) + f"  {row.seconds:.0f}s",
+                flush=True)
+    metrics = [f"{s} {k}" for s in set_names
+               for k in ("PSNR", "drop", "spread", "FAB", "GBitOPs")]
     header = ["model", "setting", "FQ", *metrics, "calib s"]
     body = [[r.model, r.setting, "yes" if r.fq else "", *[
         v for s in set_names for v in (f"{r.psnr[s]:.3f}", f"{r.drop[s]:+.3f}",
-                                       f"{r.spread[s]:.3f}", f"{r.fab[s]:.2f}")],
+                                       f"{r.spread[s]:.3f}", f"{r.fab[s]:.2f}",
+                                       f"{r.bitops[s]:.1f}" if r.bitops else "")],
         f"{r.seconds:.0f}"] for r in rows]
     text = table(body, header)
     print("\n" + text)

@@ -63,8 +63,10 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
                    "first) until the mean layer offset is <= -MARGIN, room for content busier "
                    "than the calibration patches; cadyq: shift every selector toward its low "
                    "candidates (or back toward the high ones) until the calibration FAB is just "
-                   "<= abits - MARGIN; 0 keeps the "
-                   "learned mapping (default 0.15)")
+                   "<= abits - MARGIN; granular: re-place both complexity thresholds (the "
+                   "pair of least calibration L1 with calibration FAB <= abits - MARGIN; a class "
+                   "no calibration patch reaches is off); 0 keeps the learned mapping "
+                   "(default 0.15)")
     p.add_argument("--refine-steps", type=int, default=0,
                    help="adabm: after the bit budget, train the activation bounds and weight "
                    "clips this many more steps at the final bits (default 0)")

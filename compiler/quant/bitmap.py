@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _LUMA = (0.299, 0.587, 0.114)
+# the largest complexity of any image in [0, 1]: each normalized Sobel response is <= 0.5
+COMPLEXITY_MAX = 500.0
 
 
 def _sobel_x(padded: Tensor) -> Tensor:

@@ -40,8 +40,10 @@ Stages (AdaBM, methods.md section 1):
 Granular-DQ (``granular``): one bit-width per patch for every adaptive layer, ``base - 2 / base /
 base + 2`` (the paper's coarse 4 / 6 / 8 at base 6) from the same complexity statistic, thresholds
 at the 25th / 75th percentiles (the calibration average at the base), trained like AdaBM's image
-thresholds; no layer offsets, so no budget. The paper's fine split of the 8-bit class into
-4 / 5 / 8 is not implemented.
+thresholds; no layer offsets. Its bit budget (``compiler.quant.granular``) re-places both
+thresholds: the pair of least calibration L1 whose calibration FAB is <= ``base - bit_margin``.
+Bit-aware clipping applies at the base as for AdaBM. The paper's fine split of the 8-bit class
+into 4 / 5 / 8 is not implemented.
 CADyQ (``cadyq``): a bit selector per adaptive layer picks ``base - 2 / base / base + 2`` per patch
 from the image gradients and the per-channel std of the layer's input (``compiler.quant.cadyq``).
 Trained here without HR, like AdaBM: distilled from the FP network on the calibration patches
@@ -67,6 +69,7 @@ from torch import Tensor, nn
 
 from compiler.quant.bitmap import complexity, gradient_features
 from compiler.quant.ddtb import DynamicGate
+from compiler.quant.granular import fit_threshold_budget
 from compiler.quant.patches import list_images, sample_patches
 from compiler.quant.qmodel import FIXED_BITS, QConv2d, QuantizedSR, QuantSettings
 from compiler.quant.record import record_of
@@ -311,7 +314,7 @@ class Calibrator:
             else:  # global, and the fixed layers of a percentile init
                 lower, upper = s.global_min, s.global_max
             conv.act_quant.set_bounds(lower, upper)
-            if method in ("adabm", "cadyq") and self._bit_aware_clipping():
+            if method in ("adabm", "cadyq", "granular") and self._bit_aware_clipping():
                 bits = FIXED_BITS if conv.layer_index is None else (
                     self.settings.abits + offsets[conv.layer_index])
                 self._bit_aware_clip(conv, s, bits)
@@ -541,6 +544,15 @@ class Calibrator:
         return fit_selector_budget(self.qnet, patches,
                                    self.settings.abits - self.config.bit_margin)
 
+    def fit_threshold_budget(self, patches: Tensor, teacher: Teacher) -> dict[str, Any] | None:
+        """Granular-DQ's budget (``compiler.quant.granular``) to ``base - bit_margin``; a margin
+        of 0 keeps the learned thresholds (None)."""
+        if self.config.bit_margin <= 0:
+            return None
+        budget = fit_threshold_budget(self.qnet, patches, teacher.outputs,
+                                      self.settings.abits - self.config.bit_margin)
+        return budget.to_json()
+
     def refine(self, patches: Tensor, teacher: Teacher, lowered: list[str]) -> dict[str, Any]:
         """Stage 4: re-fit the quantizers to the bits the budget left (``refine_steps``).
 
@@ -602,7 +614,7 @@ class Calibrator:
     def run(self, calib_dir: Path) -> CalibrationResult:
         cfg = self.config
         torch.manual_seed(cfg.seed)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         patches = sample_patches(calib_dir, cfg.patches, cfg.patch_size, cfg.seed, cfg.downscale)
         teacher, stats = self.measure(patches)
         self._stats = stats
@@ -613,6 +625,8 @@ class Calibrator:
         training["budget_lowered"] = self.fit_budget(patches, teacher)
         if self.settings.selector:
             training["selector_shift"] = self.fit_selector_budget(patches)
+        if self.settings.adaptive and not self.settings.layer_mapping:
+            training["threshold_budget"] = self.fit_threshold_budget(patches, teacher)
         training.update(self.refine(patches, teacher, training["budget_lowered"]))
         for name, conv in self.qnet.qconvs():
             conv.output_range = (stats[name].out_min, stats[name].out_max)
@@ -630,6 +644,8 @@ class Calibrator:
             "config": asdict(cfg),
             "images": [p.name for p in list_images(calib_dir)],
             "seconds": round(time.perf_counter() - started, 2),
+            "cpu_seconds": round(time.process_time() - cpu_started, 2),  # all threads
+            "threads": torch.get_num_threads(),
             "calibration_fab": fab,
             "gated_layers": getattr(self, "_gated", []),
             **training,

@@ -49,6 +49,7 @@ def test_same_seed_same_record(tiny: tuple[Path, Path]) -> None:
     def strip(record: dict) -> str:  # type: ignore[type-arg]
         record = json.loads(json.dumps(record))
         record["calibration"].pop("seconds")
+        record["calibration"].pop("cpu_seconds")
         return json.dumps(record, sort_keys=True)
 
     first = _run(tiny, method="adabm", wbits=4, abits=4)
@@ -223,7 +224,7 @@ def test_refine_keeps_the_bits_and_never_worsens_the_validated_loss(
 def test_granular_gives_every_layer_the_patch_bits(tiny: tuple[Path, Path],
                                                    tmp_path: Path) -> None:
     """Granular-DQ: one bit-width per patch shared by all adaptive layers, classes base - 2 /
-    base / base + 2; no layer offsets, no budget; the record rebuilds the same network."""
+    base / base + 2; no layer offsets; the record rebuilds the same network."""
     result = _run(tiny, method="granular", wbits=8, abits=6)
     record = result.record
     assert record["bit_vectors"] == {"-1": [4] * 4, "0": [6] * 4, "1": [8] * 4}
@@ -239,6 +240,66 @@ def test_granular_gives_every_layer_the_patch_bits(tiny: tuple[Path, Path],
         bits = rebuilt.sample_bits()
     d_img = rebuilt.context.d_img.round()
     assert torch.equal(bits, 6 + 2 * d_img)
+
+
+def test_granular_budget_holds_the_calibration_fab(tiny: tuple[Path, Path]) -> None:
+    """The threshold budget: the calibration FAB over all patches is <= base - margin, the pair it
+    chose is the least-L1 one of every allowed pair (brute force here), its thresholds are the
+    record's; training does not depend on the margin, so the budget applied to a margin-0 record
+    gives the same thresholds."""
+    from compiler.quant.bitmap import complexity
+    from compiler.quant.granular import class_losses, fit_threshold_budget, fp_outputs
+    from compiler.quant.patches import sample_patches
+
+    settings = QuantSettings(method="granular", wbits=8, abits=6)
+    budgeted = calibrate(load_model(tiny[0]), settings, replace(FAST, bit_margin=0.5), tiny[1])
+    plain = calibrate(load_model(tiny[0]), settings, replace(FAST, bit_margin=0.0), tiny[1])
+    info = budgeted.record["calibration"]["threshold_budget"]
+    assert plain.record["calibration"]["threshold_budget"] is None
+    assert info["target"] == 5.5 and info["fab"] <= 5.5
+    assert budgeted.record["image_thresholds"] == info["thresholds"]
+    assert info["learned"] == plain.record["image_thresholds"]
+    patches = sample_patches(tiny[1], FAST.patches, FAST.patch_size, FAST.seed)
+    qnet = budgeted.qnet
+    with torch.no_grad():
+        qnet(patches)
+    bits = qnet.sample_bits()
+    assert float(bits.mean()) == pytest.approx(info["fab"]) and float(bits.mean()) <= 5.5
+    assert [int((bits == b).sum()) for b in (4.0, 6.0, 8.0)] == info["classes"]
+    reference = fp_outputs(qnet, patches)
+    losses = class_losses(qnet, patches, reference)
+    order = complexity(patches).argsort().tolist()
+    count = len(order)
+    costs = {}
+    for low in range(count + 1):
+        for high in range(count + 1 - low):
+            if 6 + 2 * (high - low) / count <= 5.5:
+                classes = [0] * low + [1] * (count - low - high) + [2] * high
+                costs[low, high] = sum(float(losses[i, c]) for i, c in zip(order, classes,
+                                                                           strict=True))
+    best = min(costs, key=costs.__getitem__)
+    assert (info["classes"][0], info["classes"][2]) == best
+    assert info["l1"] == pytest.approx(costs[best] / count)
+    again = fit_threshold_budget(apply_record(load_model(tiny[0]), plain.record), patches,
+                                 reference, 5.5)
+    assert list(again.thresholds) == info["thresholds"]
+    assert info["learned"] == list(again.learned)
+
+
+def test_threshold_pairs_turn_empty_classes_off() -> None:
+    from compiler.quant.bitmap import COMPLEXITY_MAX
+    from compiler.quant.granular import thresholds_for
+
+    g = torch.tensor([1.0, 2.0, 4.0])
+    assert thresholds_for(g, 0, 0) == (0.0, COMPLEXITY_MAX)
+    assert thresholds_for(g, 1, 1) == (1.5, 3.0)
+    assert thresholds_for(g, 2, 1) == (3.0, 3.0)
+    assert thresholds_for(g, 3, 0) == (COMPLEXITY_MAX, COMPLEXITY_MAX)
+    flat = torch.zeros(1, 3, 8, 8)
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2
+    sharp = checker.expand(1, 3, 8, 8).float()
+    from compiler.quant.bitmap import complexity
+    assert float(complexity(flat)) == 0.0 and float(complexity(sharp)) <= COMPLEXITY_MAX
 
 
 def _cadyq_fab_after_training(tiny: tuple[Path, Path], bit_weight: float) -> tuple[float, float]:
@@ -318,7 +379,7 @@ def test_cadyq_selects_a_candidate_per_patch_and_layer(tiny: tuple[Path, Path],
 
 def test_cadyq_budget_of_a_margin_0_record_is_the_calibrated_one(tiny: tuple[Path, Path]) -> None:
     """Training does not depend on the margin: the budget applied to a ``--bit-margin 0`` record
-    gives exactly the selectors of a calibration with that margin (benchmarks/cadyq_budget.py)."""
+    gives exactly the selectors of a calibration with that margin (benchmarks/bit_budget.py)."""
     from compiler.quant.calibrate import fit_selector_budget
     from compiler.quant.patches import sample_patches
 

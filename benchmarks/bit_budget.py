@@ -1,24 +1,28 @@
 #!/usr/bin/env python3
-"""CADyQ records at several bit margins from one trained record (no retraining).
+"""CADyQ / Granular-DQ records at several bit margins from one trained record (no retraining).
 
 ``adasr calibrate --method cadyq`` trains the selectors, then applies the bit budget
 (``compiler.quant.calibrate.fit_selector_budget``): one logit shift toward the low candidates
-until the calibration FAB is <= abits - margin. Training does not depend on the margin, so a
-record calibrated with ``--bit-margin 0`` gives the record of any margin by running only the
-budget. Writes ``OUT_DIR/<stem>_m<margin>.s<seed>.json`` per margin (for
-``quant_table.py --records``) and prints each margin's shift and calibration FAB, ending with
-``records=<int>``.
+until the calibration FAB is <= abits - margin. ``--method granular`` trains the two image
+thresholds, then re-places them (``compiler.quant.granular.fit_threshold_budget``): the pair of
+least calibration L1 whose calibration FAB is <= abits - margin. Training does not depend on the
+margin in either, so a record calibrated with ``--bit-margin 0`` gives the record of any margin
+by running only the budget (a test checks both against calibrating with the margin). Writes
+``OUT_DIR/<stem>_m<margin>.s<seed>.json`` per margin (for ``quant_table.py --records``) and
+prints each margin's budget and calibration FAB, ending with ``records=<int>``.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import shared
 
 from compiler.quant.calibrate import fit_selector_budget
+from compiler.quant.granular import fit_threshold_budget, fp_outputs
 from compiler.quant.patches import sample_patches
 from compiler.quant.record import apply_record, read_record, record_of, save_record
 from compiler.zoo import load_model
@@ -27,7 +31,7 @@ from compiler.zoo import load_model
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--record", type=Path, required=True,
-                        help="a cadyq record calibrated with --bit-margin 0")
+                        help="a cadyq or granular record calibrated with --bit-margin 0")
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--calib", type=Path, default=None,
                         help="the calibration folder (default ../shared/data/calibration)")
@@ -39,8 +43,10 @@ def main() -> None:
     source = read_record(args.record)
     info = dict(source.data["calibration"])
     config = dict(info["config"])
-    if source.settings.method != "cadyq" or config["bit_margin"] != 0:
-        raise SystemExit(f"{args.record}: not a cadyq record calibrated with --bit-margin 0")
+    method = source.settings.method
+    if method not in ("cadyq", "granular") or config["bit_margin"] != 0:
+        raise SystemExit(f"{args.record}: not a cadyq or granular record calibrated with "
+                         "--bit-margin 0")
     calib = args.calib or shared("calibration")
     patches = sample_patches(calib, config["patches"], config["patch_size"], config["seed"],
                              config["downscale"])
@@ -49,21 +55,27 @@ def main() -> None:
     for margin in (float(m) for m in args.margins.split(",")):
         loaded = load_model(args.weights)
         qnet = apply_record(loaded, source)
-        shift = fit_selector_budget(qnet, patches, source.settings.abits - margin)
+        target = source.settings.abits - margin
+        budget: dict[str, Any]
+        if method == "cadyq":
+            budget = {"selector_shift": fit_selector_budget(qnet, patches, target)}
+        else:
+            chosen = fit_threshold_budget(qnet, patches, fp_outputs(qnet, patches), target)
+            budget = {"threshold_budget": chosen.to_json()}
         with torch.no_grad():
             qnet(patches[: config["validation"]])
             fab = float(qnet.sample_bits().mean())
             qnet(patches)
             fab_all = float(qnet.sample_bits().mean())
         record = record_of(qnet, loaded, {
-            **info, "config": {**config, "bit_margin": margin}, "selector_shift": shift,
+            **info, "config": {**config, "bit_margin": margin}, **budget,
             "calibration_fab": fab, "budget_from": args.record.name})
         out = args.out_dir / f"{args.record.stem}_m{margin:g}.s{config['seed']}.json"
         if out.resolve() == args.record.resolve():
             raise SystemExit(f"{out} would overwrite the input record")
         save_record(out, record)
         written += 1
-        print(f"margin {margin:g}: shift {shift:.4f}, FAB on the calibration patches "
+        print(f"margin {margin:g}: {budget}, FAB on the calibration patches "
               f"{fab_all:.3f} (validation {fab:.3f}) -> {out}", flush=True)
     print(f"records={written}")
 

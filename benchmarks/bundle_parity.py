@@ -108,18 +108,42 @@ def _ort_engines(weights: Path, record: dict[str, Any], ladder: str, patches: np
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "bundle"
         write_bundle(load_model(weights), record, plan, root, patches=patches)
-        bundle = open_bundle(root)
+        yield bundle_engines(root, args.threads)
 
-        def engines() -> Iterator[Engine]:
-            for spec in bundle.manifest.engines:
-                graph = onnx.load(str(root / spec.onnx.path))
-                floating = not any(layer.act_bits for layer in spec.layers)  # FP32, BF16
-                summary = None if floating else lowering_summary(graph)
-                statistics = lowering_facts(graph).get("statistics", "float")
-                with bundle.engine(spec.name, threads=args.threads) as engine:
-                    yield spec, summary, statistics, engine.infer
 
-        yield engines()
+def bundle_engines(root: Path, threads: int) -> Iterator[Engine]:
+    """Each engine of the bundle at ``root``, as the runtime runs it, with its lowering facts."""
+    bundle = open_bundle(root)
+    for spec in bundle.manifest.engines:
+        graph = onnx.load(str(root / spec.onnx.path))
+        floating = not any(layer.act_bits for layer in spec.layers)  # FP32, BF16
+        summary = None if floating else lowering_summary(graph)
+        statistics = lowering_facts(graph).get("statistics", "float")
+        with bundle.engine(spec.name, threads=threads) as engine:
+            yield spec, summary, statistics, engine.infer
+
+
+def engine_parity(key: str, ladder: str, spec: EngineSpec, run: Run, sim: TorchUpscaler,
+                  images: list[Any], scale: int) -> dict[str, Any]:
+    """One engine against its simulation on whole ``images`` (BenchmarkImage): the min over
+    images of PSNR(engine, simulation) on the uint8 outputs, the max share of differing
+    values and the mean PSNR vs HR of both."""
+    vs_sim, hr_engine, hr_sim, differing = [], [], [], []
+    for image in images:
+        lr = image.lr.astype(np.float32).transpose(2, 0, 1)[None] / 255
+        out = to_uint8(run(lr)[0].transpose(1, 2, 0))
+        ref = to_uint8(sim(image.lr))
+        vs_sim.append(psnr(out, ref, 255.0))
+        differing.append(float(np.mean(out != ref)))
+        hr_engine.append(psnr_y(out, image.hr, scale))
+        hr_sim.append(psnr_y(ref, image.hr, scale))
+    entry = {"model": key, "ladder": ladder, "engine": spec.name,
+             "fab": spec.fab, "engine_vs_sim_db": float(np.min(vs_sim)),
+             "max_differing": float(np.max(differing)),
+             "psnr_engine": float(np.mean(hr_engine)),
+             "psnr_sim": float(np.mean(hr_sim))}
+    entry["hr_gap_db"] = entry["psnr_engine"] - entry["psnr_sim"]
+    return entry
 
 
 def _session(model: onnx.ModelProto, threads: int) -> Run:
@@ -205,21 +229,7 @@ def main() -> None:
                     sim = TorchUpscaler(simulate_engine(weights, record, spec, summary=summary,
                                                         dialect=args.dialect,
                                                         statistics=statistics), scale)
-                    vs_sim, hr_engine, hr_sim, differing = [], [], [], []
-                    for image in images:
-                        lr = image.lr.astype(np.float32).transpose(2, 0, 1)[None] / 255
-                        out = to_uint8(run(lr)[0].transpose(1, 2, 0))
-                        ref = to_uint8(sim(image.lr))
-                        vs_sim.append(psnr(out, ref, 255.0))
-                        differing.append(float(np.mean(out != ref)))
-                        hr_engine.append(psnr_y(out, image.hr, scale))
-                        hr_sim.append(psnr_y(ref, image.hr, scale))
-                    entry = {"model": key, "ladder": ladder, "engine": spec.name,
-                             "fab": spec.fab, "engine_vs_sim_db": float(np.min(vs_sim)),
-                             "max_differing": float(np.max(differing)),
-                             "psnr_engine": float(np.mean(hr_engine)),
-                             "psnr_sim": float(np.mean(hr_sim))}
-                    entry["hr_gap_db"] = entry["psnr_engine"] - entry["psnr_sim"]
+                    entry = engine_parity(key, ladder, spec, run, sim, images, scale)
                     row = [key, ladder, spec.name, f"{spec.fab:.2f}",
                            f"{entry['engine_vs_sim_db']:.2f}",
                            f"{100 * entry['max_differing']:.3f}", f"{entry['psnr_sim']:.3f}",

@@ -105,6 +105,7 @@ class EnginePlan:
     record_summary: str
     widen: bool = True
     float_layers: tuple[str, ...] = ()
+    collapse: str = ""  # how the image classes' bit configurations map onto kernels and engines
 
 
 def kernel_precision(bits: float, ladder: Sequence[str], top: str) -> str:
@@ -239,10 +240,18 @@ def plan_engines(record: Mapping[str, Any], target: Target, ladder: str = "hardw
     built: dict[tuple[EngineLayer, ...], tuple[tuple[EngineLayer, ...] | None,
                                               tuple[LayerPlan, ...]]] = {}
     floating = float_layers(record, ladder, floats)
+    if record["settings"]["method"] == "cadyq" and not record.get("clusters"):
+        raise ConfigError("this cadyq record holds no clustered configurations, only its "
+                          "selectors (which need each layer's input: no engine can route by "
+                          "them); recalibrate with this adasr (`adasr calibrate --method cadyq` "
+                          "clusters them)")
+    configurations, kernels = set(), set()
     for offset in OFFSETS:
         specs, exact, layers = _offset_engine(record, offset, target, ladder, widen, floating)
         groups.setdefault(specs, []).append(offset)
         built[specs] = (exact, layers)
+        configurations.add(tuple(s.act_bits for s in exact or specs))
+        kernels.add(tuple(layer.precision for layer in layers))
     tags = [_summary_precision(built[specs][1], floating) for specs in groups]
     engines = []
     for (specs, offsets), tag in zip(groups.items(), tags, strict=True):
@@ -265,9 +274,19 @@ def plan_engines(record: Mapping[str, Any], target: Target, ladder: str = "hardw
     s = record["settings"]
     summary = (f"{s['method']} W{s['wbits']}A{s['abits']}{' FQ' if s.get('fq') else ''}, "
                f"thresholds {tuple(round(t, 3) for t in record['image_thresholds'])}")
+    collapse = (f"image classes -1/0/+1: {len(configurations)} bit configuration(s) on "
+                f"{len(kernels)} kernel configuration(s) ("
+                + "; ".join(sorted(_kernel_words(k) for k in kernels))
+                + f") -> {len(groups)} engine(s)")
     return builder(target.backend).complete(EnginePlan(  # the backend's own rungs added
         target, ladder, tile, overlap, tuple(engines), summary, widen,
-        tuple(layer["name"] for layer in record["layers"] if layer["name"] in floating)))
+        tuple(layer["name"] for layer in record["layers"] if layer["name"] in floating),
+        collapse))
+
+
+def _kernel_words(kernels: Sequence[str]) -> str:
+    """``int8 x16, fp32 x2``: how many layers run on each kernel precision."""
+    return ", ".join(f"{p} x{kernels.count(p)}" for p in sorted(set(kernels)))
 
 
 def _skipped_rungs(ladder: Sequence[str]) -> list[str]:
@@ -283,7 +302,7 @@ def describe_plan(plan: EnginePlan, files: Mapping[str, Sequence[str]] | None = 
              f"{plan.ladder} ladder, tile {plan.tile} overlap {plan.overlap}",
              f"record: {plan.record_summary}", *_skipped_rungs(t.precision_ladder),
              *([f"kept at {t.top_precision}: {', '.join(plan.float_layers)}"]
-               if plan.float_layers else []), "",
+               if plan.float_layers else []), *([plan.collapse] if plan.collapse else []), "",
              f"{'engine':<14} {'precision':<9} {'offsets':<9} {'FAB':>6}  files"]
     for e in plan.engines:
         served = ("reference" if e.reference

@@ -56,7 +56,9 @@ SCALES = (1, 8)
 THREADS = (0, 256)  # 0: the backend's default
 LAYER_BITS = (1, 32)  # emulated grid / weight bits of a layer
 QUANT_BITS = (2, 8)  # a calibration's base weight / activation bits
-METHODS = ("adabm", "ddtb", "minmax", "percentile")  # calibration methods
+# calibration methods (Granular-DQ and CADyQ since the deployment of per-patch bit classes: a
+# superset, so older bundles stay readable)
+METHODS = ("adabm", "ddtb", "minmax", "percentile", "granular", "cadyq")
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear (per-channel weights) needs opset 13
 MAX_EDGE = 1 << 16  # an engine input dimension
 MAX_BYTES = 1 << 40

@@ -70,6 +70,10 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
     p.add_argument("--refine-steps", type=int, default=0,
                    help="adabm: after the bit budget, train the activation bounds and weight "
                    "clips this many more steps at the final bits (default 0)")
+    p.add_argument("--clusters", type=int, default=3, choices=(1, 2, 3),
+                   help="cadyq: cluster the selectors' per-patch, per-layer bits on calibration "
+                   "patches into this many configurations, one engine each, routed by the "
+                   "complexity statistic (default 3: the runtime's three image classes)")
     p.add_argument("--validation", type=int, default=10,
                    help="calibration patches whose loss picks the best state and the budget's "
                    "layers (default 10)")
@@ -103,7 +107,8 @@ def calibrate_from_args(args: argparse.Namespace, loaded: Any) -> Any:
                                batch=args.batch, seed=args.seed, schedule=args.schedule,
                                range_init=args.range_init, downscale=downscale,
                                bac=args.bac, bit_margin=args.bit_margin,
-                               refine_steps=args.refine_steps, validation=args.validation)
+                               refine_steps=args.refine_steps, validation=args.validation,
+                               clusters=args.clusters)
     print(f"calibrating {loaded.info.describe()} with {settings.method} "
           f"W{settings.wbits}A{settings.abits}{' FQ' if settings.fq else ''} on {args.calib}"
           + (f" (downscaled x{downscale})" if downscale > 1 else ""))
@@ -132,6 +137,11 @@ def run(args: argparse.Namespace) -> int:
     info = result.record["calibration"]
     print(f"done in {info['seconds']:.1f} s; FAB on calibration patches "
           f"{info['calibration_fab']:.2f}; record: {args.output}")
+    clusters = result.record.get("clusters")
+    if clusters:
+        print(f"  {clusters['count']} clustered configurations (engines) of the selectors' bits "
+              f"on {clusters['patches']} calibration patches; router agreement "
+              f"{100 * clusters['agreement']:.1f}%")
     for offset, bits in result.record["bit_vectors"].items():
         print(f"  d_img={int(offset):+d}: {' '.join(f'{b:g}' for b in bits)}")
     return 0

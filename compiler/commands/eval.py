@@ -25,6 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=int, required=True, choices=(2, 3, 4))
     p.add_argument("--calibration", type=Path, help="calibration record: evaluate the simulated "
                    "quantized network (adds fab, bitops and d_img histograms)")
+    p.add_argument("--routed", action="store_true",
+                   help="with --calibration: the network as its bundle routes it, each patch on "
+                   "its image class's bit vector (CADyQ: the clustered configurations instead of "
+                   "the selectors; AdaBM, Granular-DQ: the same network)")
     p.add_argument("--tile", type=int, help="evaluate patch-wise with LR tiles of this size "
                    "(the papers use 96)")
     p.add_argument("--overlap", type=int, default=6, help="tile overlap in LR pixels (default 6)")
@@ -67,7 +71,11 @@ def run(args: argparse.Namespace) -> int:
     if args.calibration is not None:
         from compiler.quant.record import apply_record, read_record
 
-        net = apply_record(loaded, read_record(args.calibration))
+        net = apply_record(loaded, read_record(args.calibration), routed=args.routed)
+    elif args.routed:
+        from runtime.errors import ConfigError
+
+        raise ConfigError("--routed needs --calibration RECORD")
     images = load_benchmark(args.dataset, args.scale)
     upscaler = TorchUpscaler(net, args.scale, tile=args.tile, overlap=args.overlap)
     result = score(upscaler, images, args.scale, progress=_progress(args.quiet))
@@ -75,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     payload["model"] = loaded.info.describe()
     payload["dataset"] = str(args.dataset)
     payload["lr_source"] = sorted({image.lr_source for image in images})
+    if args.calibration is not None:
+        payload["routed"] = bool(args.routed)
     if upscaler.bits:
         for entry, bits in zip(payload["images"], upscaler.bits, strict=True):
             entry.update(fab=bits.fab, d_img=bits.d_img, bitops=bits.bitops)

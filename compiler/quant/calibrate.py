@@ -72,7 +72,7 @@ from compiler.quant.ddtb import DynamicGate
 from compiler.quant.granular import fit_threshold_budget
 from compiler.quant.patches import list_images, sample_patches
 from compiler.quant.qmodel import FIXED_BITS, QConv2d, QuantizedSR, QuantSettings
-from compiler.quant.record import record_of
+from compiler.quant.record import MAX_CLUSTERS, record_of
 from compiler.zoo.base import LoadedModel
 from runtime.errors import CalibrationError, ConfigError, unknown_name
 
@@ -109,6 +109,7 @@ class CalibrationConfig:
     validation: int = 10
     bit_margin: float = 0.15
     refine_steps: int = 0
+    clusters: int = 3  # CADyQ: configurations (engines) its selectors' choices are clustered into
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -121,6 +122,10 @@ class CalibrationConfig:
             raise ConfigError(f"downscale must be >= 1, got {self.downscale}")
         if not 0 <= self.bit_margin <= 1:
             raise ConfigError(f"bit margin must be in [0, 1] bits, got {self.bit_margin}")
+        if not 1 <= self.clusters <= MAX_CLUSTERS:
+            raise ConfigError(f"clusters must be 1..{MAX_CLUSTERS} (one engine per runtime "
+                              "image class), "
+                              f"got {self.clusters}")
         if self.refine_steps < 0:
             raise ConfigError(f"refine steps must be >= 0, got {self.refine_steps}")
         if self.patches < 2 or self.patch_size < 8 or self.batch < 1 or self.epochs < 1:
@@ -704,5 +709,20 @@ def fit_selector_budget(qnet: QuantizedSR, patches: Tensor, target: float) -> fl
 
 def calibrate(loaded: LoadedModel, settings: QuantSettings, config: CalibrationConfig,
               calib_dir: Path, progress: ProgressFactory | None = None) -> CalibrationResult:
-    """Calibrate ``loaded`` (consumed: its convs are wrapped) and return the network + record."""
-    return Calibrator(loaded, settings, config, progress).run(calib_dir)
+    """Calibrate ``loaded`` (consumed: its convs are wrapped) and return the network + record.
+
+    CADyQ: the record also holds its selectors' choices on ``CLUSTER_PATCHES`` calibration
+    patches clustered into ``config.clusters`` engines (``compiler.quant.clusters``); the
+    returned network is the selector network."""
+    result = Calibrator(loaded, settings, config, progress).run(calib_dir)
+    if not settings.selector:
+        return result
+    from compiler.quant.clusters import CLUSTER_PATCHES, cluster_record
+
+    started = time.perf_counter()
+    patches = sample_patches(calib_dir, CLUSTER_PATCHES, config.patch_size, config.seed,
+                             config.downscale)
+    record = cluster_record(result.record, result.qnet, patches, config.clusters)
+    record["calibration"] = {**record["calibration"],
+                             "cluster_seconds": round(time.perf_counter() - started, 2)}
+    return CalibrationResult(result.qnet, record)

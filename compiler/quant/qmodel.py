@@ -10,7 +10,9 @@ Non-adaptive methods (DDTB, static PTQ) run every adaptive conv at ``base``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +32,9 @@ from compiler.zoo.base import SRNet
 from runtime.errors import ConfigError, unknown_name
 from runtime.manifest import METHODS, QUANT_BITS
 
-# Granular-DQ and CADyQ calibrate and simulate; bundles (runtime.manifest.METHODS) do not take
-# them yet
-CALIBRATION_METHODS = (*METHODS, "granular", "cadyq")
+# every method a bundle takes (runtime.manifest.METHODS) calibrates and simulates; CADyQ deploys
+# through its clustered configurations (compiler.quant.clusters)
+CALIBRATION_METHODS = METHODS
 FIXED_BITS = 8  # head / upsampler / tail in the fully quantized setting
 PER_CHANNEL_BITS = 4  # default weight granularity: per channel at this many bits or fewer
 OUTPUT_BITS = 8  # an engine's requantized conv outputs (simulated only for engine parity)
@@ -108,6 +110,7 @@ class BitContext:
     d_img: Tensor = field(default_factory=lambda: torch.zeros(1))
     d_layer: Tensor = field(default_factory=lambda: torch.zeros(0))
     gradients: Tensor = field(default_factory=lambda: torch.zeros(1, 2))  # CADyQ: [N, 2]
+    class_bits: Tensor | None = None  # routed: bits [image class -1/0/+1, adaptive layer]
 
 
 class QConv2d(nn.Module):
@@ -144,6 +147,8 @@ class QConv2d(nn.Module):
             return torch.full((batch,), float(FIXED_BITS))
         if self.selector is not None and self.chosen_bits is not None:
             return self.chosen_bits
+        if ctx.class_bits is not None:
+            return ctx.class_bits[ctx.d_img.round().long() + 1, self.layer_index]
         return ctx.base + ctx.step * ctx.d_img + ctx.d_layer[self.layer_index]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -226,6 +231,9 @@ class QuantizedSR(nn.Module):
         self.image_to_bit = ImageToBit()
         self.layer_to_bit = LayerToBit(len(self.adaptive_names))
         self.forced_d_img: int | None = None
+        # CADyQ's clustered deployment as record JSON ("bit_vectors", "clusters"), carried from
+        # and back to its record (compiler.quant.clusters); None before clustering
+        self.deployment: dict[str, Any] | None = None
         for index, name in enumerate(self.adaptive_names):
             conv = model.get_submodule(name)
             if not isinstance(conv, nn.Conv2d):
@@ -257,9 +265,27 @@ class QuantizedSR(nn.Module):
             out.append((name, module))
         return out
 
+    @property
+    def routed(self) -> bool:
+        """Whether the image class picks each layer's bits from ``route``'s table."""
+        return self.context.class_bits is not None
+
+    def route(self, vectors: Mapping[int, Sequence[float]]) -> None:
+        """Run as a deployed bundle does: the image class (``image_to_bit`` on the complexity)
+        picks one per-layer bit vector out of ``vectors`` (image offset -> bits per adaptive
+        layer), in place of the selectors, which are dropped (CADyQ's clustered configurations,
+        ``compiler.quant.clusters``)."""
+        table = torch.tensor([[float(b) for b in vectors[d]] for d in (-1, 0, 1)])
+        if table.shape[1] != len(self.adaptive_names):
+            raise ConfigError(f"routed bit vectors of {table.shape[1]} layers for a network of "
+                              f"{len(self.adaptive_names)} adaptive layers")
+        self.context.class_bits = table
+        for _, conv in self.qconvs():
+            conv.selector, conv.chosen_bits = None, None
+
     def image_offsets(self, x: Tensor) -> Tensor:
         """``d_img`` per sample (differentiable surrogate) for an NCHW batch in [0, 1]."""
-        if not self.settings.adaptive:
+        if not (self.settings.adaptive or self.routed):
             return torch.zeros(x.shape[0], dtype=x.dtype)
         if self.forced_d_img is not None:
             return torch.full((x.shape[0],), float(self.forced_d_img), dtype=x.dtype)
@@ -273,8 +299,8 @@ class QuantizedSR(nn.Module):
     def sample_bits(self) -> Tensor:
         """Average activation bits over the adaptive layers, per sample of the last forward."""
         ctx = self.context
-        if self.settings.selector:
-            batch = ctx.gradients.shape[0]
+        if self.routed or self.settings.selector:  # bits per layer and per sample
+            batch = ctx.d_img.shape[0] if self.routed else ctx.gradients.shape[0]
             return torch.stack([conv.bits(batch) for _, conv in self.qconvs()
                                 if conv.layer_index is not None]).mean(dim=0)
         return ctx.base + ctx.step * ctx.d_img + ctx.d_layer.mean()

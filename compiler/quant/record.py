@@ -28,13 +28,16 @@ from compiler.zoo.base import LoadedModel
 from runtime.errors import CalibrationError
 from runtime.fields import Field, root_field
 from runtime.fileio import atomic_write_json
-from runtime.manifest import METHODS, QUANT_BITS, SCALES, sha256_problem
+from runtime.manifest import QUANT_BITS, SCALES, sha256_problem
 
 SCHEMA = "adasr.calibration/2"
 SCHEMA_V1 = "adasr.calibration/1"  # read and migrated: no settings.image_step, no granular
 # Schema 2 also holds CADyQ (method "cadyq", a "selector" per adaptive layer): an optional field
-# and a method a schema-2 reader without it refuses by name, so no new version.
-V1_METHODS = METHODS  # the methods of schema 1
+# and a method a schema-2 reader without it refuses by name, so no new version. The same holds
+# for CADyQ's deployment ("clusters", ``RecordClusters``): present, it says that the bit vectors
+# are the clustered configurations and the image thresholds their router; a reader that ignores
+# it still simulates the selector network, which is what the record's selectors describe.
+V1_METHODS = ("adabm", "ddtb", "minmax", "percentile")  # the methods of schema 1
 
 _GATE_TENSORS = {
     "reduce_weight": "reduce.weight", "reduce_bias": "reduce.bias", "reduce_clip": "reduce_clip",
@@ -84,6 +87,7 @@ def record_of(qnet: QuantizedSR, loaded: LoadedModel,
         })
     s = qnet.settings
     info = loaded.info
+    deployment = qnet.deployment or {}
     return {
         "schema": SCHEMA,
         "settings": {"method": s.method, "wbits": s.wbits, "abits": s.abits, "fq": s.fq,
@@ -92,9 +96,11 @@ def record_of(qnet: QuantizedSR, loaded: LoadedModel,
         "checkpoint": {"file": info.path.name, "sha256": info.sha256, "arch": info.arch,
                        "scale": info.scale, "config": dict(info.config)},
         "image_thresholds": [qnet.image_to_bit.lower.item(), qnet.image_to_bit.upper.item()],
-        "bit_vectors": {str(k): v for k, v in qnet.bit_vectors().items()},
+        "bit_vectors": deployment.get("bit_vectors",
+                                      {str(k): v for k, v in qnet.bit_vectors().items()}),
         "layers": layers,
         "calibration": calibration,
+        **({"clusters": deployment["clusters"]} if "clusters" in deployment else {}),
     }
 
 
@@ -155,6 +161,21 @@ class RecordLayer:
     selector: RecordSelector | None = None
 
 
+@dataclass(frozen=True)
+class RecordClusters:
+    """CADyQ's deployment (``compiler.quant.clusters``): the selectors' per-patch, per-layer bits
+    on ``patches`` calibration patches clustered into ``count`` configurations, which are the
+    record's bit vectors (one engine each, classes -1 / 0 / +1 by mean bits), routed at runtime
+    by the complexity statistic against the record's image thresholds. ``agreement``: the share
+    of those patches whose routed class is the nearest configuration to the selectors' own bits;
+    ``shares``: the share of patches nearest to each class's configuration (-1, 0, +1)."""
+
+    count: int
+    patches: int
+    agreement: float
+    shares: tuple[float, float, float]
+
+
 @dataclass(frozen=True, eq=False)
 class CalibrationRecord:
     """A validated calibration record. ``data`` is the same record as JSON data (what the
@@ -166,6 +187,13 @@ class CalibrationRecord:
     bit_vectors: Mapping[int, tuple[int, ...]]
     layers: tuple[RecordLayer, ...]
     data: Mapping[str, Any]
+    clusters: RecordClusters | None = None
+
+    @property
+    def deployable(self) -> bool:
+        """Whether the bit vectors are engines (every method but a CADyQ record not yet
+        clustered, whose vectors are only its candidates)."""
+        return not self.settings.selector or self.clusters is not None
 
 
 def _range(f: Field) -> tuple[float, float]:
@@ -290,6 +318,32 @@ def migrate(data: Mapping[str, Any], source: str) -> Mapping[str, Any]:
     return {**data, "schema": SCHEMA, "settings": {**settings, "image_step": 1}}
 
 
+MAX_CLUSTERS = len(("-1", "0", "1"))  # one configuration per runtime image class
+
+
+def _clusters(f: Field, settings: QuantSettings, vectors_field: Field,
+              vectors: Mapping[int, tuple[int, ...]]) -> RecordClusters:
+    """CADyQ's clusters: the bit vectors are then configurations of the selectors' candidates."""
+    if not settings.selector:
+        f.fail(f"null (method {settings.method} has no selectors to cluster)")
+    allowed = candidate_bits(settings.abits, settings.image_step)
+    for offset, bits in vectors.items():
+        if any(b not in allowed for b in bits):
+            vectors_field[str(offset)].fail(
+                f"bits out of the selectors' candidates {list(allowed)} (clustered record)")
+    shares = tuple(v.number(0, 1) for v in f["shares"].items(3, 3))
+    return RecordClusters(count=f["count"].integer(1, MAX_CLUSTERS),
+                          patches=f["patches"].integer(1, 1 << 24),
+                          agreement=f["agreement"].number(0, 1),
+                          shares=(shares[0], shares[1], shares[2]))
+
+
+def clusters_json(clusters: RecordClusters) -> dict[str, Any]:
+    """The record's ``clusters`` field (the one writer; :func:`_clusters` reads it)."""
+    return {"count": clusters.count, "patches": clusters.patches,
+            "agreement": clusters.agreement, "shares": list(clusters.shares)}
+
+
 def _bit_vectors(f: Field, settings: QuantSettings,
                  adaptive: int) -> dict[int, tuple[int, ...]]:
     expected = ("-1", "0", "1") if settings.dynamic else ("0",)
@@ -329,7 +383,10 @@ def record_from_json(data: object, source: str = "calibration record") -> Calibr
     calibration = f.get("calibration")
     if calibration is not None:
         calibration.obj()
-    return CalibrationRecord(settings, checkpoint, thresholds, vectors, layers, data)
+    clusters = f.get("clusters")
+    return CalibrationRecord(settings, checkpoint, thresholds, vectors, layers, data,
+                             None if clusters is None else _clusters(clusters, settings,
+                                                                    f["bit_vectors"], vectors))
 
 
 def read_record(path: Path) -> CalibrationRecord:
@@ -357,10 +414,21 @@ def as_record(record: Mapping[str, Any] | CalibrationRecord) -> CalibrationRecor
     return record if isinstance(record, CalibrationRecord) else record_from_json(record)
 
 
-def apply_record(loaded: LoadedModel,
-                 record: Mapping[str, Any] | CalibrationRecord) -> QuantizedSR:
-    """Rebuild the quantized network of ``record`` on ``loaded`` (which it consumes)."""
+def apply_record(loaded: LoadedModel, record: Mapping[str, Any] | CalibrationRecord,
+                 routed: bool = False) -> QuantizedSR:
+    """Rebuild the quantized network of ``record`` on ``loaded`` (which it consumes).
+
+    ``routed``: the network as a bundle's engines run it, each patch on the bit vector of its
+    image class (``QuantizedSR.route``): for CADyQ the clustered configurations in place of the
+    selectors (a record without clusters is refused); the same network for AdaBM and
+    Granular-DQ, whose classes already are their engines."""
     rec = as_record(record)
+    if routed and not (rec.settings.dynamic and rec.deployable):
+        raise CalibrationError(
+            f"a routed network needs a dynamic record with engine bit vectors; this "
+            f"{rec.settings.method} record has " + (
+                "no clustered configurations (cluster it: compiler.quant.clusters)"
+                if rec.settings.selector else "one bit vector"))
     if loaded.info.sha256 != rec.checkpoint.sha256:
         raise CalibrationError(
             f"the calibration record was made for {rec.checkpoint.file} "
@@ -381,6 +449,11 @@ def apply_record(loaded: LoadedModel,
             except RuntimeError as err:  # a tensor of the wrong shape
                 raise CalibrationError(f"record layer {layer.name!r} does not fit the network: "
                                        f"{' '.join(str(err).split())[:300]}") from err
+    if rec.clusters is not None:
+        qnet.deployment = {"bit_vectors": {str(k): list(v) for k, v in rec.bit_vectors.items()},
+                           "clusters": clusters_json(rec.clusters)}
+    if routed:
+        qnet.route(rec.bit_vectors)
     qnet.eval()
     return qnet
 

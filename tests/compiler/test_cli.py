@@ -82,6 +82,19 @@ def test_calibrate_cadyq_then_eval_whole_and_tiled(setup: dict[str, Path]) -> No
         assert 0 < result["ssim"] <= 1
         assert 4.0 <= result["fab"] <= 8.0 and result["bitops"] > 0
         assert all(4.0 <= image["fab"] <= 8.0 for image in result["images"])
+        assert result["routed"] is False
+    # the deployment: clustered configurations routed by the statistic (``--routed``)
+    assert saved["clusters"]["patches"] == 400 and sorted(saved["bit_vectors"]) == ["-1", "0",
+                                                                                  "1"]
+    out = setup["root"] / "cadyq_routed.json"
+    assert main(["eval", "--weights", str(setup["weights"]), "--calibration", str(record),
+                 "--dataset", str(setup["data"]), "--scale", "2", "--routed", "--json",
+                 str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["routed"] is True
+    for image in result["images"]:
+        (d_img,) = [key for key, count in image["d_img"].items() if count]
+        assert image["fab"] == pytest.approx(np.mean(saved["bit_vectors"][d_img]))
 
 
 @pytest.mark.parametrize(("args", "message"), [

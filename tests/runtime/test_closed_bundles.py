@@ -477,8 +477,8 @@ CASES: list[Case] = [
     ("NaN threshold", lambda m: m.__setitem__("thresholds", [float("nan"), 10.0]),
      "manifest field thresholds[0]: expected a finite number, got nan"),
     ("method foo", lambda m: m["calibration"].__setitem__("method", "foo"),
-     "manifest field calibration.method: unknown method 'foo'; allowed: adabm, ddtb, minmax, "
-     "percentile"),
+     "manifest field calibration.method: unknown method 'foo'; allowed: adabm, cadyq, ddtb, "
+     "granular, minmax, percentile"),
     ("W99A99", lambda m: m["calibration"].__setitem__("wbits", 99),
      "manifest field calibration.wbits: expected an integer in 2..8, got 99"),
     ("missing key", lambda m: m["engines"][2].pop("fab"),

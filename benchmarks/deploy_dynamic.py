@@ -296,7 +296,10 @@ def _markdown(results: list[dict[str, Any]]) -> str:
              f"times are ratios within one run). Parity on the first {first['parity_images']} "
              f"Set5 images, whole (inf: identical uint8 outputs); Set14 patch-wise: LR tiles "
              f"{first['tile']}, overlap {first['overlap']}, per-tile dispatch (threshold "
-             "policy).", ""]
+             "policy). A record without FQ keeps its head conv float: ONNX Runtime and torch sum "
+             "it in different orders, so the body's first quantizer flips levels next to "
+             "rounding ties and the engines are not bit-identical to their simulation (an AdaBM "
+             "record without FQ shows the same; AdaBM FQ engines are, bundle_parity.md).", ""]
     for r in results:
         lines += [f"## {r['method']} {r['settings']} ({Path(r['record']).name}, "
                   f"{r['record_note']})",

@@ -9,8 +9,9 @@ by the complexity statistic (``runtime.statistic``). So:
 2. k-means (``count`` <= 3 centres, deterministic: started from the patches sorted by mean bits
    cut into ``count`` equal groups, Lloyd iterations to a fixed point) groups those vectors; each
    centre is snapped to the nearest candidate bit-width per layer (a real engine), duplicates
-   merged, configurations no patch is nearest to dropped, and the configurations ordered by mean bits become the classes -1 / 0 / +1 (with
-   fewer than three, the highest one serves the classes left over);
+   merged, configurations no patch is nearest to dropped, and the rest, ordered by mean bits,
+   become the classes -1 / 0 / +1 (with fewer than three, the highest one serves the classes
+   left over);
 3. the router: the two complexity thresholds that maximise the share of patches whose routed
    class runs the configuration nearest to (L2 over the layers' bits) the selectors' own choice,
    searched exactly over every pair of cuts between distinct sorted complexities.

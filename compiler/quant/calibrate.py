@@ -24,7 +24,13 @@ Stages (AdaBM, methods.md section 1):
    dB). After every epoch the loss on the first ``validation`` calibration patches (not held out: a
    guard against divergence, not a generalization estimate) decides whether the state is the best so
    far; the best state is kept (the guard against the known clip divergence, with the clips bounded
-   after each step).
+   after each step). ``holdout`` > 0 validates instead on that many extra crops that are never
+   trained on (the budget's choices of stage 3 too). ``average`` > 0 ends each epoch with the weight
+   clips and activation bounds it trained at their mean over its last ``average`` fraction of
+   steps (``compiler.quant.averaging``): straight-through rounding makes the walk noisy, and the
+   noise depends on float32 reduction order (threads, kernels), so the last step's values are one
+   random point of it. Both are off by default (see the README's "AdaBM W4A4 depends on the
+   machine" for what they measured).
 3. the bit budget (``bit_margin``, default 0.15; not in the paper): layers are lowered one bit
    at a time, the one whose lower bit-width costs the least L1 to the FP outputs first, until the
    mean layer offset is <= -margin (``Calibrator.fit_budget``). The paper's hinge holds the

@@ -92,7 +92,7 @@ def _calibrate_and_score(weights: Path, settings: QuantSettings, scale: int,
         config = CalibrationConfig(steps=args.steps, downscale=scale, bac=args.bac,
                                    bit_margin=args.bit_margin, range_init=args.range_init,
                                    refine_steps=args.refine_steps, validation=args.validation,
-                                   seed=seed)
+                                   holdout=args.holdout, average=args.average, seed=seed)
         qnet = calibrate(load_model(weights), settings, config,
                          shared("calibration/sun_hays8")).qnet
         seconds = time.perf_counter() - start
@@ -133,6 +133,10 @@ def main() -> None:
                         help="adasr calibrate --refine-steps (default 0)")
     parser.add_argument("--validation", type=int, default=10,
                         help="adasr calibrate --validation (default 10)")
+    parser.add_argument("--holdout", type=int, default=0,
+                        help="adasr calibrate --holdout (default 0)")
+    parser.add_argument("--average", type=float, default=0.0,
+                        help="adasr calibrate --average (default 0)")
     parser.add_argument("--seeds", default="0", help="comma-separated calibration seeds; each "
                         "row reports the mean over them and the spread (max - min)")
     parser.add_argument("--sets", default=",".join(SETS), help="benchmark sets (default "
@@ -213,7 +217,8 @@ def main() -> None:
             + ("calibration settings: each record's calibration.config" if args.records else
                f"--bac {args.bac}, --bit-margin {args.bit_margin}, "
                f"--range-init {args.range_init}, --refine-steps {args.refine_steps}, "
-               f"--validation {args.validation}")
+               f"--validation {args.validation}, --holdout {args.holdout}, "
+               f"--average {args.average:g}")
             + f"; seeds {args.seeds} (PSNR and FAB: mean over "
             f"the seeds; spread: max - min PSNR); {cpu_name()}"
             + (f"; calibrated rows read from the calibration records {args.records}"

@@ -77,6 +77,14 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
     p.add_argument("--validation", type=int, default=10,
                    help="calibration patches whose loss picks the best state and the budget's "
                    "layers (default 10)")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="extra calibration patches, never trained on, whose loss picks the best "
+                   "state and the budget's layers instead of the first --validation ones "
+                   "(default 0: the first --validation)")
+    p.add_argument("--average", type=float, default=0.0,
+                   help="each epoch ends with the weight clips and activation bounds at their "
+                   "mean over this fraction of its last steps, not at the last step's values "
+                   "(default 0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
 
@@ -108,7 +116,8 @@ def calibrate_from_args(args: argparse.Namespace, loaded: Any) -> Any:
                                range_init=args.range_init, downscale=downscale,
                                bac=args.bac, bit_margin=args.bit_margin,
                                refine_steps=args.refine_steps, validation=args.validation,
-                               clusters=args.clusters)
+                               clusters=args.clusters, holdout=args.holdout,
+                               average=args.average)
     print(f"calibrating {loaded.info.describe()} with {settings.method} "
           f"W{settings.wbits}A{settings.abits}{' FQ' if settings.fq else ''} on {args.calib}"
           + (f" (downscaled x{downscale})" if downscale > 1 else ""))

@@ -72,7 +72,7 @@ def main() -> None:
                     label = f"{model},W{wbits}A{abits},{method}"
                     print(f"calibrating {label} ...", flush=True)
                     row = run_one(weights, calib, wbits, abits, method, args.threads,
-                                  Path(tmp) / "record.json")
+                                  Path(tmp) / f"{model}_{wbits}{abits}_{method}.json")
                     runs.append({"model": model, "wbits": wbits, "abits": abits,
                                  "method": method, **row})
                     print(f"calibration_seconds[{label}]={row['wall_s']:.1f} "

@@ -709,7 +709,7 @@ class Calibrator:
             "threads": torch.get_num_threads(),
             "calibration_fab": fab,
             "gated_layers": getattr(self, "_gated", []),
-            "validation_patches": int(self.validation_set(patches, teacher).patches.shape[0]),
+            "validation_patches": cfg.holdout or min(cfg.validation, cfg.patches),
             "validation_held_out": self._validation is not None,
             **training,
         }

@@ -47,13 +47,7 @@ from compiler.bundle import write_bundle
 from compiler.parity import simulate_engine
 from compiler.plan import plan_engines
 from compiler.quant.bitmap import complexity
-from compiler.quant.clusters import (
-    CLUSTER_PATCHES,
-    cluster_record,
-    nearest,
-    selector_bits,
-)
-from compiler.quant.patches import sample_patches
+from compiler.quant.clusters import cluster_calibration, nearest, selector_bits
 from compiler.quant.qmodel import QuantizedSR
 from compiler.quant.record import CalibrationRecord, apply_record, read_record, record_from_json
 from compiler.simulate import TorchUpscaler
@@ -74,11 +68,9 @@ def _deployed(path: Path, weights: Path, calib: Path) -> tuple[dict[str, Any], s
     rec = read_record(path)
     if rec.deployable:
         return dict(rec.data), "as given"
-    cfg = rec.data["calibration"]["config"]
-    patches = sample_patches(calib, CLUSTER_PATCHES, cfg["patch_size"], cfg["seed"],
-                             cfg["downscale"])
     started = time.perf_counter()
-    data = cluster_record(dict(rec.data), apply_record(load_model(weights), rec), patches)
+    data = cluster_calibration(dict(rec.data), apply_record(load_model(weights), rec), calib,
+                               rec.data["calibration"]["config"])
     return data, f"clustered here in {time.perf_counter() - started:.0f} s"
 
 

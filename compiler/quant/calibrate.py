@@ -775,12 +775,11 @@ def calibrate(loaded: LoadedModel, settings: QuantSettings, config: CalibrationC
     result = Calibrator(loaded, settings, config, progress).run(calib_dir)
     if not settings.selector:
         return result
-    from compiler.quant.clusters import CLUSTER_PATCHES, cluster_record
+    from compiler.quant.clusters import cluster_calibration
 
     started = time.perf_counter()
-    patches = sample_patches(calib_dir, CLUSTER_PATCHES, config.patch_size, config.seed,
-                             config.downscale)
-    record = cluster_record(result.record, result.qnet, patches, config.clusters)
+    record = cluster_calibration(result.record, result.qnet, calib_dir, asdict(config),
+                                 config.clusters)
     record["calibration"] = {**record["calibration"],
                              "cluster_seconds": round(time.perf_counter() - started, 2)}
     return CalibrationResult(result.qnet, record)

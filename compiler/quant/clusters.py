@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from compiler.quant.patches import sample_patches
 from compiler.quant.qmodel import QuantizedSR
 from compiler.quant.record import MAX_CLUSTERS, RecordClusters, clusters_json
 from runtime.errors import ConfigError
@@ -171,3 +173,13 @@ def cluster_record(record: Mapping[str, Any], qnet: QuantizedSR, patches: Tensor
         qnet.image_to_bit.upper.fill_(thresholds[1])
     qnet.deployment = deployment
     return {**record, **deployment, "image_thresholds": thresholds}
+
+
+def cluster_calibration(record: Mapping[str, Any], qnet: QuantizedSR, calib_dir: Path,
+                        config: Mapping[str, Any], count: int = DEFAULT_CLUSTERS
+                        ) -> dict[str, Any]:
+    """:func:`cluster_record` on ``CLUSTER_PATCHES`` patches of ``calib_dir``, sampled with the
+    calibration's ``patch_size``, ``seed`` and ``downscale`` (``config``: its settings)."""
+    patches = sample_patches(calib_dir, CLUSTER_PATCHES, config["patch_size"], config["seed"],
+                             config["downscale"])
+    return cluster_record(record, qnet, patches, count)

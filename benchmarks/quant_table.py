@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from common import REPO, cpu_name, shared, table
 
-from compiler.quant.calibrate import BAC_MODES, RANGE_INITS, CalibrationConfig, calibrate
+from compiler.quant.calibrate import (
+    BAC_MODES,
+    LAYER_OFFSET_MODES,
+    RANGE_INITS,
+    CalibrationConfig,
+    calibrate,
+)
 from compiler.quant.qmodel import QuantSettings
 from compiler.quant.record import apply_record, read_record
 from compiler.simulate import TorchUpscaler
@@ -90,6 +96,7 @@ def _calibrate_and_score(weights: Path, settings: QuantSettings, scale: int,
     else:
         start = time.perf_counter()
         config = CalibrationConfig(steps=args.steps, downscale=scale, bac=args.bac,
+                                   layer_offsets=args.layer_offsets,
                                    bit_margin=args.bit_margin, range_init=args.range_init,
                                    refine_steps=args.refine_steps, validation=args.validation,
                                    holdout=args.holdout, average=args.average, seed=seed)
@@ -125,6 +132,8 @@ def main() -> None:
                         "the FP reference is evaluated the same way")
     parser.add_argument("--bac", default="auto", choices=BAC_MODES,
                         help="bit-aware clipping (adasr calibrate --bac; default auto)")
+    parser.add_argument("--layer-offsets", default="auto", choices=LAYER_OFFSET_MODES,
+                        help="adasr calibrate --layer-offsets (default auto)")
     parser.add_argument("--range-init", default="global", choices=RANGE_INITS,
                         help="adasr calibrate --range-init (default global)")
     parser.add_argument("--bit-margin", type=float, default=0.15,
@@ -215,7 +224,8 @@ def main() -> None:
     note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads; {where} "
             f"evaluation, Set5 with the provided MATLAB LR, Set14 with generated LR; "
             + ("calibration settings: each record's calibration.config" if args.records else
-               f"--bac {args.bac}, --bit-margin {args.bit_margin}, "
+               f"--bac {args.bac}, --layer-offsets {args.layer_offsets}, "
+               f"--bit-margin {args.bit_margin}, "
                f"--range-init {args.range_init}, --refine-steps {args.refine_steps}, "
                f"--validation {args.validation}, --holdout {args.holdout}, "
                f"--average {args.average:g}")

@@ -58,12 +58,18 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
                    help="bit-aware clipping of the activation bounds: auto (at a base of <= 4 "
                    "bits, where the simulated network measures better), on (the paper), off; "
                    f"default {bac_default}")
+    p.add_argument("--layer-offsets", default="auto", choices=("auto", "on", "off"),
+                   help="adabm: train a bit offset per layer (on), or run every layer at base + "
+                   "image offset (off: the bit margin then re-places the image thresholds, as "
+                   "for granular); default auto: on above a base of 4 bits, where lowering "
+                   "layers to 3 bits costs more than it saves and varies with the machine")
     p.add_argument("--bit-margin", type=float, default=0.15,
                    help="adabm: after training, lower layers one bit at a time (the cheapest "
                    "first) until the mean layer offset is <= -MARGIN, room for content busier "
-                   "than the calibration patches; cadyq: shift every selector toward its low "
-                   "candidates (or back toward the high ones) until the calibration FAB is just "
-                   "<= abits - MARGIN; granular: re-place both complexity thresholds (the "
+                   "than the calibration patches (with --layer-offsets off: as granular); "
+                   "cadyq: shift every selector toward its low candidates (or back toward the "
+                   "high ones) until the calibration FAB is just <= abits - MARGIN; granular: "
+                   "re-place both complexity thresholds (the "
                    "pair of least calibration L1 with calibration FAB <= abits - MARGIN; a class "
                    "no calibration patch reaches is off); 0 keeps the learned mapping "
                    "(default 0.15)")
@@ -114,7 +120,8 @@ def calibrate_from_args(args: argparse.Namespace, loaded: Any) -> Any:
     config = CalibrationConfig(patches=args.patches, patch_size=args.patch_size, steps=args.steps,
                                batch=args.batch, seed=args.seed, schedule=args.schedule,
                                range_init=args.range_init, downscale=downscale,
-                               bac=args.bac, bit_margin=args.bit_margin,
+                               bac=args.bac, layer_offsets=args.layer_offsets,
+                               bit_margin=args.bit_margin,
                                refine_steps=args.refine_steps, validation=args.validation,
                                clusters=args.clusters, holdout=args.holdout,
                                average=args.average)

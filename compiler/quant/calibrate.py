@@ -40,6 +40,12 @@ Stages (AdaBM, methods.md section 1):
    Set5 / Set14 at W8A6 (EDSR x2). With the margin: 6.01 / 5.96 at -0.008 / -0.030 dB. Pushing
    the hinge below the base instead (target ``base - margin``) overshoots: Adam moves every layer
    offset alike, so they round down together (margin 0.25: FAB 5.58, W4A4 -0.72 dB).
+   At a base of 4 bits or fewer the layer offsets are off by default (``layer_offsets``, not in
+   the paper): every layer runs at ``base + d_img`` and the margin re-places the image thresholds
+   instead (Granular-DQ's budget, ``compiler.quant.granular``). With them, the budget put 3 of
+   EDSR x2's 16 layers at 3 bits, and their activation bounds made the result depend on the seed
+   and the machine's float reduction order (W4A4 Set5 -0.417 / -0.438 / -0.437 dB over seeds
+   0-2 at 2 threads, -0.351 at 1 thread); without them: -0.236 / -0.275 / -0.258 dB at FAB 4.00.
 4. refinement (``refine_steps``, not in the paper): the budget lowers layers after their bounds
    and clips were trained at the higher bits; BaC again at the lowered bits, then the bounds and
    clips train on with the mapping frozen (``Calibrator.refine``).
@@ -87,6 +93,8 @@ SCHEDULES = ("cyclic", "joint")
 RANGE_INITS = ("global", "ema", "percentile")
 BAC_MODES = ("auto", "on", "off")
 BAC_AUTO_BITS = 4  # bit-aware clipping by default only at this base activation width or below
+LAYER_OFFSET_MODES = ("auto", "on", "off")
+LAYER_OFFSETS_AUTO_BITS = 4  # AdaBM's layer offsets by default only above this base width
 GATED_FRACTION = {"edsr": 0.3, "rdn": 0.5, "srresnet": 0.1}
 STATIC_PERCENTILE = 0.001  # the 'percentile' baseline clips 0.1% of values at each end
 AVERAGED_GROUPS = ("weight", "act")  # parameter groups that CalibrationConfig.average averages
@@ -112,6 +120,7 @@ class CalibrationConfig:
     gamma: float = 0.9
     ema_beta: float = 0.9
     bac: str = "auto"
+    layer_offsets: str = "auto"  # AdaBM: train per-layer offsets (auto: above a 4-bit base)
     range_init: str = "global"
     downscale: int = 1
     validation: int = 10
@@ -128,6 +137,9 @@ class CalibrationConfig:
             raise ConfigError(unknown_name("range init", self.range_init, RANGE_INITS))
         if self.bac not in BAC_MODES:
             raise ConfigError(unknown_name("bit-aware clipping mode", self.bac, BAC_MODES))
+        if self.layer_offsets not in LAYER_OFFSET_MODES:
+            raise ConfigError(unknown_name("layer offsets mode", self.layer_offsets,
+                                           LAYER_OFFSET_MODES))
         if self.downscale < 1:
             raise ConfigError(f"downscale must be >= 1, got {self.downscale}")
         if not 0 <= self.bit_margin <= 1:
@@ -324,7 +336,7 @@ class Calibrator:
             # the calibration average at the base, as AdaBM's 10th / 90th percentiles do
             tail = 0.25 if self.settings.image_step == 2 else 0.1
             qnet.image_to_bit.init_from(teacher.complexities, tail)
-        if self.settings.layer_mapping:
+        if self.trains_layer_offsets:
             qnet.layer_to_bit.init_from(torch.tensor([s.sensitivity for s in adaptive]))
         offsets = qnet.layer_to_bit.hard() if self.settings.layer_mapping else [0] * len(
             adaptive)
@@ -375,6 +387,20 @@ class Calibrator:
         mode = self.config.bac
         return mode == "on" or (mode == "auto" and self.settings.abits <= BAC_AUTO_BITS)
 
+    @property
+    def trains_layer_offsets(self) -> bool:
+        """AdaBM's per-layer offsets ``on``, ``off`` (every layer at ``base + d_img``, the bit
+        margin then re-placing the image thresholds as Granular-DQ's budget does), or ``auto``:
+        only above a base of 4 bits. Measured on EDSR x2 W4A4 (Set5, 2 threads, AMD EPYC): with
+        layer offsets the budget lowers 3 layers to 3 bits (2 at ``d_img = -1``), and the result
+        depends on the seed and on the float reduction order of the machine (-0.417 / -0.438 /
+        -0.437 dB over seeds 0-2; -0.351 at 1 thread), almost all of it in the activation bounds
+        of the 3-bit post-ReLU layers (``benchmarks/results/calibration_variance.md``)."""
+        if not self.settings.layer_mapping:
+            return False
+        mode = self.config.layer_offsets
+        return mode == "on" or (mode == "auto" and self.settings.abits > LAYER_OFFSETS_AUTO_BITS)
+
     @staticmethod
     def _bit_aware_clip(conv: QConv2d, stats: LayerStats, bits: float) -> None:
         """Scale both bounds by (1 - 0.01 i), keep the lowest MSE, move halfway to it."""
@@ -407,7 +433,7 @@ class Calibrator:
                 groups["gate"] += [p for n, p in conv.gate.named_parameters()]
         if self.settings.adaptive:
             # Granular-DQ keeps every layer offset at 0: only the thresholds learn
-            layer = [qnet.layer_to_bit.offsets] if self.settings.layer_mapping else []
+            layer = [qnet.layer_to_bit.offsets] if self.trains_layer_offsets else []
             groups["mapping"] = [*layer, qnet.image_to_bit.lower, qnet.image_to_bit.upper]
         if self.settings.selector:
             groups["mapping"] = [p for _, conv in qnet.qconvs() if conv.selector is not None
@@ -557,7 +583,7 @@ class Calibrator:
         Set5: layers picked by L1 + SKT cost -0.058 dB, by L1 -0.019 dB). Returns the lowered
         layers, in order.
         """
-        if not self.settings.layer_mapping or self.config.bit_margin <= 0:
+        if not self.trains_layer_offsets or self.config.bit_margin <= 0:
             return []
         qnet, offsets = self.qnet, self.qnet.layer_to_bit.offsets
         val = self.validation_set(patches, teacher)
@@ -686,7 +712,7 @@ class Calibrator:
         training["budget_lowered"] = self.fit_budget(patches, teacher)
         if self.settings.selector:
             training["selector_shift"] = self.fit_selector_budget(patches)
-        if self.settings.adaptive and not self.settings.layer_mapping:
+        if self.settings.adaptive and not self.trains_layer_offsets:
             training["threshold_budget"] = self.fit_threshold_budget(patches, teacher)
         training.update(self.refine(patches, teacher, training["budget_lowered"]))
         for name, conv in self.qnet.qconvs():

@@ -17,7 +17,10 @@ the calibration patches, as AdaBM's ``Calibrator.fit_budget`` lowers layers and 
   no calibration patch is off (lower threshold 0, upper :data:`COMPLEXITY_MAX`): content busier
   than every calibration patch is not sent to a class the calibration never priced.
 
-Decided on the calibration patches only.
+Decided on the calibration patches only. AdaBM without layer offsets (its default at a base of
+<= 4 bits, ``CalibrationConfig.layer_offsets``) is the same per-patch structure with a step of
+1 bit, and takes the same budget; layer offsets, where a network has them, shift every patch's
+bits by their mean.
 """
 
 from __future__ import annotations
@@ -99,10 +102,13 @@ def fit_threshold_budget(qnet: QuantizedSR, patches: Tensor, reference: Tensor,
     """Place ``qnet``'s two image thresholds: the least-L1 pair with calibration FAB <= ``target``
     (see the module docstring); applies them and returns what it chose."""
     settings = qnet.settings
-    if not settings.adaptive or settings.layer_mapping:
-        raise CalibrationError("the threshold budget is Granular-DQ's (one bit-width per patch); "
-                               f"got method {settings.method!r}")
-    base, step = float(settings.abits), float(settings.image_step)
+    if not settings.adaptive:
+        raise CalibrationError("the threshold budget needs bits chosen from the patch complexity "
+                               f"(adabm, granular); got method {settings.method!r}")
+    # AdaBM's layer offsets (all 0 when they are off) shift every patch's bits alike
+    offsets = qnet.layer_to_bit.hard() if settings.layer_mapping else [0]
+    base = float(settings.abits) + sum(offsets) / len(offsets)
+    step = float(settings.image_step)
     g = complexity(patches).double()
     order = g.argsort()
     sorted_g = g[order]

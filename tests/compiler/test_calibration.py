@@ -394,3 +394,48 @@ def test_cadyq_budget_of_a_margin_0_record_is_the_calibrated_one(tiny: tuple[Pat
     for (_, mine), (_, theirs) in zip(qnet.qconvs(), budgeted.qnet.qconvs(), strict=True):
         assert mine.selector is not None and theirs.selector is not None
         assert torch.equal(mine.selector.linear.bias, theirs.selector.linear.bias)
+
+
+@pytest.mark.parametrize(("abits", "mode", "trained"), [
+    (4, "auto", False), (6, "auto", True), (4, "on", True), (6, "off", False)])
+def test_layer_offset_modes(tiny: tuple[Path, Path], abits: int, mode: str,
+                            trained: bool) -> None:
+    """AdaBM's layer offsets: off (auto at a base of <= 4 bits) keeps every layer at the base and
+    moves the bit margin to the image thresholds; on starts them from the input-std percentiles
+    and the budget lowers layers."""
+    weights, calib = tiny
+    config = replace(FAST, steps=0, layer_offsets=mode, bit_margin=0.25)
+    record = calibrate(load_model(weights), QuantSettings(wbits=8, abits=abits), config,
+                       calib).record
+    info = record["calibration"]
+    d_layer = [b - abits for b in record["bit_vectors"]["0"]]
+    if trained:
+        assert len(set(d_layer)) > 1 and sum(d_layer) <= -0.25 * len(d_layer)
+        assert info["budget_lowered"] and "threshold_budget" not in info
+    else:
+        assert d_layer == [0] * len(d_layer) and info["budget_lowered"] == []
+        assert info["threshold_budget"]["fab"] <= abits - 0.25
+        assert record["image_thresholds"] == info["threshold_budget"]["thresholds"]
+    with pytest.raises(ConfigError, match="layer offsets mode"):
+        CalibrationConfig(layer_offsets="sometimes")
+
+
+def test_threshold_budget_counts_the_layer_offsets(tiny: tuple[Path, Path]) -> None:
+    """On an AdaBM network with layer offsets the threshold budget's FAB is the base plus their
+    mean plus the image classes', and that is what the network runs at on the patches."""
+    from compiler.quant.granular import fit_threshold_budget, fp_outputs
+    from compiler.quant.patches import sample_patches
+
+    config = replace(FAST, steps=0, layer_offsets="on", bit_margin=0.0)
+    result = calibrate(load_model(tiny[0]), QuantSettings(wbits=8, abits=6), config, tiny[1])
+    offsets = result.qnet.layer_to_bit.hard()
+    assert len(set(offsets)) > 1
+    patches = sample_patches(tiny[1], FAST.patches, FAST.patch_size, FAST.seed)
+    target = 6 + sum(offsets) / len(offsets) - 0.3
+    budget = fit_threshold_budget(result.qnet, patches, fp_outputs(result.qnet, patches), target)
+    with torch.no_grad():
+        result.qnet(patches)
+    fab = float(result.qnet.sample_bits().mean())
+    assert fab == pytest.approx(budget.fab) and fab <= target + 1e-9
+    low, _, high = budget.classes
+    assert fab == pytest.approx(6 + sum(offsets) / len(offsets) + (high - low) / len(patches))

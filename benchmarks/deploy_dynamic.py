@@ -47,7 +47,7 @@ from compiler.bundle import write_bundle
 from compiler.parity import simulate_engine
 from compiler.plan import plan_engines
 from compiler.quant.bitmap import complexity
-from compiler.quant.clusters import cluster_calibration, nearest, selector_bits
+from compiler.quant.clusters import cluster_calibration, last_selector_bits, nearest
 from compiler.quant.qmodel import QuantizedSR
 from compiler.quant.record import CalibrationRecord, apply_record, read_record, record_from_json
 from compiler.simulate import TorchUpscaler
@@ -86,8 +86,8 @@ def _run_tiles(net: QuantizedSR, tiles: np.ndarray) -> tuple[np.ndarray, np.ndar
         x = torch.from_numpy(tiles[start:start + BATCH].copy()).permute(0, 3, 1, 2).float() / 255
         with torch.no_grad():
             outputs.append(net(x).permute(0, 2, 3, 1).clamp(0, 1).numpy())
-        if net.settings.selector and not net.routed:
-            bits.append(selector_bits(net, x))
+        if net.settings.selector and not net.routed:  # the bits of the pass above
+            bits.append(last_selector_bits(net, x.shape[0]))
     return np.concatenate(outputs), (np.concatenate(bits) if bits else None)
 
 

@@ -84,7 +84,7 @@ from compiler.quant.bitmap import complexity, gradient_features
 from compiler.quant.ddtb import DynamicGate
 from compiler.quant.granular import fit_threshold_budget
 from compiler.quant.patches import list_images, sample_patches
-from compiler.quant.qmodel import FIXED_BITS, QConv2d, QuantizedSR, QuantSettings
+from compiler.quant.qmodel import FIXED_BITS, FORWARD_CHUNK, QConv2d, QuantizedSR, QuantSettings
 from compiler.quant.record import MAX_CLUSTERS, record_of
 from compiler.zoo.base import LoadedModel
 from runtime.errors import CalibrationError, ConfigError, unknown_name
@@ -687,7 +687,7 @@ class Calibrator:
         handle = conv.register_forward_pre_hook(
             lambda _m, inputs: scales.append(gate(inputs[0])))
         try:
-            for chunk in patches.split(16):
+            for chunk in patches.split(FORWARD_CHUNK):
                 self.qnet(chunk)
         finally:
             handle.remove()
@@ -762,7 +762,7 @@ def fit_selector_budget(qnet: QuantizedSR, patches: Tensor, target: float) -> fl
         handles.append(selector.linear.register_forward_hook(keep))
     try:
         with torch.no_grad():
-            for chunk in patches.split(16):
+            for chunk in patches.split(FORWARD_CHUNK):
                 qnet(chunk)
     finally:
         for handle in handles:

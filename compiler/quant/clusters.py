@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from compiler.quant.patches import sample_patches
-from compiler.quant.qmodel import QuantizedSR
+from compiler.quant.qmodel import FORWARD_CHUNK, QuantizedSR
 from compiler.quant.record import MAX_CLUSTERS, RecordClusters, clusters_json
 from runtime.errors import ConfigError
 from runtime.statistic import complexity_batch
@@ -43,7 +43,6 @@ from runtime.statistic import complexity_batch
 CLUSTER_PATCHES = 400  # calibration patches whose selector bits are clustered
 DEFAULT_CLUSTERS = MAX_CLUSTERS
 MAX_ITERATIONS = 100
-BATCH = 16
 
 Bits = npt.NDArray[np.float64]  # [patches, adaptive layers]
 
@@ -64,16 +63,21 @@ class Clustering:
 
 def selector_bits(qnet: QuantizedSR, patches: Tensor) -> Bits:
     """``[P, L]``: each patch's bits per adaptive layer as the selector network chooses them."""
-    if not qnet.settings.selector or qnet.routed:
-        raise ConfigError("selector bits need a CADyQ network with its selectors")
-    adaptive = [conv for _, conv in qnet.qconvs() if conv.layer_index is not None]
     rows = []
     qnet.eval()
     with torch.no_grad():
-        for chunk in patches.split(BATCH):
+        for chunk in patches.split(FORWARD_CHUNK):
             qnet(chunk)
-            rows.append(torch.stack([conv.bits(chunk.shape[0]) for conv in adaptive], dim=1))
-    return torch.cat(rows).double().numpy()
+            rows.append(last_selector_bits(qnet, chunk.shape[0]))
+    return np.concatenate(rows)
+
+
+def last_selector_bits(qnet: QuantizedSR, batch: int) -> Bits:
+    """``[batch, L]``: the bits the selector network chose in its last forward pass."""
+    if not qnet.settings.selector or qnet.routed:
+        raise ConfigError("selector bits need a CADyQ network with its selectors")
+    adaptive = [conv for _, conv in qnet.qconvs() if conv.layer_index is not None]
+    return torch.stack([conv.bits(batch) for conv in adaptive], dim=1).double().numpy()
 
 
 def image_statistic(patches: Tensor) -> npt.NDArray[np.float64]:

@@ -32,10 +32,8 @@ import torch
 from torch import Tensor
 
 from compiler.quant.bitmap import COMPLEXITY_MAX, complexity
-from compiler.quant.qmodel import QuantizedSR
+from compiler.quant.qmodel import FORWARD_CHUNK, QuantizedSR
 from runtime.errors import CalibrationError
-
-CHUNK = 16  # patches per forward pass
 
 
 @dataclass(frozen=True)
@@ -60,7 +58,7 @@ def fp_outputs(qnet: QuantizedSR, patches: Tensor) -> Tensor:
     qnet.context.enabled = False
     try:
         with torch.no_grad():
-            return torch.cat([qnet(chunk) for chunk in patches.split(CHUNK)])
+            return torch.cat([qnet(chunk) for chunk in patches.split(FORWARD_CHUNK)])
     finally:
         qnet.context.enabled = True
 
@@ -74,7 +72,7 @@ def class_losses(qnet: QuantizedSR, patches: Tensor, reference: Tensor) -> Tenso
         with torch.no_grad():
             for d in (-1, 0, 1):
                 qnet.forced_d_img = d
-                out = torch.cat([qnet(chunk) for chunk in patches.split(CHUNK)])
+                out = torch.cat([qnet(chunk) for chunk in patches.split(FORWARD_CHUNK)])
                 losses.append((out - reference).abs().flatten(1).mean(dim=1))
     finally:
         qnet.forced_d_img = kept

@@ -37,6 +37,7 @@ from runtime.manifest import METHODS, QUANT_BITS
 CALIBRATION_METHODS = METHODS
 FIXED_BITS = 8  # head / upsampler / tail in the fully quantized setting
 PER_CHANNEL_BITS = 4  # default weight granularity: per channel at this many bits or fewer
+FORWARD_CHUNK = 16  # patches per no-grad forward pass over a calibration set
 OUTPUT_BITS = 8  # an engine's requantized conv outputs (simulated only for engine parity)
 
 

@@ -36,11 +36,14 @@ def _children_cpu() -> float:
 
 
 def run_one(weights: Path, calib: Path, wbits: int, abits: int, method: str, threads: int,
-            out: Path) -> dict[str, float]:
+            out: Path, extra: tuple[str, ...] = (),
+            env: dict[str, str] | None = None) -> dict[str, float]:
+    """Run the checkable ``adasr calibrate`` (plus ``extra`` options) in a child process with
+    ``threads`` torch threads and ``env`` added to the environment; its wall / CPU seconds."""
     command = [sys.executable, str(REPO / "build.py"), "calibrate", "--weights", str(weights),
                "--calib", str(calib), "--wbits", str(wbits), "--abits", str(abits),
-               "--method", method, "-o", str(out), "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+               "--method", method, *extra, "-o", str(out), "--quiet"]
+    env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads)}
     load = os.getloadavg()[0]
     cpu0, start = _children_cpu(), time.perf_counter()
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)

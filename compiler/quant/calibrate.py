@@ -733,6 +733,7 @@ class Calibrator:
             "seconds": round(time.perf_counter() - started, 2),
             "cpu_seconds": round(time.process_time() - cpu_started, 2),  # all threads
             "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATen kernels used
             "calibration_fab": fab,
             "gated_layers": getattr(self, "_gated", []),
             "validation_patches": cfg.holdout or min(cfg.validation, cfg.patches),

@@ -2,7 +2,7 @@
 """CADyQ / Granular-DQ records at several bit margins from one trained record (no retraining).
 
 ``adasr calibrate --method cadyq`` trains the selectors, then applies the bit budget
-(``compiler.quant.calibrate.fit_selector_budget``): one logit shift toward the low candidates
+(``compiler.quant.selector_budget.fit_selector_budget``): one logit shift toward the low candidates
 until the calibration FAB is <= abits - margin. ``--method granular`` trains the two image
 thresholds, then re-places them (``compiler.quant.granular.fit_threshold_budget``): the pair of
 least calibration L1 whose calibration FAB is <= abits - margin. Training does not depend on the
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from common import shared
 
-from compiler.quant.calibrate import fit_selector_budget
 from compiler.quant.granular import fit_threshold_budget, fp_outputs
 from compiler.quant.patches import sample_patches
 from compiler.quant.record import apply_record, read_record, record_of, save_record
+from compiler.quant.selector_budget import fit_selector_budget
 from compiler.zoo import load_model
 
 

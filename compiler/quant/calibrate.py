@@ -61,8 +61,9 @@ from the image gradients and the per-channel std of the layer's input (``compile
 Trained here without HR, like AdaBM: distilled from the FP network on the calibration patches
 (the same loss, the bit hinge holding the average at the base), the selectors in the mapping
 epochs at ``lr_selector``; activation bounds bit-aware clipped at the base like AdaBM's. Its bit
-budget (``fit_selector_budget``) moves every selector's logits between the high candidate and
-the low one by one shared amount until the calibration FAB is just <= ``base - bit_margin``.
+budget (``compiler.quant.selector_budget``) moves every selector's logits between the high
+candidate and the low one by one shared amount until the calibration FAB is just <= ``base -
+bit_margin``.
 Static baselines (``minmax``, ``percentile``) stop after stage 1, at uniform bits.
 """
 
@@ -86,6 +87,7 @@ from compiler.quant.granular import fit_threshold_budget
 from compiler.quant.patches import list_images, sample_patches
 from compiler.quant.qmodel import FIXED_BITS, FORWARD_CHUNK, QConv2d, QuantizedSR, QuantSettings
 from compiler.quant.record import MAX_CLUSTERS, record_of
+from compiler.quant.selector_budget import fit_selector_budget
 from compiler.zoo.base import LoadedModel
 from runtime.errors import CalibrationError, ConfigError, unknown_name
 
@@ -620,8 +622,8 @@ class Calibrator:
         return lowered
 
     def fit_selector_budget(self, patches: Tensor) -> float:
-        """CADyQ's budget (``fit_selector_budget``) to ``base - bit_margin``; a margin of 0
-        keeps the learned selectors."""
+        """CADyQ's budget (``compiler.quant.selector_budget``) to ``base - bit_margin``; a margin
+        of 0 keeps the learned selectors."""
         if self.config.bit_margin <= 0:
             return 0.0
         return fit_selector_budget(self.qnet, patches,
@@ -741,55 +743,6 @@ class Calibrator:
             **training,
         }
         return CalibrationResult(self.qnet, record_of(self.qnet, self.loaded, info))
-
-
-def fit_selector_budget(qnet: QuantizedSR, patches: Tensor, target: float) -> float:
-    """CADyQ's bit budget: the logit shift (high candidate -> low one, the same for every selector,
-    see ``BitSelector.shift_``) that puts the FAB of ``patches`` at the largest value <=
-    ``target``: positive when training left it above, negative (toward the high candidates) when
-    the hinge left bits unused below it (EDSR x2 W8A6: 5.83 after training). The room below the
-    base is for content busier than the calibration patches, as AdaBM's ``Calibrator.fit_budget``.
-    Training does not depend on it, so a record calibrated with no budget gives any target's
-    record through this function.
-
-    The shift is searched on the logits of one pass (each layer's features held at the unshifted
-    network's), then applied to ``qnet``; returns it."""
-    selectors = [conv.selector for _, conv in qnet.qconvs() if conv.selector is not None]
-    logits: list[list[Tensor]] = [[] for _ in selectors]
-    handles = []
-    for index, selector in enumerate(selectors):
-        def keep(_m: nn.Module, _i: Any, out: Tensor, index: int = index) -> None:
-            logits[index].append(out.detach())
-        handles.append(selector.linear.register_forward_hook(keep))
-    try:
-        with torch.no_grad():
-            for chunk in patches.split(FORWARD_CHUNK):
-                qnet(chunk)
-    finally:
-        for handle in handles:
-            handle.remove()
-    scores = torch.stack([torch.cat(chunks) for chunks in logits])  # [L, P, 3]
-    candidates = torch.stack([s.candidates for s in selectors])  # [L, 3]
-
-    def fab(delta: float) -> float:
-        shifted = scores + torch.tensor([delta, 0.0, -delta])
-        choice = shifted.argmax(dim=2)  # [L, P]
-        return float(candidates.gather(1, choice).mean())
-
-    if fab(0.0) <= target:  # the largest FAB <= target lies at a shift <= 0
-        low, high = -1.0, 0.0
-        while fab(low) <= target and low > -1e4:
-            low, high = low * 2, low
-    else:
-        low, high = 0.0, 1.0
-        while fab(high) > target and high < 1e4:
-            low, high = high, high * 2
-    for _ in range(30):
-        middle = (low + high) / 2
-        low, high = (low, middle) if fab(middle) <= target else (middle, high)
-    for selector in selectors:
-        selector.shift_(high)
-    return high
 
 
 def calibrate(loaded: LoadedModel, settings: QuantSettings, config: CalibrationConfig,

@@ -380,8 +380,8 @@ def test_cadyq_selects_a_candidate_per_patch_and_layer(tiny: tuple[Path, Path],
 def test_cadyq_budget_of_a_margin_0_record_is_the_calibrated_one(tiny: tuple[Path, Path]) -> None:
     """Training does not depend on the margin: the budget applied to a ``--bit-margin 0`` record
     gives exactly the selectors of a calibration with that margin (benchmarks/bit_budget.py)."""
-    from compiler.quant.calibrate import fit_selector_budget
     from compiler.quant.patches import sample_patches
+    from compiler.quant.selector_budget import fit_selector_budget
 
     settings = QuantSettings(method="cadyq", wbits=8, abits=6)
     unbudgeted = calibrate(load_model(tiny[0]), settings, replace(FAST, bit_margin=0.0), tiny[1])

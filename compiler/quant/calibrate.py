@@ -45,7 +45,7 @@ Stages (AdaBM, methods.md section 1):
    instead (Granular-DQ's budget, ``compiler.quant.granular``). With them, the budget put 3 of
    EDSR x2's 16 layers at 3 bits, and their activation bounds made the result depend on the seed
    and the machine's float reduction order (W4A4 Set5 -0.417 / -0.438 / -0.437 dB over seeds
-   0-2 at 2 threads, -0.351 at 1 thread); without them: -0.236 / -0.275 / -0.258 dB at FAB 4.00.
+   0-2 at 2 threads, -0.351 at 1 thread); without them: -0.236 / -0.276 / -0.258 dB at FAB 4.00.
 4. refinement (``refine_steps``, not in the paper): the budget lowers layers after their bounds
    and clips were trained at the higher bits; BaC again at the lowered bits, then the bounds and
    clips train on with the mapping frozen (``Calibrator.refine``).
@@ -434,7 +434,7 @@ class Calibrator:
             if conv.gate is not None:
                 groups["gate"] += [p for n, p in conv.gate.named_parameters()]
         if self.settings.adaptive:
-            # Granular-DQ keeps every layer offset at 0: only the thresholds learn
+            # Granular-DQ (and AdaBM without layer offsets) keeps every layer offset at 0
             layer = [qnet.layer_to_bit.offsets] if self.trains_layer_offsets else []
             groups["mapping"] = [*layer, qnet.image_to_bit.lower, qnet.image_to_bit.upper]
         if self.settings.selector:

@@ -53,7 +53,8 @@ def run_one(weights: Path, calib: Path, wbits: int, abits: int, method: str, thr
     record = json.loads(out.read_text())
     return {"wall_s": wall, "cpu_s": cpu, "load_before": load,
             "record_seconds": float(record["calibration"]["seconds"]),
-            "calibration_fab": float(record["calibration"]["calibration_fab"])}
+            "calibration_fab": float(record["calibration"]["calibration_fab"]),
+            "patches": int(record["calibration"]["config"]["patches"])}
 
 
 def main() -> None:
@@ -82,7 +83,8 @@ def main() -> None:
                           f"(cpu {row['cpu_s']:.1f} s, load before {row['load_before']:.2f})",
                           flush=True)
     worst = max(r["wall_s"] for r in runs)
-    rows = [[r["model"], f"W{r['wbits']}A{r['abits']}", r["method"], f"{r['wall_s']:.1f}",
+    rows = [[r["model"], f"W{r['wbits']}A{r['abits']}", r["method"], str(r["patches"]),
+             f"{r['wall_s']:.1f}",
              f"{r['cpu_s']:.1f}", f"{r['load_before']:.2f}", f"{r['calibration_fab']:.2f}",
              "yes" if r["wall_s"] <= LIMIT_S else "NO"] for r in runs]
     text = (f"`python benchmarks/calibration_speed.py --models {args.models} --bits {args.bits} "
@@ -90,8 +92,8 @@ def main() -> None:
             f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{args.threads} threads per calibration, runs one after another; the checkable "
             "command `adasr calibrate ... --method M` on ../shared/data/calibration with its "
-            "defaults (100 patches of 48 px, 500 steps).\n\n```\n"
-            + table(rows, ["model", "bits", "method", "wall s", "cpu s", "load before",
+            "defaults (patches of 48 px, 500 steps).\n\n```\n"
+            + table(rows, ["model", "bits", "method", "patches", "wall s", "cpu s", "load before",
                            "calib FAB", f"<= {LIMIT_S:.0f} s"])
             + f"\n```\n\nmax_calibration_seconds={worst:.1f}\n")
     results = REPO / "benchmarks" / "results"

@@ -40,9 +40,7 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
                    "--no-per-channel: one per tensor, as in the paper)")
     p.add_argument("--symmetric", action="store_true",
                    help="symmetric activation grids [-a, a] (default: learned asymmetric [l, u])")
-    p.add_argument("--patches", type=int, default=None,
-                   help="calibration patches (default 100; 200 for adabm at a base of <= 4 "
-                   "bits, where which patches a seed draws moves the result most)")
+    p.add_argument("--patches", type=int, default=100)
     p.add_argument("--patch-size", type=int, default=48)
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=2)

@@ -46,8 +46,6 @@ Stages (AdaBM, methods.md section 1):
    EDSR x2's 16 layers at 3 bits, and their activation bounds made the result depend on the seed
    and the machine's float reduction order (W4A4 Set5 -0.417 / -0.438 / -0.437 dB over seeds
    0-2 at 2 threads, -0.351 at 1 thread); without them: -0.236 / -0.276 / -0.258 dB at FAB 4.00.
-   AdaBM at such a base also calibrates on 200 patches, not 100, by default (``default_patches``):
-   which patches a seed draws was then the larger part of the remaining spread.
 4. refinement (``refine_steps``, not in the paper): the budget lowers layers after their bounds
    and clips were trained at the higher bits; BaC again at the lowered bits, then the bounds and
    clips train on with the mapping frozen (``Calibrator.refine``).
@@ -74,7 +72,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +97,6 @@ BAC_MODES = ("auto", "on", "off")
 BAC_AUTO_BITS = 4  # bit-aware clipping by default only at this base activation width or below
 LAYER_OFFSET_MODES = ("auto", "on", "off")
 LAYER_OFFSETS_AUTO_BITS = 4  # AdaBM's layer offsets by default only above this base width
-DEFAULT_PATCHES = 100
-LOW_BASE_PATCHES = 200  # AdaBM's default at a base of <= LAYER_OFFSETS_AUTO_BITS (default_patches)
 GATED_FRACTION = {"edsr": 0.3, "rdn": 0.5, "srresnet": 0.1}
 STATIC_PERCENTILE = 0.001  # the 'percentile' baseline clips 0.1% of values at each end
 AVERAGED_GROUPS = ("weight", "act")  # parameter groups that CalibrationConfig.average averages
@@ -108,7 +104,7 @@ AVERAGED_GROUPS = ("weight", "act")  # parameter groups that CalibrationConfig.a
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    patches: int | None = None  # None: default_patches(settings)
+    patches: int = 100
     patch_size: int = 48
     steps: int = 500
     batch: int = 2
@@ -162,8 +158,7 @@ class CalibrationConfig:
         if not 0 <= self.average <= 1:
             raise ConfigError(f"the averaged fraction of an epoch must be in [0, 1], "
                               f"got {self.average}")
-        too_few = self.patches is not None and self.patches < 2
-        if too_few or self.patch_size < 8 or self.batch < 1 or self.epochs < 1:
+        if self.patches < 2 or self.patch_size < 8 or self.batch < 1 or self.epochs < 1:
             raise ConfigError(f"calibration needs >= 2 patches of >= 8 px, batch >= 1, epochs >= 1;"
                               f" got patches={self.patches} patch_size={self.patch_size} "
                               f"batch={self.batch} epochs={self.epochs}")
@@ -288,22 +283,11 @@ def _skt_loss(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
     return total / max(len(student), 1)
 
 
-def default_patches(settings: QuantSettings) -> int:
-    """Calibration patches when none are given: 100 (the paper's), 200 for AdaBM at a base of <= 4
-    bits. There, which patches a seed draws is a large part of the result's spread: EDSR x2 W4A4
-    Set5 at 1 thread, seeds 0-2, -0.259 / -0.309 / -0.255 dB with 100 patches (spread 0.054),
-    -0.267 / -0.264 / -0.286 with 200 (0.022); at a 6-bit base the spread is small already."""
-    low_base = settings.method == "adabm" and settings.abits <= LAYER_OFFSETS_AUTO_BITS
-    return LOW_BASE_PATCHES if low_base else DEFAULT_PATCHES
-
-
 class Calibrator:
     def __init__(self, loaded: LoadedModel, settings: QuantSettings, config: CalibrationConfig,
                  progress: ProgressFactory | None = None) -> None:
         self.loaded = loaded
         self.settings = settings
-        if config.patches is None:
-            config = replace(config, patches=default_patches(settings))
         self.config = config
         self.progress = progress
         self.qnet = QuantizedSR(loaded.model, settings)
@@ -714,12 +698,11 @@ class Calibrator:
     # -- all stages ----------------------------------------------------------------------------
     def run(self, calib_dir: Path) -> CalibrationResult:
         cfg = self.config
-        count = cfg.patches or default_patches(self.settings)  # resolved in __init__
         torch.manual_seed(cfg.seed)
         started, cpu_started = time.perf_counter(), time.process_time()
-        patches = sample_patches(calib_dir, count + cfg.holdout, cfg.patch_size, cfg.seed,
+        patches = sample_patches(calib_dir, cfg.patches + cfg.holdout, cfg.patch_size, cfg.seed,
                                  cfg.downscale)
-        patches, held = patches[:count], patches[count:]
+        patches, held = patches[:cfg.patches], patches[cfg.patches:]
         teacher, stats = self.measure(patches)
         self._stats = stats
         if cfg.holdout:  # the held-out patches' teacher (their statistics stay out of the init)
@@ -755,7 +738,7 @@ class Calibrator:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATen kernels used
             "calibration_fab": fab,
             "gated_layers": getattr(self, "_gated", []),
-            "validation_patches": cfg.holdout or min(cfg.validation, count),
+            "validation_patches": cfg.holdout or min(cfg.validation, cfg.patches),
             "validation_held_out": self._validation is not None,
             **training,
         }

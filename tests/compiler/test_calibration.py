@@ -439,20 +439,3 @@ def test_threshold_budget_counts_the_layer_offsets(tiny: tuple[Path, Path]) -> N
     assert fab == pytest.approx(budget.fab) and fab <= target + 1e-9
     low, _, high = budget.classes
     assert fab == pytest.approx(6 + sum(offsets) / len(offsets) + (high - low) / len(patches))
-
-
-@pytest.mark.parametrize(("method", "abits", "given", "used"), [
-    ("adabm", 4, None, 200), ("adabm", 6, None, 100), ("granular", 4, None, 100),
-    ("adabm", 4, 12, 12)])
-def test_default_patch_count(tiny: tuple[Path, Path], method: str, abits: int,
-                             given: int | None, used: int) -> None:
-    """No --patches: 100, 200 for AdaBM at a base of <= 4 bits; the record has the count used."""
-    from compiler.quant.calibrate import default_patches
-
-    config = CalibrationConfig(patches=given, patch_size=16, steps=0, bit_margin=0.0)
-    settings = QuantSettings(method=method, wbits=8, abits=abits)
-    record = calibrate(load_model(tiny[0]), settings, config, tiny[1]).record
-    assert record["calibration"]["config"]["patches"] == used
-    assert given is not None or default_patches(settings) == used
-    with pytest.raises(ConfigError, match="patches"):
-        CalibrationConfig(patches=1)

@@ -63,6 +63,7 @@ class Clustering:
 
 def selector_bits(qnet: QuantizedSR, patches: Tensor) -> Bits:
     """``[P, L]``: each patch's bits per adaptive layer as the selector network chooses them."""
+    _require_selectors(qnet)
     rows = []
     qnet.eval()
     with torch.no_grad():
@@ -74,10 +75,14 @@ def selector_bits(qnet: QuantizedSR, patches: Tensor) -> Bits:
 
 def last_selector_bits(qnet: QuantizedSR, batch: int) -> Bits:
     """``[batch, L]``: the bits the selector network chose in its last forward pass."""
-    if not qnet.settings.selector or qnet.routed:
-        raise ConfigError("selector bits need a CADyQ network with its selectors")
+    _require_selectors(qnet)
     adaptive = [conv for _, conv in qnet.qconvs() if conv.layer_index is not None]
     return torch.stack([conv.bits(batch) for conv in adaptive], dim=1).double().numpy()
+
+
+def _require_selectors(qnet: QuantizedSR) -> None:
+    if not qnet.settings.selector or qnet.routed:
+        raise ConfigError("selector bits need a CADyQ network with its selectors")
 
 
 def image_statistic(patches: Tensor) -> npt.NDArray[np.float64]:

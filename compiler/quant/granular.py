@@ -103,9 +103,8 @@ def fit_threshold_budget(qnet: QuantizedSR, patches: Tensor, reference: Tensor,
     if not settings.adaptive:
         raise CalibrationError("the threshold budget needs bits chosen from the patch complexity "
                                f"(adabm, granular); got method {settings.method!r}")
-    # AdaBM's layer offsets (all 0 when they are off) shift every patch's bits alike
-    offsets = qnet.layer_to_bit.hard() if settings.layer_mapping else [0]
-    base = float(settings.abits) + sum(offsets) / len(offsets)
+    # AdaBM's layer offsets (all 0 when they are off, and for Granular-DQ) shift every patch alike
+    base = float(settings.abits) + float(qnet.layer_offsets().detach().mean())
     step = float(settings.image_step)
     g = complexity(patches).double()
     order = g.argsort()

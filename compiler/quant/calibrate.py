@@ -340,8 +340,7 @@ class Calibrator:
             qnet.image_to_bit.init_from(teacher.complexities, tail)
         if self.trains_layer_offsets:
             qnet.layer_to_bit.init_from(torch.tensor([s.sensitivity for s in adaptive]))
-        offsets = qnet.layer_to_bit.hard() if self.settings.layer_mapping else [0] * len(
-            adaptive)
+        offsets = qnet.hard_layer_offsets()
         for name, conv in qnet.qconvs():
             s = stats[name]
             if method == "minmax":

@@ -292,6 +292,12 @@ class QuantizedSR(nn.Module):
             return torch.full((x.shape[0],), float(self.forced_d_img), dtype=x.dtype)
         return self.image_to_bit(complexity(x))
 
+    def hard_layer_offsets(self) -> list[int]:
+        """``d_layer`` of each adaptive layer (all 0 without a layer mapping)."""
+        if not self.settings.layer_mapping:
+            return [0] * len(self.adaptive_names)
+        return self.layer_to_bit.hard()
+
     def layer_offsets(self) -> Tensor:
         if not self.settings.layer_mapping:
             return torch.zeros(len(self.adaptive_names))
@@ -318,7 +324,6 @@ class QuantizedSR(nn.Module):
         """Per-layer activation bits of the adaptive layers for each image offset (-1, 0, +1);
         for CADyQ each layer's low / base / high candidate (its selector picks per sample)."""
         base, step = float(self.settings.abits), self.settings.image_step
-        offsets = self.layer_to_bit.hard() if self.settings.layer_mapping else [0] * len(
-            self.adaptive_names)
+        offsets = self.hard_layer_offsets()
         d_imgs = (-1, 0, 1) if self.settings.dynamic else (0,)
         return {d: [base + step * d + o for o in offsets] for d in d_imgs}

@@ -55,7 +55,7 @@ def _values(t: Tensor) -> float | list[Any]:
 def record_of(qnet: QuantizedSR, loaded: LoadedModel,
               calibration: dict[str, Any]) -> dict[str, Any]:
     """Everything needed to rebuild ``qnet`` on the same checkpoint, as JSON-ready data."""
-    offsets = qnet.layer_to_bit.hard() if qnet.settings.adaptive else [0] * len(qnet.adaptive_names)
+    offsets = qnet.hard_layer_offsets()
     layers = []
     ends = set(loaded.model.trunk_ends())
     for name, conv in qnet.qconvs():

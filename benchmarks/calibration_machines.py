@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 from calibration_speed import run_one
-from common import REPO, cpu_name, shared, table
+from common import REPO, cpu_name, score_network, shared, table
 
 from compiler.quant.record import apply_record, read_record
 from compiler.simulate import TorchUpscaler
@@ -117,11 +117,10 @@ def main() -> None:
         run.update(threads=info.get("threads"), kernels=info.get("cpu_capability", "?"),
                    record_seconds=info["seconds"], psnr={}, drop={}, fab={})
         qnet = apply_record(load_model(shared(WEIGHTS)), record)
-        for s, imgs in sets.items():
-            up = TorchUpscaler(qnet, SCALE)
-            run["psnr"][s] = evaluate(up, imgs, SCALE).psnr
-            run["drop"][s] = run["psnr"][s] - fp_psnr[s]
-            run["fab"][s] = statistics.fmean(b.fab for b in up.bits)
+        for s, score in score_network(qnet, sets, SCALE).items():
+            run["psnr"][s] = score.psnr
+            run["drop"][s] = score.psnr - fp_psnr[s]
+            run["fab"][s] = score.fab
         print(f"{run['variant']}, seed {run['seed']}: " + ", ".join(
             f"{s} {run['drop'][s]:+.3f} dB (FAB {run['fab'][s]:.2f})" for s in names), flush=True)
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from common import REPO, cpu_name, shared, table
 
+from runtime.fileio import atomic_write_bytes, atomic_write_json
+
 WEIGHTS = {"edsr_x2": "weights/edsr_r8f64_x2_krasserm.pt", "imdn_x4": "weights/imdn_x4.pth"}
 LIMIT_S = 300.0  # issue 19: <= 5 minutes per method at 2 threads
 
@@ -97,10 +99,10 @@ def main() -> None:
                            "calib FAB", f"<= {LIMIT_S:.0f} s"])
             + f"\n```\n\nmax_calibration_seconds={worst:.1f}\n")
     results = REPO / "benchmarks" / "results"
-    (results / f"{args.out}.md").write_text(text)
-    (results / f"{args.out}.json").write_text(json.dumps(
-        {"cpu": cpu_name(), "threads": args.threads, "runs": runs,
-         "max_calibration_seconds": worst}, indent=2) + "\n")
+    atomic_write_bytes(results / f"{args.out}.md", text.encode())
+    atomic_write_json(results / f"{args.out}.json", {
+        "cpu": cpu_name(), "threads": args.threads, "runs": runs,
+        "max_calibration_seconds": worst})
     print(text)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +58,31 @@ def edsr_record(calibration: Path | None, steps: int, abits: int = 6) -> dict[st
     return calibrate(load_model(shared("weights/edsr_r8f64_x2_krasserm.pt")), settings,
                      CalibrationConfig(steps=steps, downscale=2, bac="on"),  # as adasr build
                      shared("calibration/sun_hays8")).record
+
+
+@dataclass(frozen=True)
+class SetScore:
+    """One network on one benchmark set: PSNR, mean FAB and BitOPs per image, and how many
+    images (tiles, with ``tile``) ran in each runtime image class ``-1`` / ``0`` / ``1``."""
+
+    psnr: float
+    fab: float
+    bitops: float
+    classes: dict[str, int]
+
+
+def score_network(qnet: Any, sets: dict[str, Any], scale: int,
+                  tile: int | None = None) -> dict[str, SetScore]:
+    """Evaluate a (simulated quantized) network on each of ``sets`` (name -> loaded images),
+    whole images or ``tile``-px tiles."""
+    from compiler.simulate import TorchUpscaler
+    from runtime.benchmark import evaluate
+
+    scores = {}
+    for name, images in sets.items():
+        up = TorchUpscaler(qnet, scale, tile=tile)
+        psnr = evaluate(up, images, scale).psnr
+        scores[name] = SetScore(psnr, statistics.fmean(b.fab for b in up.bits),
+                                statistics.fmean(b.bitops for b in up.bits),
+                                {d: sum(b.d_img[d] for b in up.bits) for d in ("-1", "0", "1")})
+    return scores

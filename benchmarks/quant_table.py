@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import REPO, cpu_name, shared, table
+from common import REPO, cpu_name, score_network, shared, table
 
 from compiler.quant.calibrate import (
     BAC_MODES,
@@ -103,13 +103,11 @@ def _calibrate_and_score(weights: Path, settings: QuantSettings, scale: int,
         qnet = calibrate(load_model(weights), settings, config,
                          shared("calibration/sun_hays8")).qnet
         seconds = time.perf_counter() - start
-    psnr, fab, bitops, classes = {}, {}, {}, {}
-    for s, imgs in sets.items():
-        up = TorchUpscaler(qnet, scale, tile=args.tile)
-        psnr[s] = evaluate(up, imgs, scale).psnr
-        fab[s] = statistics.fmean(b.fab for b in up.bits)
-        bitops[s] = statistics.fmean(b.bitops for b in up.bits)
-        classes[s] = {d: sum(b.d_img[d] for b in up.bits) for d in ("-1", "0", "1")}
+    scores = score_network(qnet, sets, scale, args.tile)
+    psnr = {s: v.psnr for s, v in scores.items()}
+    fab = {s: v.fab for s, v in scores.items()}
+    bitops = {s: v.bitops for s, v in scores.items()}
+    classes = {s: v.classes for s, v in scores.items()}
     print(f"    seed {seed}: " + ", ".join(f"{s} {v:.3f}" for s, v in psnr.items())
           + f" ({seconds:.0f} s)", flush=True)
     return Score(seconds, psnr, fab, bitops, classes)

@@ -2,8 +2,9 @@
 """CADyQ / Granular-DQ records at several bit margins from one trained record (no retraining).
 
 ``adasr calibrate --method cadyq`` trains the selectors, then applies the bit budget
-(``compiler.quant.selector_budget.fit_selector_budget``): one logit shift toward the low candidates
-until the calibration FAB is <= abits - margin. ``--method granular`` trains the two image
+(``compiler.quant.selector_budget.fit_selector_budget``): a shared logit shift toward the low
+candidates and pull onto the base one, the pair of least calibration L1 whose calibration FAB is
+<= abits - margin. ``--method granular`` trains the two image
 thresholds, then re-places them (``compiler.quant.granular.fit_threshold_budget``): the pair of
 least calibration L1 whose calibration FAB is <= abits - margin. Training does not depend on the
 margin in either, so a record calibrated with ``--bit-margin 0`` gives the record of any margin
@@ -58,7 +59,8 @@ def main() -> None:
         target = source.settings.abits - margin
         budget: dict[str, Any]
         if method == "cadyq":
-            budget = {"selector_shift": fit_selector_budget(qnet, patches, target)}
+            fitted = fit_selector_budget(qnet, patches, fp_outputs(qnet, patches), target)
+            budget = {"selector_budget": fitted.to_json(), "selector_shift": fitted.shift}
         else:
             chosen = fit_threshold_budget(qnet, patches, fp_outputs(qnet, patches), target)
             budget = {"threshold_budget": chosen.to_json()}

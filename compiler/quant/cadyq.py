@@ -89,8 +89,9 @@ class BitSelector(nn.Module):
                                                   direction]) * sharpness)
             self.linear.bias.copy_(torch.tensor([low, 0.0, -high]) * sharpness)
 
-    def shift_(self, delta: float) -> None:
-        """Move ``delta`` logits from the high candidate to the low one (the bit budget)."""
+    def shift_(self, delta: float, middle: float = 0.0) -> None:
+        """Move ``delta`` logits from the high candidate to the low one, and add ``middle`` to
+        the base candidate's (the bit budget)."""
         with torch.no_grad():
-            self.linear.bias += torch.tensor([delta, 0.0, -delta])
+            self.linear.bias += torch.tensor([delta, middle, -delta])
 

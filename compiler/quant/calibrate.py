@@ -60,10 +60,11 @@ CADyQ (``cadyq``): a bit selector per adaptive layer picks ``base - 2 / base / b
 from the image gradients and the per-channel std of the layer's input (``compiler.quant.cadyq``).
 Trained here without HR, like AdaBM: distilled from the FP network on the calibration patches
 (the same loss, the bit hinge holding the average at the base), the selectors in the mapping
-epochs at ``lr_selector``; activation bounds bit-aware clipped at the base like AdaBM's. Its bit
-budget (``compiler.quant.selector_budget``) moves every selector's logits between the high
-candidate and the low one by one shared amount until the calibration FAB is just <= ``base -
-bit_margin``.
+epochs at ``lr_selector``; activation bounds bit-aware clipped at the base like AdaBM's, and
+trained through each sample's chosen bits only (``QConv2d._select_and_quantize``). Its bit
+budget (``compiler.quant.selector_budget``) moves every selector's logits by one shared shift
+between the high candidate and the low one, and one shared pull onto the base candidate, to the
+pair of least calibration L1 whose calibration FAB is just <= ``base - bit_margin``.
 Static baselines (``minmax``, ``percentile``) stop after stage 1, at uniform bits.
 """
 
@@ -620,13 +621,13 @@ class Calibrator:
                 bar.close()
         return lowered
 
-    def fit_selector_budget(self, patches: Tensor) -> float:
+    def fit_selector_budget(self, patches: Tensor, teacher: Teacher) -> dict[str, Any] | None:
         """CADyQ's budget (``compiler.quant.selector_budget``) to ``base - bit_margin``; a margin
-        of 0 keeps the learned selectors."""
+        of 0 keeps the learned selectors (None)."""
         if self.config.bit_margin <= 0:
-            return 0.0
-        return fit_selector_budget(self.qnet, patches,
-                                   self.settings.abits - self.config.bit_margin)
+            return None
+        return fit_selector_budget(self.qnet, patches, teacher.outputs,
+                                   self.settings.abits - self.config.bit_margin).to_json()
 
     def fit_threshold_budget(self, patches: Tensor, teacher: Teacher) -> dict[str, Any] | None:
         """Granular-DQ's budget (``compiler.quant.granular``) to ``base - bit_margin``; a margin
@@ -712,7 +713,9 @@ class Calibrator:
             training = self.train(patches, teacher)
         training["budget_lowered"] = self.fit_budget(patches, teacher)
         if self.settings.selector:
-            training["selector_shift"] = self.fit_selector_budget(patches)
+            budget = self.fit_selector_budget(patches, teacher)
+            training["selector_budget"] = budget
+            training["selector_shift"] = budget["shift"] if budget else 0.0
         if self.settings.adaptive and not self.trains_layer_offsets:
             training["threshold_budget"] = self.fit_threshold_budget(patches, teacher)
         training.update(self.refine(patches, teacher, training["budget_lowered"]))

@@ -350,7 +350,11 @@ def test_cadyq_selects_a_candidate_per_patch_and_layer(tiny: tuple[Path, Path],
     result = calibrate(load_model(tiny[0]), QuantSettings(method="cadyq", wbits=8, abits=6),
                        config, tiny[1])
     record, qnet = result.record, result.qnet
-    assert record["bit_vectors"] == {"-1": [4] * 4, "0": [6] * 4, "1": [8] * 4}
+    vectors = record["bit_vectors"]  # the clustered configurations, by mean bits
+    assert list(vectors) == ["-1", "0", "1"]
+    assert all(len(v) == 4 and set(v) <= {4, 6, 8} for v in vectors.values())
+    means = [sum(v) / 4 for v in vectors.values()]
+    assert means == sorted(means) and means[0] < means[-1]
     selectors = [layer["selector"] for layer in record["layers"]]
     assert all(s is not None and s["candidates"] == [4, 6, 8] for s in selectors)
     assert len(record["calibration"]["validation_loss"]) == FAST.epochs + 1  # it trained
@@ -380,17 +384,26 @@ def test_cadyq_selects_a_candidate_per_patch_and_layer(tiny: tuple[Path, Path],
 def test_cadyq_budget_of_a_margin_0_record_is_the_calibrated_one(tiny: tuple[Path, Path]) -> None:
     """Training does not depend on the margin: the budget applied to a ``--bit-margin 0`` record
     gives exactly the selectors of a calibration with that margin (benchmarks/bit_budget.py)."""
+    from compiler.quant.granular import fp_outputs
     from compiler.quant.patches import sample_patches
-    from compiler.quant.selector_budget import fit_selector_budget
+    from compiler.quant.selector_budget import MIDDLE_PULLS, fit_selector_budget
 
     settings = QuantSettings(method="cadyq", wbits=8, abits=6)
     unbudgeted = calibrate(load_model(tiny[0]), settings, replace(FAST, bit_margin=0.0), tiny[1])
     budgeted = calibrate(load_model(tiny[0]), settings, replace(FAST, bit_margin=0.5), tiny[1])
     assert unbudgeted.record["calibration"]["selector_shift"] == 0.0
+    assert unbudgeted.record["calibration"]["selector_budget"] is None
     qnet = apply_record(load_model(tiny[0]), unbudgeted.record)
     patches = sample_patches(tiny[1], FAST.patches, FAST.patch_size, FAST.seed)
-    shift = fit_selector_budget(qnet, patches, 6 - 0.5)
-    assert shift > 0 and shift == budgeted.record["calibration"]["selector_shift"]
+    budget = fit_selector_budget(qnet, patches, fp_outputs(qnet, patches), 6 - 0.5)
+    recorded = budgeted.record["calibration"]["selector_budget"]
+    assert (budget.middle, budget.shift) == (recorded["middle"], recorded["shift"])
+    assert budget.l1 == pytest.approx(recorded["l1"], rel=1e-5)
+    assert budget.shift == budgeted.record["calibration"]["selector_shift"]
+    # one (pull, shift) pair per pull, each at a calibration FAB <= the target; the least L1 kept
+    assert [t[0] for t in budget.tried] == list(MIDDLE_PULLS)
+    assert all(t[2] <= 5.5 for t in budget.tried)
+    assert budget.l1 == min(t[3] for t in budget.tried)
     for (_, mine), (_, theirs) in zip(qnet.qconvs(), budgeted.qnet.qconvs(), strict=True):
         assert mine.selector is not None and theirs.selector is not None
         assert torch.equal(mine.selector.linear.bias, theirs.selector.linear.bias)

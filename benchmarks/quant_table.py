@@ -142,8 +142,8 @@ def main() -> None:
                         help="adasr calibrate --validation (default 10)")
     parser.add_argument("--holdout", type=int, default=0,
                         help="adasr calibrate --holdout (default 0)")
-    parser.add_argument("--average", type=float, default=0.0,
-                        help="adasr calibrate --average (default 0)")
+    parser.add_argument("--average", type=float, default=None,
+                        help="adasr calibrate --average (default: its default)")
     parser.add_argument("--seeds", default="0", help="comma-separated calibration seeds; each "
                         "row reports the mean over them and the spread (max - min)")
     parser.add_argument("--sets", default=",".join(SETS), help="benchmark sets (default "
@@ -226,7 +226,7 @@ def main() -> None:
                f"--bit-margin {args.bit_margin}, "
                f"--range-init {args.range_init}, --refine-steps {args.refine_steps}, "
                f"--validation {args.validation}, --holdout {args.holdout}, "
-               f"--average {args.average:g}")
+               f"--average {'auto' if args.average is None else f'{args.average:g}'}")
             + f"; seeds {args.seeds} (PSNR and FAB: mean over "
             f"the seeds; spread: max - min PSNR); {cpu_name()}"
             + (f"; calibrated rows read from the calibration records {args.records}"

@@ -87,10 +87,11 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
                    help="extra calibration patches, never trained on, whose loss picks the best "
                    "state and the budget's layers instead of the first --validation ones "
                    "(default 0: the first --validation)")
-    p.add_argument("--average", type=float, default=0.0,
+    p.add_argument("--average", type=float, default=None,
                    help="each epoch ends with the weight clips and activation bounds at their "
                    "mean over this fraction of its last steps, not at the last step's values "
-                   "(default 0: off)")
+                   "(default: 0.5 for adabm / granular / cadyq at a base of <= 4 bits, where it "
+                   "holds the result across seeds and machines; else 0, off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
 

@@ -29,8 +29,10 @@ Stages (AdaBM, methods.md section 1):
    clips and activation bounds it trained at their mean over its last ``average`` fraction of
    steps (``compiler.quant.averaging``): straight-through rounding makes the walk noisy, and the
    noise depends on float32 reduction order (threads, kernels), so the last step's values are one
-   random point of it. Both are off by default: together (``average`` 0.5, ``holdout`` 20) they
-   measured EDSR x2 W4A4 Set5 -0.429 / -0.465 dB (seeds 0 / 1, 2 threads), no better than without.
+   random point of it. The holdout is off by default. The average is on by default (0.5) for the
+   bit-adaptive methods at a base of <= 4 bits, where it narrows the spread over seeds and
+   machines (``Calibrator.averaged_fraction``); with layer offsets at W4A4 (3-bit layers, and
+   the holdout) it had measured -0.429 / -0.465 dB (seeds 0 / 1), no better than without.
 3. the bit budget (``bit_margin``, default 0.15; not in the paper): layers are lowered one bit
    at a time, the one whose lower bit-width costs the least L1 to the FP outputs first, until the
    mean layer offset is <= -margin (``Calibrator.fit_budget``). The paper's hinge holds the
@@ -101,6 +103,9 @@ LAYER_OFFSETS_AUTO_BITS = 4  # AdaBM's layer offsets by default only above this 
 GATED_FRACTION = {"edsr": 0.3, "rdn": 0.5, "srresnet": 0.1}
 STATIC_PERCENTILE = 0.001  # the 'percentile' baseline clips 0.1% of values at each end
 AVERAGED_GROUPS = ("weight", "act")  # parameter groups that CalibrationConfig.average averages
+AVERAGE_AUTO_BITS = 4  # CalibrationConfig.average by default only at this base width or below
+AVERAGE_AUTO_FRACTION = 0.5  # ... over the last half of each epoch
+AVERAGE_AUTO_METHODS = ("adabm", "granular", "cadyq")  # ... for the bit-adaptive methods
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,8 @@ class CalibrationConfig:
     refine_steps: int = 0
     clusters: int = 3  # CADyQ: configurations (engines) its selectors' choices are clustered into
     holdout: int = 0  # extra patches, never trained on, that validate (0: the first `validation`)
-    average: float = 0.0  # fraction of each epoch's last steps whose mean ends the epoch
+    average: float | None = None  # fraction of each epoch's last steps whose mean ends the
+    # epoch (None: auto, Calibrator.averaged_fraction)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -156,7 +162,7 @@ class CalibrationConfig:
         if self.holdout < 0 or self.holdout == 1:
             raise ConfigError(f"held-out patches must be 0 (validate on the first --validation "
                               f"calibration patches) or >= 2, got {self.holdout}")
-        if not 0 <= self.average <= 1:
+        if self.average is not None and not 0 <= self.average <= 1:
             raise ConfigError(f"the averaged fraction of an epoch must be in [0, 1], "
                               f"got {self.average}")
         if self.patches < 2 or self.patch_size < 8 or self.batch < 1 or self.epochs < 1:
@@ -403,6 +409,20 @@ class Calibrator:
         mode = self.config.layer_offsets
         return mode == "on" or (mode == "auto" and self.settings.abits > LAYER_OFFSETS_AUTO_BITS)
 
+    @property
+    def averaged_fraction(self) -> float:
+        """``CalibrationConfig.average`` as given, or by default (None) 0.5 for AdaBM, Granular-DQ
+        and CADyQ at a base of 4 bits or fewer, else 0. Measured on EDSR x2 W4A4 AdaBM, Set5,
+        seeds 0-2 on each of 2 threads / 1 thread / 2 threads with AVX2 kernels (AMD EPYC,
+        ``benchmarks/calibration_machines.py``): mean drop -0.273 / -0.285 / -0.295 dB, spread
+        0.027 / 0.031 / 0.032 with it; -0.257 / -0.274 / -0.299 dB, spread 0.040 / 0.054 / 0.014
+        without, all nine calibrations 0.047 dB apart against 0.073."""
+        if self.config.average is not None:
+            return self.config.average
+        auto = (self.settings.method in AVERAGE_AUTO_METHODS
+                and self.settings.abits <= AVERAGE_AUTO_BITS)
+        return AVERAGE_AUTO_FRACTION if auto else 0.0
+
     @staticmethod
     def _bit_aware_clip(conv: QConv2d, stats: LayerStats, bits: float) -> None:
         """Scale both bounds by (1 - 0.01 i), keep the lowest MSE, move halfway to it."""
@@ -495,7 +515,7 @@ class Calibrator:
         ``average``, its parameters end the epoch at their mean over the last ``average`` fraction
         of the steps (``CalibrationConfig.average``)."""
         order = torch.randperm(patches.shape[0], generator=self.generator)
-        window = averaged_steps(steps, self.config.average) if average is not None else 0
+        window = averaged_steps(steps, self.averaged_fraction) if average is not None else 0
         for step in range(steps):
             start = (step * self.config.batch) % patches.shape[0]
             index = order[start:start + self.config.batch]
@@ -560,7 +580,8 @@ class Calibrator:
                 averaged = [p for k in active if k in AVERAGED_GROUPS for p in groups[k]]
                 self._epoch(patches, teacher, recorder, [optimizers[k] for k in active],
                             steps_per_epoch, with_bits, bar, epoch,
-                            ParameterAverage(averaged) if averaged and cfg.average else None)
+                            ParameterAverage(averaged) if averaged and self.averaged_fraction
+                            else None)
                 for key in active:
                     schedulers[key].step()
                 best.offer(self._validate(patches, teacher, recorder), epoch)
@@ -742,6 +763,7 @@ class Calibrator:
             "gated_layers": getattr(self, "_gated", []),
             "validation_patches": cfg.holdout or min(cfg.validation, cfg.patches),
             "validation_held_out": self._validation is not None,
+            "averaged_fraction": self.averaged_fraction,
             **training,
         }
         return CalibrationResult(self.qnet, record_of(self.qnet, self.loaded, info))

@@ -111,3 +111,20 @@ def test_held_out_patches_validate_and_are_never_trained_on(tiny: tuple[Path, Pa
     plain = calibrate(load_model(weights), W4A4, FAST, calib).record["calibration"]
     assert plain["validation_patches"] == FAST.validation
     assert plain["validation_held_out"] is False
+
+
+@pytest.mark.parametrize(("method", "abits", "given", "fraction"), [
+    ("adabm", 4, None, 0.5), ("granular", 4, None, 0.5), ("cadyq", 4, None, 0.5),
+    ("adabm", 6, None, 0.0), ("ddtb", 4, None, 0.0), ("adabm", 4, 0.0, 0.0),
+    ("adabm", 6, 0.25, 0.25)])
+def test_averaging_is_on_by_default_for_adaptive_bits_at_a_4_bit_base(
+        tiny: tuple[Path, Path], method: str, abits: int, given: float | None,
+        fraction: float) -> None:
+    """``average`` None (the default) averages the last half of each epoch for the bit-adaptive
+    methods at a base of <= 4 bits; a given value is kept; the record says which it used."""
+    settings = QuantSettings(method=method, wbits=8 if abits > 4 else 4, abits=abits)
+    calibrator = Calibrator(load_model(tiny[0]), settings, replace(FAST, average=given))
+    assert calibrator.averaged_fraction == fraction
+    if method == "adabm" and given is None and abits == 4:
+        info = calibrator.run(tiny[1]).record["calibration"]
+        assert info["averaged_fraction"] == 0.5 and info["config"]["average"] is None

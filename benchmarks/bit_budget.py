@@ -8,7 +8,8 @@ candidates and pull onto the base one, the pair of least calibration L1 whose ca
 thresholds, then re-places them (``compiler.quant.granular.fit_threshold_budget``): the pair of
 least calibration L1 whose calibration FAB is <= abits - margin. Training does not depend on the
 margin in either, so a record calibrated with ``--bit-margin 0`` gives the record of any margin
-by running only the budget (a test checks both against calibrating with the margin). Writes
+by running only the budget (a test checks both against calibrating with the margin); a CADyQ
+record's selector choices are clustered again, as ``adasr calibrate`` does after its budget. Writes
 ``OUT_DIR/<stem>_m<margin>.s<seed>.json`` per margin (for ``quant_table.py --records``) and
 prints each margin's budget and calibration FAB, ending with ``records=<int>``.
 """
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from common import shared
 
+from compiler.quant.clusters import cluster_calibration
 from compiler.quant.granular import fit_threshold_budget, fp_outputs
 from compiler.quant.patches import sample_patches
 from compiler.quant.record import apply_record, read_record, record_of, save_record
@@ -72,6 +74,8 @@ def main() -> None:
         record = record_of(qnet, loaded, {
             **info, "config": {**config, "bit_margin": margin}, **budget,
             "calibration_fab": fab, "budget_from": args.record.name})
+        if method == "cadyq":  # the source's clusters are of its own selectors: cluster anew
+            record = cluster_calibration(record, qnet, calib, config, config.get("clusters", 3))
         out = args.out_dir / f"{args.record.stem}_m{margin:g}.s{config['seed']}.json"
         if out.resolve() == args.record.resolve():
             raise SystemExit(f"{out} would overwrite the input record")

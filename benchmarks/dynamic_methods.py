@@ -7,7 +7,8 @@ and puts each dynamic method beside AdaBM at the same base: PSNR, drop from FP, 
 the gap to AdaBM and the issue's test, *within 0.10 dB of AdaBM (or better) at FAB <= base +
 0.05*. A later file's row replaces an earlier one of the same model / method / bits /
 evaluation, so the AdaBM rows can come from another run (e.g. a mean over seeds) by listing its
-file last. Also lists each calibration's wall time, CPU time and threads. Writes
+file last. CADyQ has two networks: its selectors' (``adasr eval``), and the routed cluster network
+a bundle runs (``quant_table.py --routed``, ``adasr eval --routed``), each its own row. Also lists each calibration's wall time, CPU time and threads. Writes
 ``benchmarks/results/dynamic_methods.{md,json}`` and ends with ``passed=<int>/<int>``.
 """
 
@@ -28,7 +29,8 @@ FAB_SLACK = 0.05  # ... at FAB <= base + 0.05
 
 
 def _rows(stems: list[str]) -> dict[tuple[Any, ...], tuple[dict[str, Any], str]]:
-    """(model, method, wbits, abits, tile, margin) -> (row, file stem); later files win."""
+    """(model, method, wbits, abits, tile, margin, routed) -> (row, file stem); later files
+    win."""
     found: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
     for stem in stems:
         path = RESULTS / f"{stem}.json"
@@ -39,9 +41,15 @@ def _rows(stems: list[str]) -> dict[tuple[Any, ...], tuple[dict[str, Any], str]]
         for row in rows:
             if row.get("method") in ("adabm", *METHODS) and not row.get("fq"):
                 key = (row["model"], row["method"], row["wbits"], row["abits"], row.get("tile"),
-                       row.get("margin"))
+                       row.get("margin"), row.get("routed", False))
                 found[key] = (row, stem)
     return found
+
+
+def _label(method: str, margin: float | None, routed: bool) -> str:
+    """``cadyq routed m0.15``: the method, CADyQ's routed cluster network, the bit margin."""
+    return (method + (" routed" if routed else "")
+            + ("" if margin is None else f" m{margin:g}"))
 
 
 def main() -> None:
@@ -56,15 +64,15 @@ def main() -> None:
     body, results = [], []
     passed = total = 0
     for model, wbits, abits, tile in groups:
-        here = sorted((((k[1], k[5]), entry) for k, entry in found.items()
+        here = sorted((((k[1], k[5], k[6]), entry) for k, entry in found.items()
                        if (k[0], k[2], k[3], k[4] or 0) == (model, wbits, abits, tile)),
-                      key=lambda item: (("adabm", *METHODS).index(item[0][0]),
+                      key=lambda item: (("adabm", *METHODS).index(item[0][0]), item[0][2],
                                         -1.0 if item[0][1] is None else item[0][1]))
-        adabm = next((entry for (method, _), entry in here if method == "adabm"), None)
+        adabm = next((entry for (method, _, _), entry in here if method == "adabm"), None)
         sets = sorted({s for _, (row, _) in here for s in row["psnr"]},
                       key=lambda s: (len(s), s))
-        for (method, margin), (row, stem) in here:
-            label = method if margin is None else f"{method} m{margin:g}"
+        for (method, margin, routed), (row, stem) in here:
+            label = _label(method, margin, routed)
             for s in sets:
                 fab_ok = row["fab"][s] <= abits + FAB_SLACK
                 gap = None if adabm is None else row["psnr"][s] - adabm[0]["psnr"][s]
@@ -91,11 +99,11 @@ def main() -> None:
               "vs AdaBM", f"<= {GAP_DB:g} dB at FAB <= base+{FAB_SLACK:g}", "seeds", "file"]
     text = table(body, header)
     timing = []
-    for (model, method, wbits, abits, tile, margin), (row, stem) in sorted(
+    for (model, method, wbits, abits, tile, margin, routed), (row, stem) in sorted(
             found.items(), key=lambda i: str(i[0])):
-        if tile is None:
+        if tile is None and not routed:  # a routed row is its selector row's calibration
             cpu = row.get("cpu_seconds")
-            label = method if margin is None else f"{method} m{margin:g}"
+            label = _label(method, margin, False)
             timing.append([model, label, f"W{wbits}A{abits}", f"{row['seconds']:.0f}",
                            "" if cpu is None else f"{cpu:.0f}", str(row.get("threads") or ""),
                            stem])

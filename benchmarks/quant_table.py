@@ -69,6 +69,7 @@ class Row:
     threads: int = 0  # torch threads of the calibration (records: of this evaluation)
     cpu_seconds: float | None = None  # the calibration's CPU time, where known
     tile: int | None = None  # LR tile size of a patch-wise evaluation (None: whole images)
+    routed: bool = False  # CADyQ: the routed cluster network a bundle runs, not the selectors
 
 
 @dataclass
@@ -91,7 +92,8 @@ def _calibrate_and_score(weights: Path, settings: QuantSettings, scale: int,
         if record.settings != settings or record.data["calibration"]["config"]["seed"] != seed:
             raise SystemExit(f"{records.format(seed=seed)}: not a {settings} seed {seed} "
                              "record")
-        qnet = apply_record(load_model(weights), record)
+        qnet = apply_record(load_model(weights), record,
+                            routed=args.routed and settings.method == "cadyq")
         seconds = float(record.data["calibration"]["seconds"])
     else:
         start = time.perf_counter()
@@ -153,10 +155,16 @@ def main() -> None:
                         "comma-separated (one row each; with --rows, labelled with the records' "
                         "bit margin; without, each record's settings make its row); the calib "
                         "seconds are the records'")
+    parser.add_argument("--routed", action="store_true",
+                        help="with --records: evaluate a CADyQ record's routed cluster network "
+                        "(each image or tile on the configuration its complexity routes it to: "
+                        "what a bundle runs), not its selector network")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", help="results file stem in benchmarks/results (default: "
                         "quant_table, or quant_table_rows with --rows; _tileN appended)")
     args = parser.parse_args()
+    if args.routed and not args.records:
+        parser.error("--routed evaluates records: give --records")
     if args.threads:
         torch.set_num_threads(args.threads)
     set_names = tuple(args.sets.split(","))
@@ -192,6 +200,8 @@ def main() -> None:
                 cpu = info.get("cpu_seconds")
                 if len(patterns) > 1:
                     label += f" margin {margin:g}"
+            routed = args.routed and method == "cadyq"
+            label += " routed" if routed else ""
             per_seed = {s: [run.psnr[s] for run in runs] for s in set_names}
             psnr = {s: statistics.fmean(v) for s, v in per_seed.items()}
             row = Row(name, label, fq, statistics.fmean(run.seconds for run in runs), psnr,
@@ -201,7 +211,7 @@ def main() -> None:
                       {s: statistics.fmean(run.bitops[s] for run in runs) for s in set_names},
                       {s: {d: sum(run.classes[s][d] for run in runs) for d in ("-1", "0", "1")}
                        for s in set_names},
-                      method, wbits, abits, margin, threads, cpu, args.tile)
+                      method, wbits, abits, margin, threads, cpu, args.tile, routed)
             rows.append(row)
             print(f"  {row.setting:<18} fq={fq!s:<5} " + "  ".join(
                 f"{s} {psnr[s]:.3f} ({row.drop[s]:+.3f} +-{row.spread[s]:.3f}, "

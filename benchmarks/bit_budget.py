@@ -72,7 +72,7 @@ def main() -> None:
             qnet(patches)
             fab_all = float(qnet.sample_bits().mean())
         record = record_of(qnet, loaded, {
-            **info, "config": {**config, "bit_margin": margin}, **budget,
+            **info, "config": {**config, "bit_margin": margin}, "bit_margin": margin, **budget,
             "calibration_fab": fab, "budget_from": args.record.name})
         if method == "cadyq":  # the source's clusters are of its own selectors: cluster anew
             record = cluster_calibration(record, qnet, calib, config, config.get("clusters", 3))

@@ -8,7 +8,8 @@ the gap to AdaBM and the issue's test, *within 0.10 dB of AdaBM (or better) at F
 0.05*. A later file's row replaces an earlier one of the same model / method / bits /
 evaluation, so the AdaBM rows can come from another run (e.g. a mean over seeds) by listing its
 file last. CADyQ has two networks: its selectors' (``adasr eval``), and the routed cluster network
-a bundle runs (``quant_table.py --routed``, ``adasr eval --routed``), each its own row. Also lists each calibration's wall time, CPU time and threads. Writes
+a bundle runs (``quant_table.py --routed``, ``adasr eval --routed``), each its own row. Also
+lists each calibration's wall time, CPU time and threads. Writes
 ``benchmarks/results/dynamic_methods.{md,json}`` and ends with ``passed=<int>/<int>``.
 """
 

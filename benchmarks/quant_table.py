@@ -136,8 +136,8 @@ def main() -> None:
                         help="adasr calibrate --layer-offsets (default auto)")
     parser.add_argument("--range-init", default="global", choices=RANGE_INITS,
                         help="adasr calibrate --range-init (default global)")
-    parser.add_argument("--bit-margin", type=float, default=0.15,
-                        help="adasr calibrate --bit-margin (default 0.15)")
+    parser.add_argument("--bit-margin", type=float, default=None,
+                        help="adasr calibrate --bit-margin (default: its default)")
     parser.add_argument("--refine-steps", type=int, default=0,
                         help="adasr calibrate --refine-steps (default 0)")
     parser.add_argument("--validation", type=int, default=10,
@@ -196,9 +196,12 @@ def main() -> None:
             margin, threads, cpu = args.bit_margin, torch.get_num_threads(), None
             if pattern:
                 info = read_record(Path(pattern.format(seed=seeds[0]))).data["calibration"]
-                margin, threads = info["config"]["bit_margin"], info.get("threads", 0)
+                # None: the method's default, which the record notes as its bit_margin
+                margin = info["config"]["bit_margin"]
+                margin = info.get("bit_margin") if margin is None else margin
+                threads = info.get("threads", 0)
                 cpu = info.get("cpu_seconds")
-                if len(patterns) > 1:
+                if len(patterns) > 1 and margin is not None:
                     label += f" margin {margin:g}"
             routed = args.routed and method == "cadyq"
             label += " routed" if routed else ""
@@ -233,7 +236,7 @@ def main() -> None:
             f"evaluation, Set5 with the provided MATLAB LR, Set14 with generated LR; "
             + ("calibration settings: each record's calibration.config" if args.records else
                f"--bac {args.bac}, --layer-offsets {args.layer_offsets}, "
-               f"--bit-margin {args.bit_margin}, "
+               f"--bit-margin {'auto' if args.bit_margin is None else args.bit_margin}, "
                f"--range-init {args.range_init}, --refine-steps {args.refine_steps}, "
                f"--validation {args.validation}, --holdout {args.holdout}, "
                f"--average {'auto' if args.average is None else f'{args.average:g}'}")

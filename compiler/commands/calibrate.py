@@ -63,16 +63,16 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, fq_default: bool = False,
                    "image offset (off: the bit margin then re-places the image thresholds, as "
                    "for granular); default auto: on above a base of 4 bits, where lowering "
                    "layers to 3 bits costs more than it saves and varies with the machine")
-    p.add_argument("--bit-margin", type=float, default=0.15,
+    p.add_argument("--bit-margin", type=float, default=None,
                    help="adabm: after training, lower layers one bit at a time (the cheapest "
                    "first) until the mean layer offset is <= -MARGIN, room for content busier "
                    "than the calibration patches (with --layer-offsets off: as granular); "
-                   "cadyq: shift every selector toward its low candidates (or back toward the "
-                   "high ones) until the calibration FAB is just <= abits - MARGIN; granular: "
-                   "re-place both complexity thresholds (the "
-                   "pair of least calibration L1 with calibration FAB <= abits - MARGIN; a class "
-                   "no calibration patch reaches is off); 0 keeps the learned mapping "
-                   "(default 0.15)")
+                   "cadyq: shift every selector's logits from its high candidate to its low one "
+                   "and pull them onto its base one, the pair of least calibration L1 with "
+                   "calibration FAB just <= abits - MARGIN; granular: re-place both complexity "
+                   "thresholds (the pair of least calibration L1 with calibration FAB <= "
+                   "abits - MARGIN; a class no calibration patch reaches is off); 0 given "
+                   "keeps the learned mapping (default 0.15; cadyq: 0, budgeted to the base)")
     p.add_argument("--refine-steps", type=int, default=0,
                    help="adabm: after the bit budget, train the activation bounds and weight "
                    "clips this many more steps at the final bits (default 0)")

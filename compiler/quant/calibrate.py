@@ -66,7 +66,8 @@ epochs at ``lr_selector``; activation bounds bit-aware clipped at the base like 
 trained through each sample's chosen bits only (``QConv2d._select_and_quantize``). Its bit
 budget (``compiler.quant.selector_budget``) moves every selector's logits by one shared shift
 between the high candidate and the low one, and one shared pull onto the base candidate, to the
-pair of least calibration L1 whose calibration FAB is just <= ``base - bit_margin``.
+pair of least calibration L1 whose calibration FAB is just <= ``base - bit_margin``; its
+margin is 0 by default (``Calibrator.bit_margin``), the budget then holding the base.
 Static baselines (``minmax``, ``percentile``) stop after stage 1, at uniform bits.
 """
 
@@ -103,6 +104,8 @@ LAYER_OFFSETS_AUTO_BITS = 4  # AdaBM's layer offsets by default only above this 
 GATED_FRACTION = {"edsr": 0.3, "rdn": 0.5, "srresnet": 0.1}
 STATIC_PERCENTILE = 0.001  # the 'percentile' baseline clips 0.1% of values at each end
 AVERAGED_GROUPS = ("weight", "act")  # parameter groups that CalibrationConfig.average averages
+BIT_MARGIN_DEFAULT = 0.15  # CalibrationConfig.bit_margin by default ...
+BIT_MARGIN_DEFAULTS = {"cadyq": 0.0}  # ... except for these methods (Calibrator.bit_margin)
 AVERAGE_AUTO_BITS = 4  # CalibrationConfig.average by default only at this base width or below
 AVERAGE_AUTO_FRACTION = 0.5  # ... over the last half of each epoch
 AVERAGE_AUTO_METHODS = ("adabm", "granular", "cadyq")  # ... for the bit-adaptive methods
@@ -132,7 +135,7 @@ class CalibrationConfig:
     range_init: str = "global"
     downscale: int = 1
     validation: int = 10
-    bit_margin: float = 0.15
+    bit_margin: float | None = None  # None: auto (Calibrator.bit_margin)
     refine_steps: int = 0
     clusters: int = 3  # CADyQ: configurations (engines) its selectors' choices are clustered into
     holdout: int = 0  # extra patches, never trained on, that validate (0: the first `validation`)
@@ -151,7 +154,7 @@ class CalibrationConfig:
                                            LAYER_OFFSET_MODES))
         if self.downscale < 1:
             raise ConfigError(f"downscale must be >= 1, got {self.downscale}")
-        if not 0 <= self.bit_margin <= 1:
+        if self.bit_margin is not None and not 0 <= self.bit_margin <= 1:
             raise ConfigError(f"bit margin must be in [0, 1] bits, got {self.bit_margin}")
         if not 1 <= self.clusters <= MAX_CLUSTERS:
             raise ConfigError(f"clusters must be 1..{MAX_CLUSTERS} (one engine per runtime "
@@ -410,6 +413,18 @@ class Calibrator:
         return mode == "on" or (mode == "auto" and self.settings.abits > LAYER_OFFSETS_AUTO_BITS)
 
     @property
+    def bit_margin(self) -> float:
+        """``CalibrationConfig.bit_margin`` as given, or by default (None) 0.15, and 0 for CADyQ:
+        its budget's pull leaves (almost) no layer-patch on the high candidate, so busier content
+        cannot raise the FAB, and budgeted to the base it ran whole Set5 / Set14 images at FAB
+        <= base + 0.01 (EDSR x2, IMDN x4; W8A6, W4A4), where 0.15 cost IMDN x4 0.11-0.33 dB
+        (``benchmarks/results/dynamic_methods.md``). An explicit 0 keeps CADyQ's learned
+        selectors (no budget), as it keeps AdaBM's layers and Granular-DQ's thresholds."""
+        if self.config.bit_margin is not None:
+            return self.config.bit_margin
+        return BIT_MARGIN_DEFAULTS.get(self.settings.method, BIT_MARGIN_DEFAULT)
+
+    @property
     def averaged_fraction(self) -> float:
         """``CalibrationConfig.average`` as given, or by default (None) 0.5 for AdaBM, Granular-DQ
         and CADyQ at a base of 4 bits or fewer, else 0. Measured on EDSR x2 W4A4 AdaBM, Set5,
@@ -606,7 +621,7 @@ class Calibrator:
         Set5: layers picked by L1 + SKT cost -0.058 dB, by L1 -0.019 dB). Returns the lowered
         layers, in order.
         """
-        if not self.trains_layer_offsets or self.config.bit_margin <= 0:
+        if not self.trains_layer_offsets or self.bit_margin <= 0:
             return []
         qnet, offsets = self.qnet, self.qnet.layer_to_bit.offsets
         val = self.validation_set(patches, teacher)
@@ -620,7 +635,7 @@ class Calibrator:
             return float(loss)
 
         # each step lowers the offsets' sum by one, down to the largest integer <= -margin * n
-        limit = math.floor(-self.config.bit_margin * offsets.numel())
+        limit = math.floor(-self.bit_margin * offsets.numel())
         steps = max(0, sum(qnet.layer_to_bit.hard()) - limit)
         bar = self.progress(steps, "bit budget") if self.progress and steps else None
         try:
@@ -643,20 +658,20 @@ class Calibrator:
         return lowered
 
     def fit_selector_budget(self, patches: Tensor, teacher: Teacher) -> dict[str, Any] | None:
-        """CADyQ's budget (``compiler.quant.selector_budget``) to ``base - bit_margin``; a margin
-        of 0 keeps the learned selectors (None)."""
-        if self.config.bit_margin <= 0:
+        """CADyQ's budget (``compiler.quant.selector_budget``) to ``base - bit_margin``: to the
+        base by default; a margin of 0 given explicitly keeps the learned selectors (None)."""
+        if self.config.bit_margin is not None and self.config.bit_margin <= 0:
             return None
         return fit_selector_budget(self.qnet, patches, teacher.outputs,
-                                   self.settings.abits - self.config.bit_margin).to_json()
+                                   self.settings.abits - self.bit_margin).to_json()
 
     def fit_threshold_budget(self, patches: Tensor, teacher: Teacher) -> dict[str, Any] | None:
         """Granular-DQ's budget (``compiler.quant.granular``) to ``base - bit_margin``; a margin
         of 0 keeps the learned thresholds (None)."""
-        if self.config.bit_margin <= 0:
+        if self.bit_margin <= 0:
             return None
         budget = fit_threshold_budget(self.qnet, patches, teacher.outputs,
-                                      self.settings.abits - self.config.bit_margin)
+                                      self.settings.abits - self.bit_margin)
         return budget.to_json()
 
     def refine(self, patches: Tensor, teacher: Teacher, lowered: list[str]) -> dict[str, Any]:
@@ -764,6 +779,7 @@ class Calibrator:
             "validation_patches": cfg.holdout or min(cfg.validation, cfg.patches),
             "validation_held_out": self._validation is not None,
             "averaged_fraction": self.averaged_fraction,
+            "bit_margin": self.bit_margin,
             **training,
         }
         return CalibrationResult(self.qnet, record_of(self.qnet, self.loaded, info))

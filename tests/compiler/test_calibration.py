@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compiler.quant.calibrate import CalibrationConfig, calibrate
+from compiler.quant.calibrate import CalibrationConfig, Calibrator, calibrate
 from compiler.quant.qmodel import QuantSettings
 from compiler.quant.record import apply_record, read_record, save_record
 from compiler.zoo import load_model
@@ -452,3 +452,22 @@ def test_threshold_budget_counts_the_layer_offsets(tiny: tuple[Path, Path]) -> N
     assert fab == pytest.approx(budget.fab) and fab <= target + 1e-9
     low, _, high = budget.classes
     assert fab == pytest.approx(6 + sum(offsets) / len(offsets) + (high - low) / len(patches))
+
+
+@pytest.mark.parametrize(("method", "margin", "expected"), [
+    ("adabm", None, 0.15), ("granular", None, 0.15), ("cadyq", None, 0.0), ("cadyq", 0.3, 0.3)])
+def test_bit_margin_defaults_per_method(tiny: tuple[Path, Path], method: str,
+                                        margin: float | None, expected: float) -> None:
+    """The margin is 0.15 by default, and 0 for CADyQ, whose budget then holds the base."""
+    settings = QuantSettings(method=method, wbits=8, abits=6)
+    calibrator = Calibrator(load_model(tiny[0]), settings, replace(FAST, bit_margin=margin))
+    assert calibrator.bit_margin == expected
+
+
+def test_cadyq_is_budgeted_to_the_base_by_default(tiny: tuple[Path, Path]) -> None:
+    """By default CADyQ's budget runs with a target of the base (an explicit 0 skips it)."""
+    settings = QuantSettings(method="cadyq", wbits=8, abits=6)
+    info = calibrate(load_model(tiny[0]), settings, FAST, tiny[1]).record["calibration"]
+    assert info["bit_margin"] == 0.0 and info["config"]["bit_margin"] is None
+    assert info["selector_budget"]["target"] == 6.0
+    assert info["selector_budget"]["fab"] <= 6.0

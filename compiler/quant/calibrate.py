@@ -417,9 +417,10 @@ class Calibrator:
         """``CalibrationConfig.bit_margin`` as given, or by default (None) 0.15, and 0 for CADyQ:
         its budget's pull leaves (almost) no layer-patch on the high candidate, so busier content
         cannot raise the FAB, and budgeted to the base it ran whole Set5 / Set14 images at FAB
-        <= base + 0.01 (EDSR x2, IMDN x4; W8A6, W4A4), where 0.15 cost IMDN x4 0.11-0.33 dB
-        (``benchmarks/results/dynamic_methods.md``). An explicit 0 keeps CADyQ's learned
-        selectors (no budget), as it keeps AdaBM's layers and Granular-DQ's thresholds."""
+        <= base + 0.04 (EDSR x2, IMDN x4; W8A6, W4A4; routed too), where 0.15 cost IMDN x4
+        0.11-0.17 dB and EDSR x2 nothing (seed 0, ``benchmarks/results/dynamic_methods.md``).
+        An explicit 0 keeps CADyQ's learned selectors (no budget), as it keeps AdaBM's layers
+        and Granular-DQ's thresholds."""
         if self.config.bit_margin is not None:
             return self.config.bit_margin
         return BIT_MARGIN_DEFAULTS.get(self.settings.method, BIT_MARGIN_DEFAULT)

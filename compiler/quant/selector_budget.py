@@ -24,6 +24,7 @@ base (``benchmarks/results/dyn_edsr_cadyq*.md``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -72,7 +73,7 @@ def _selector_logits(qnet: QuantizedSR, patches: Tensor) -> Tensor:
     return torch.stack([torch.cat(chunks) for chunks in logits])
 
 
-def _fitting_shift(fab: Any, target: float) -> float:
+def _fitting_shift(fab: Callable[[float], float], target: float) -> float:
     """The shift whose ``fab(shift)`` (non-increasing in it) is the largest value <= ``target``."""
     if fab(0.0) <= target:  # the largest FAB <= target lies at a shift <= 0
         low, high = -1.0, 0.0

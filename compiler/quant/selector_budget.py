@@ -14,12 +14,12 @@ patches only:
 * of those pairs, the one whose network is closest to the FP outputs (mean L1 over the
   calibration patches, one pass each) is kept.
 
-What it finds (EDSR x2, seed 0, 2 threads, margin 0.15): the calibration L1 falls with every
-pull, so the budget takes a strong one and sends most layer-patches to the base, the rest by the
-shift to the low candidate (W4A4: L1 3.96e-3 with the shift alone, 3.74e-3 at pull 16; W8A6:
-1.72e-3 and 1.45e-3 at pull 8). At a fixed average, a layer-patch 2 bits lower costs more than
-one 2 bits higher gains, as Granular-DQ's budget found per patch. Whole images then run at the
-base (``benchmarks/results/dyn_edsr_cadyq*.md``).
+What it finds (EDSR x2, seed 0, 2 threads, budgeted to the base as CADyQ is by default): the
+calibration L1 falls with every pull, so the budget takes the strongest and sends nearly every
+layer-patch to the base (W4A4: L1 3.56e-3 with the shift alone, 3.24e-3 at pull 16; W8A6: 1.64e-3
+and 1.20e-3; the record's ``calibration.selector_budget.tried``). At a fixed average, a
+layer-patch 2 bits lower costs more than one 2 bits higher gains, as Granular-DQ's budget found
+per patch. Whole images then run at the base (``benchmarks/results/dyn_edsr_cadyq*.md``).
 """
 
 from __future__ import annotations

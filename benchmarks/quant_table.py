@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import REPO, cpu_name, score_network, shared, table
+from common import REPO, SetScore, cpu_name, score_network, shared, table
 
 from compiler.quant.calibrate import (
     BAC_MODES,
@@ -75,10 +75,7 @@ class Row:
 @dataclass
 class Score:
     seconds: float
-    psnr: dict[str, float]
-    fab: dict[str, float]
-    bitops: dict[str, float]
-    classes: dict[str, dict[str, int]]
+    sets: dict[str, SetScore]
 
 
 def _calibrate_and_score(weights: Path, settings: QuantSettings, scale: int,
@@ -106,13 +103,9 @@ def _calibrate_and_score(weights: Path, settings: QuantSettings, scale: int,
                          shared("calibration/sun_hays8")).qnet
         seconds = time.perf_counter() - start
     scores = score_network(qnet, sets, scale, args.tile)
-    psnr = {s: v.psnr for s, v in scores.items()}
-    fab = {s: v.fab for s, v in scores.items()}
-    bitops = {s: v.bitops for s, v in scores.items()}
-    classes = {s: v.classes for s, v in scores.items()}
-    print(f"    seed {seed}: " + ", ".join(f"{s} {v:.3f}" for s, v in psnr.items())
+    print(f"    seed {seed}: " + ", ".join(f"{s} {v.psnr:.3f}" for s, v in scores.items())
           + f" ({seconds:.0f} s)", flush=True)
-    return Score(seconds, psnr, fab, bitops, classes)
+    return Score(seconds, scores)
 
 
 def _record_row(pattern: str, seed: int) -> tuple[str, int, int, bool]:
@@ -205,14 +198,14 @@ def main() -> None:
                     label += f" margin {margin:g}"
             routed = args.routed and method == "cadyq"
             label += " routed" if routed else ""
-            per_seed = {s: [run.psnr[s] for run in runs] for s in set_names}
+            per_seed = {s: [run.sets[s].psnr for run in runs] for s in set_names}
             psnr = {s: statistics.fmean(v) for s, v in per_seed.items()}
             row = Row(name, label, fq, statistics.fmean(run.seconds for run in runs), psnr,
                       {s: psnr[s] - fp_psnr[s] for s in set_names},
-                      {s: statistics.fmean(run.fab[s] for run in runs) for s in set_names},
+                      {s: statistics.fmean(run.sets[s].fab for run in runs) for s in set_names},
                       {s: max(v) - min(v) for s, v in per_seed.items()}, seeds, per_seed,
-                      {s: statistics.fmean(run.bitops[s] for run in runs) for s in set_names},
-                      {s: {d: sum(run.classes[s][d] for run in runs) for d in ("-1", "0", "1")}
+                      {s: statistics.fmean(run.sets[s].bitops for run in runs) for s in set_names},
+                      {s: {d: sum(run.sets[s].classes[d] for run in runs) for d in ("-1", "0", "1")}
                        for s in set_names},
                       method, wbits, abits, margin, threads, cpu, args.tile, routed)
             rows.append(row)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from compiler.quant.bitmap import COMPLEXITY_MAX, complexity
-from compiler.quant.qmodel import FORWARD_CHUNK, QuantizedSR
+from compiler.quant.qmodel import QuantizedSR
 from runtime.errors import CalibrationError
 
 
@@ -57,8 +57,7 @@ def fp_outputs(qnet: QuantizedSR, patches: Tensor) -> Tensor:
     """The full-precision network's outputs (quantization off), in chunks."""
     qnet.context.enabled = False
     try:
-        with torch.no_grad():
-            return torch.cat([qnet(chunk) for chunk in patches.split(FORWARD_CHUNK)])
+        return qnet.forward_chunked(patches)
     finally:
         qnet.context.enabled = True
 
@@ -69,11 +68,10 @@ def class_losses(qnet: QuantizedSR, patches: Tensor, reference: Tensor) -> Tenso
     losses = []
     kept = qnet.forced_d_img
     try:
-        with torch.no_grad():
-            for d in (-1, 0, 1):
-                qnet.forced_d_img = d
-                out = torch.cat([qnet(chunk) for chunk in patches.split(FORWARD_CHUNK)])
-                losses.append((out - reference).abs().flatten(1).mean(dim=1))
+        for d in (-1, 0, 1):
+            qnet.forced_d_img = d
+            out = qnet.forward_chunked(patches)
+            losses.append((out - reference).abs().flatten(1).mean(dim=1))
     finally:
         qnet.forced_d_img = kept
     return torch.stack(losses, dim=1)

@@ -328,6 +328,11 @@ class QuantizedSR(nn.Module):
             ctx.gradients = gradient_features(x)
         return self.model(x)
 
+    def forward_chunked(self, patches: Tensor) -> Tensor:
+        """The outputs of ``patches``, ``FORWARD_CHUNK`` at a time, without gradients."""
+        with torch.no_grad():
+            return torch.cat([self(chunk) for chunk in patches.split(FORWARD_CHUNK)])
+
     def bit_vectors(self) -> dict[int, list[float]]:
         """Per-layer activation bits of the adaptive layers for each image offset (-1, 0, +1);
         for CADyQ each layer's low / base / high candidate (its selector picks per sample)."""

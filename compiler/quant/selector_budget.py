@@ -90,9 +90,7 @@ def _fitting_shift(fab: Callable[[float], float], target: float) -> float:
 
 
 def _l1(qnet: QuantizedSR, patches: Tensor, reference: Tensor) -> float:
-    with torch.no_grad():
-        out = torch.cat([qnet(chunk) for chunk in patches.split(FORWARD_CHUNK)])
-    return float((out - reference).abs().mean())
+    return float((qnet.forward_chunked(patches) - reference).abs().mean())
 
 
 def fit_selector_budget(qnet: QuantizedSR, patches: Tensor, reference: Tensor,

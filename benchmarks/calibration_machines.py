@@ -18,8 +18,8 @@ reduction-order differences (threads, kernels) into a different calibration
 the last two for ``--variant-seeds``. Each record is evaluated here (Set5 / Set14 whole images,
 2 threads). ``--calibrate-args`` passes options to every calibration (``"--layer-offsets on"``:
 the behaviour before layer offsets were off at a 4-bit base). Records are kept in ``--work`` and
-one already there is reused (its seed checked; delete a record to calibrate it again), so a
-run can be resumed.
+one already there is reused if it was made the same way (seed, threads and ``--calibrate-args``
+checked; otherwise the run stops and names the record to delete), so a run can be resumed.
 
 Writes ``benchmarks/results/<out>.{md,json}`` and ends with ``mean_drop[<variant>,<set>]=`` and
 ``spread[<variant>,<set>]=`` (max - min over its seeds), ``pooled_spread[<set>]=`` (over every
@@ -66,16 +66,24 @@ def variants(has_avx512: bool) -> dict[str, tuple[int, dict[str, str]]]:
 
 def _calibrated(path: Path, label: str, threads: int, env: dict[str, str], seed: int,
                 extra: tuple[str, ...]) -> dict[str, Any]:
-    """The record at ``path``, calibrated now unless a record of this seed is already there."""
+    """The record at ``path``, calibrated now unless one made the same way is already there
+    (same seed and threads, and the same ``--calibrate-args``, kept beside it in ``.args``)."""
+    made_with = path.with_suffix(".args")
+    wanted = shlex.join(extra)
     if path.exists():
-        config = read_record(path).data["calibration"]["config"]
-        if config["seed"] != seed:
-            raise SystemExit(f"{path}: a seed {config['seed']} record, expected seed {seed}")
+        info = read_record(path).data["calibration"]
+        kept = made_with.read_text() if made_with.exists() else None
+        if (info["config"]["seed"], info.get("threads"), kept) != (seed, threads, wanted):
+            raise SystemExit(
+                f"{path}: made with seed {info['config']['seed']}, {info.get('threads')} threads, "
+                f"calibrate args {kept!r}; this run needs seed {seed}, {threads} threads, "
+                f"{wanted!r} (delete it or pick another --work)")
         print(f"{label}, seed {seed}: reusing {path}", flush=True)
         return {"wall_s": None}
     print(f"{label}, seed {seed}: calibrating ...", flush=True)
     run = run_one(shared(WEIGHTS), shared("calibration"), 4, 4, "adabm", threads, path,
                   (*extra, "--seed", str(seed)), env)
+    atomic_write_bytes(made_with, wanted.encode())
     print(f"  {run['wall_s']:.0f} s", flush=True)
     return run
 

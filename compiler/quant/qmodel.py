@@ -10,7 +10,8 @@ Non-adaptive methods (DDTB, static PTQ) run every adaptive conv at ``base``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -291,6 +292,20 @@ class QuantizedSR(nn.Module):
         self.context.class_bits = table
         for _, conv in self.qconvs():
             conv.selector, conv.chosen_bits = None, None
+
+    @contextmanager
+    def selectors_at(self, bits: float | None) -> Iterator[None]:
+        """Every CADyQ selector's layer at ``bits`` inside the ``with`` block (None: each as its
+        selector picks); as it was afterwards."""
+        convs = [conv for _, conv in self.qconvs() if conv.selector is not None]
+        kept = [conv.forced_bits for conv in convs]
+        for conv in convs if bits is not None else []:
+            conv.forced_bits = bits
+        try:
+            yield
+        finally:
+            for conv, forced in zip(convs, kept, strict=True):
+                conv.forced_bits = forced
 
     def image_offsets(self, x: Tensor) -> Tensor:
         """``d_img`` per sample (differentiable surrogate) for an NCHW batch in [0, 1]."""

@@ -381,6 +381,34 @@ def test_cadyq_selects_a_candidate_per_patch_and_layer(tiny: tuple[Path, Path],
     assert torch.equal(rebuilt.sample_bits(), qnet.sample_bits())
 
 
+def test_cadyq_clips_and_bounds_train_with_the_selector_layers_at_the_base(
+        tiny: tuple[Path, Path]) -> None:
+    """Cyclic CADyQ training: the weight-clip and activation-bound epochs run every selector
+    layer at the base, the selector epoch as the selectors pick; validation and the trained
+    network are left to the selectors."""
+    from compiler.quant.calibrate import Calibrator
+    from compiler.quant.patches import sample_patches
+
+    calibrator = Calibrator(load_model(tiny[0]), QuantSettings(method="cadyq", wbits=8, abits=6),
+                            FAST)
+    patches = sample_patches(tiny[1], FAST.patches, FAST.patch_size, FAST.seed)
+    teacher, stats = calibrator.measure(patches)
+    calibrator.initialize(teacher, stats)
+    convs = [conv for _, conv in calibrator.qnet.qconvs() if conv.selector is not None]
+    seen: list[tuple[bool, float | None]] = []
+    handle = convs[0].register_forward_pre_hook(
+        lambda conv, _inputs: seen.append((torch.is_grad_enabled(), conv.forced_bits)))
+    try:
+        calibrator.train(patches, teacher)
+    finally:
+        handle.remove()
+    trained = [forced for grad, forced in seen if grad]  # 5 steps per epoch, 4 epochs
+    assert trained == [6.0] * 10 + [None] * 5 + [6.0] * 5  # weight, act, selectors, weight
+    assert {forced for grad, forced in seen if not grad} == {None}  # validations
+    assert len(seen) == 20 + FAST.epochs + 1
+    assert all(conv.forced_bits is None for conv in convs)
+
+
 def test_cadyq_budget_of_a_margin_0_record_is_the_calibrated_one(tiny: tuple[Path, Path]) -> None:
     """Training does not depend on the margin: the budget applied to a ``--bit-margin 0`` record
     gives exactly the selectors of a calibration with that margin (benchmarks/bit_budget.py)."""

@@ -77,14 +77,18 @@ def test_kmeans_recovers_planted_configurations_deterministically() -> None:
     # complexity rises with the nearest configuration: the router separates them exactly
     truth = nearest(bits, planted)
     g = truth * 10.0 + rng.random(60)
+    (low, high), agreement = fit_router(g, truth, (0, 1, 2))
+    assert agreement == 1.0
+    assert g[truth == 0].max() < low < g[truth == 1].min()
+    assert g[truth == 1].max() < high < g[truth == 2].min()
     first, second = cluster(bits, g, (4, 6, 8)), cluster(bits, g, (4, 6, 8))
     assert first == second
     assert first.vectors == ((4, 4, 6), (6, 6, 6), (8, 6, 8)) and first.count == 3
-    assert first.agreement == 1.0
     assert first.shares == tuple(float(np.mean(truth == c)) for c in range(3))
-    low, high = first.thresholds
-    assert g[truth == 0].max() < low < g[truth == 1].min()
-    assert g[truth == 1].max() < high < g[truth == 2].min()
+    # the flips leave the selectors' mean bits under the planted configurations' (6.011 vs
+    # 6.022), so holding them costs the router one patch
+    assert float(bits.mean()) < float(planted[truth].mean())
+    assert first.agreement == 59 / 60
 
 
 def test_fewer_distinct_configurations_repeat_the_highest() -> None:
@@ -111,6 +115,30 @@ def test_router_cuts_are_the_exact_optimum() -> None:
         best = max(np.mean((g > b).astype(int) - (g < a).astype(int) + 1 == target)
                    for a in edges for b in edges if a <= b)
         assert agreement == best
+
+
+def test_router_holds_the_selectors_mean_bits() -> None:
+    """With ``max_fab`` the router keeps the best agreement among the cuts whose routed mean
+    bits stay under it; ``cluster`` holds the routed network to the selectors' own mean bits."""
+    g = np.arange(10.0)
+    target = np.array([0] * 2 + [1] * 4 + [2] * 4)
+    free, agreement = fit_router(g, target, (0, 1, 2))
+    assert agreement == 1.0 and free == (1.5, 5.5)  # mean bits (2*4 + 4*6 + 4*8) / 10 = 6.4
+    (low, high), held = fit_router(g, target, (0, 1, 2), (4.0, 6.0, 8.0), max_fab=6.0)
+    routed = (g > high).astype(int) - (g < low).astype(int) + 1
+    fab = float(np.mean(np.array([4.0, 6.0, 8.0])[routed]))
+    assert fab <= 6.0 and held == float(np.mean(routed == target)) == 0.8
+    # nothing reaches 3 bits: the lowest mean there is, all patches on class -1
+    (low, high), _ = fit_router(g, target, (0, 1, 2), (4.0, 6.0, 8.0), max_fab=3.0)
+    assert low > g.max() and high >= low
+    # the selectors: 4 / 6 / 8 everywhere on 2 / 4 / 4 patches, but one 8-bit patch is busy in
+    # one layer only, so the snapped configurations sit above their members' mean bits
+    bits = np.array([[4.0, 4.0]] * 2 + [[6.0, 6.0]] * 4 + [[8.0, 8.0]] * 3 + [[8.0, 4.0]])
+    result = cluster(bits, g, (4, 6, 8))
+    lower, upper = result.thresholds
+    classes = (g > upper).astype(int) - (g < lower).astype(int) + 1
+    config_bits = [float(np.mean(v)) for v in result.vectors]
+    assert np.mean([config_bits[c] for c in classes]) <= float(bits.mean()) + 1e-9
 
 
 def test_a_clustered_record_round_trips(tmp_path: Path, tiny: tuple[Path, Path],

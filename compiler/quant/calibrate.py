@@ -559,10 +559,11 @@ class Calibrator:
     def _training_bits(self, with_bits: bool) -> float | None:
         """CADyQ's selector layers run at the base in the epochs that train the clips and
         bounds (not the selectors), so that these fit the bits the budget then holds; None: as the
-        selectors pick. IMDN x4 W4A4, seeds 0-2 (``--range-init percentile``, 2 threads,
-        ``benchmarks/results/dyn_imdn44_cadyq_3seeds.md``): Set5 / Set14 -2.034 / -1.232 dB
-        (spread 0.071 / 0.008) against -2.214 / -1.351 (0.217 / 0.164) with the selectors
-        picking (stop 24's closing note); AdaBM -1.980 / -1.200."""
+        selectors pick. IMDN x4 W4A4, seeds 0-2 (``--range-init percentile``, 2 threads): Set5
+        / Set14 -2.034 / -1.232 dB (spread 0.071 / 0.008) against -2.214 / -1.351 (0.217 /
+        0.164) with the selectors picking, both budgeted on held features (stop 24's budget);
+        with the settled budget -2.008 / -1.223 (``benchmarks/results/
+        dyn_imdn44_cadyq_3seeds.md``); AdaBM -1.980 / -1.200."""
         if self.settings.selector and not with_bits:
             return float(self.settings.abits)
         return None

@@ -16,9 +16,8 @@ by the complexity statistic (``runtime.statistic``). So:
    class runs the configuration nearest to (L2 over the layers' bits) the selectors' own choice,
    searched exactly over every pair of cuts between distinct sorted complexities, among the
    pairs whose routed mean bits on these patches stay <= the selectors' own (the snapped
-   configurations can sit above their clusters' mean bits: IMDN x4 W4A4 CADyQ, seed 0, routed
-   FAB 4.12 on the calibration patches and 4.06 on Set5 against the selectors' 4.00 / 4.02
-   without this constraint).
+   configurations can sit above their clusters' mean bits: IMDN x4 W4A4 CADyQ, seed 0, budgeted
+   on held features, ran Set5 at FAB 4.06 routed against the selectors' 4.02 without this).
 
 The record keeps its selectors (``adasr eval`` still reports the selector network) and gains the
 configurations as its bit vectors, the router as its image thresholds and the statistics in its

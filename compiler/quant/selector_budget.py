@@ -20,8 +20,9 @@ patches only:
   were compared at different real FABs (IMDN x4 W4A4, seed 0: the pull of 4 won at 4.12 against
   the target 4.00).
 
-What it finds (EDSR x2, seed 0, 2 threads, budgeted to the base as CADyQ is by default): the
-calibration L1 falls with every pull, so the budget takes the strongest and sends nearly every
+What it found (EDSR x2, seed 0, 2 threads, budgeted to the base as CADyQ is by default; stop
+24's records, before the settling): the calibration L1 falls with every pull, so the budget
+takes the strongest and sends nearly every
 layer-patch to the base (W4A4: L1 3.56e-3 with the shift alone, 3.24e-3 at pull 16; W8A6: 1.64e-3
 and 1.20e-3; the record's ``calibration.selector_budget.tried``). At a fixed average, a
 layer-patch 2 bits lower costs more than one 2 bits higher gains, as Granular-DQ's budget found

@@ -66,8 +66,17 @@ class SelectorBudget:
         return data
 
 
-def _selector_logits(qnet: QuantizedSR, patches: Tensor) -> Tensor:
-    """``[L, P, 3]``: every selector's logits on ``patches`` (one pass)."""
+@dataclass(frozen=True)
+class _Pass:
+    """One no-grad pass of the selector network over the calibration patches."""
+
+    logits: Tensor  # [L, P, 3]: every selector's logits
+    fab: float  # the network's own FAB
+    l1: float | None  # mean L1 to the reference outputs, if one was given
+
+
+def _pass(qnet: QuantizedSR, patches: Tensor, reference: Tensor | None = None) -> _Pass:
+    """Logits, FAB and L1 of ``patches`` from one forward pass, ``FORWARD_CHUNK`` at a time."""
     selectors = [conv.selector for _, conv in qnet.qconvs() if conv.selector is not None]
     logits: list[list[Tensor]] = [[] for _ in selectors]
     handles = []
@@ -75,14 +84,18 @@ def _selector_logits(qnet: QuantizedSR, patches: Tensor) -> Tensor:
         def keep(_m: nn.Module, _i: Any, out: Tensor, index: int = index) -> None:
             logits[index].append(out.detach())
         handles.append(selector.linear.register_forward_hook(keep))
+    bits, outputs = [], []
     try:
         with torch.no_grad():
             for chunk in patches.split(FORWARD_CHUNK):
-                qnet(chunk)
+                outputs.append(qnet(chunk))
+                bits.append(qnet.sample_bits())
     finally:
         for handle in handles:
             handle.remove()
-    return torch.stack([torch.cat(chunks) for chunks in logits])
+    l1 = None if reference is None else float((torch.cat(outputs) - reference).abs().mean())
+    return _Pass(torch.stack([torch.cat(chunks) for chunks in logits]),
+                 float(torch.cat(bits).mean()), l1)
 
 
 def _fitting_shift(fab: Callable[[float], float], target: float, steps: int = 30) -> float:
@@ -111,10 +124,6 @@ def _held_fab(scores: Tensor, candidates: Tensor, middle: float) -> Callable[[fl
     return fab
 
 
-def _l1(qnet: QuantizedSR, patches: Tensor, reference: Tensor) -> float:
-    return float((qnet.forward_chunked(patches) - reference).abs().mean())
-
-
 def fit_selector_budget(qnet: QuantizedSR, patches: Tensor, reference: Tensor,
                         target: float, pulls: tuple[float, ...] = MIDDLE_PULLS) -> SelectorBudget:
     """CADyQ's bit budget (see the module docstring): applies the (middle, shift) pair of least
@@ -124,7 +133,7 @@ def fit_selector_budget(qnet: QuantizedSR, patches: Tensor, reference: Tensor,
     not depend on the budget, so a record calibrated with no budget gives any target's record
     through this function."""
     selectors = [conv.selector for _, conv in qnet.qconvs() if conv.selector is not None]
-    scores = _selector_logits(qnet, patches)  # [L, P, 3]
+    scores = _pass(qnet, patches).logits  # [L, P, 3]
     candidates = torch.stack([s.candidates for s in selectors])  # [L, 3]
     trained = [s.linear.bias.detach().clone() for s in selectors]
     tried, states = [], []
@@ -133,7 +142,9 @@ def fit_selector_budget(qnet: QuantizedSR, patches: Tensor, reference: Tensor,
         for selector in selectors:
             selector.shift_(shift, middle)
         shift += _settle(qnet, selectors, candidates, patches, target)
-        tried.append((middle, shift, _fab(qnet, patches), _l1(qnet, patches, reference)))
+        settled = _pass(qnet, patches, reference)
+        assert settled.l1 is not None
+        tried.append((middle, shift, settled.fab, settled.l1))
         # kept as they are: the shift sits within float rounding of a flip, so re-adding it
         # to the trained biases need not give the same choices
         states.append([selector.linear.bias.detach().clone() for selector in selectors])
@@ -150,18 +161,6 @@ def _set_biases(selectors: list[BitSelector], biases: list[Tensor]) -> None:
             selector.linear.bias.copy_(bias)
 
 
-def _fab(qnet: QuantizedSR, patches: Tensor) -> float:
-    """The network's FAB on ``patches`` (its selectors reading their real inputs)."""
-    with torch.no_grad():
-        return float(torch.cat([_sample_bits(qnet, chunk)
-                                for chunk in patches.split(FORWARD_CHUNK)]).mean())
-
-
-def _sample_bits(qnet: QuantizedSR, chunk: Tensor) -> Tensor:
-    qnet(chunk)
-    return qnet.sample_bits()
-
-
 def _settle(qnet: QuantizedSR, selectors: list[BitSelector], candidates: Tensor, patches: Tensor,
             target: float) -> float:
     """Re-fit the shift on logits taken at the shifted network, ``SETTLE_PASSES`` times at most,
@@ -171,14 +170,14 @@ def _settle(qnet: QuantizedSR, selectors: list[BitSelector], candidates: Tensor,
     4.12 on the calibration patches before this)."""
     added = 0.0
     for _ in range(SETTLE_PASSES):
-        if _fab(qnet, patches) <= target + FAB_TOLERANCE:
+        now = _pass(qnet, patches)
+        if now.fab <= target + FAB_TOLERANCE:
             return added
-        delta = _fitting_shift(_held_fab(_selector_logits(qnet, patches), candidates, 0.0),
-                               target)
+        delta = _fitting_shift(_held_fab(now.logits, candidates, 0.0), target)
         for selector in selectors:
             selector.shift_(delta)
         added += delta
-    if _fab(qnet, patches) <= target + FAB_TOLERANCE:
+    if _pass(qnet, patches).fab <= target + FAB_TOLERANCE:
         return added
     # the re-fits went round in circles (a flip downstream undoing the one upstream): bisect
     # the shift on the network's own FAB, one pass per probe
@@ -187,7 +186,7 @@ def _settle(qnet: QuantizedSR, selectors: list[BitSelector], candidates: Tensor,
     def real_fab(delta: float) -> float:
         for selector in selectors:
             selector.shift_(delta)
-        fab = _fab(qnet, patches)
+        fab = _pass(qnet, patches).fab
         _set_biases(selectors, biases)
         return fab
 
